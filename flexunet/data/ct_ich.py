@@ -1,0 +1,461 @@
+"""Prepare CT-ICH (Hssayeni 2019/2020, PhysioNet ``ct-ich``) as users download it.
+
+Three forms are read, alone or together, from one source folder:
+
+* the JPG release: ``Patients_CT/<pid>/brain/<n>.jpg`` with ``<n>_HGE_Seg.jpg`` masks and
+  ``hemorrhage_diagnosis.csv``, the authority on which slices exist (a listed slice without a
+  mask file is hemorrhage-free);
+* the NIfTI release: ``ct_scans/<pid>.nii[.gz]`` and ``masks/<pid>.nii[.gz]`` in Hounsfield
+  units, every axial slice;
+* the sample's ``hu_slices/manifest.csv`` with ``.npy`` HU slices and PNG masks.
+
+HU data are windowed to the brain window (level 40, width 80) and turned to the JPG release's
+orientation. Patients are split (never slices) and written in the seed's layout.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from flexunet import config as cfg
+from flexunet.data import io as imio
+from flexunet.data.split import PARTS, PatientInfo, check_disjoint, fold_patients, split_patients
+from flexunet.errors import DataError
+from flexunet.outputs import staged_dir
+
+_logger = logging.getLogger(__name__)
+
+BRAIN_WINDOW = (40.0, 80.0)  # level, width in HU
+DIAGNOSIS_CSV = "hemorrhage_diagnosis.csv"
+PATIENT_PATTERN = r"^(?P<patient>\d+)_(?P<slice>.+)$"
+_NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+@dataclass(frozen=True)
+class _SliceRef:
+    patient: str
+    slice: str  # "20" (JPG release numbering) or "nii16" (NIfTI numbering)
+    source: str  # "jpg", "nifti" or "hu"
+    positive: bool
+    load: Callable[[], tuple[np.ndarray, np.ndarray]]  # (image HxW uint8, mask HxW 0/1 uint8)
+
+    @property
+    def name(self) -> str:
+        return f"{self.patient}_{self.slice}"
+
+
+@dataclass
+class PrepareReport:
+    """What was found, written and skipped; printed at the end of ``prepare``."""
+
+    written: dict[str, int] = field(default_factory=dict)  # part -> slices
+    positive: dict[str, int] = field(default_factory=dict)  # part -> slices with hemorrhage
+    patients: dict[str, int] = field(default_factory=dict)  # part -> patients
+    sources: dict[str, int] = field(default_factory=dict)  # jpg/nifti/hu -> slices
+    listed_missing: int = 0  # CSV rows whose image is not on disk (patient folder present)
+    patients_not_on_disk: int = 0  # CSV patients without any folder
+    not_listed: list[str] = field(default_factory=list)  # images on disk the CSV does not list
+    masks_without_image: list[str] = field(default_factory=list)
+    listed_positive_without_mask: int = 0
+    duplicates: list[str] = field(default_factory=list)
+    volumes_without_mask: list[str] = field(default_factory=list)
+
+    def lines(self) -> list[str]:
+        total = sum(self.written.values())
+        pos = sum(self.positive.values())
+        out = [f"slices written: {total} ({pos} with hemorrhage, {total - pos} without); "
+               + ", ".join(f"{k} {v}" for k, v in sorted(self.sources.items()))]
+        for part in self.written:
+            out.append(f"  {part:<12} {self.patients[part]:>3} patients  {self.written[part]:>5} slices"
+                       f"  ({self.positive[part]} with hemorrhage)")
+        issues = [
+            ("listed in the CSV but missing on disk", self.listed_missing),
+            ("patients in the CSV with no folder on disk", self.patients_not_on_disk),
+            ("images on disk that the CSV does not list (skipped)", len(self.not_listed)),
+            ("masks without their image (skipped)", len(self.masks_without_image)),
+            ("slices marked hemorrhage in the CSV but without a mask (kept as empty)",
+             self.listed_positive_without_mask),
+            ("slices found twice (kept once)", len(self.duplicates)),
+            ("volumes without a mask volume (skipped)", len(self.volumes_without_mask)),
+        ]
+        out += [f"{what}: {count}" for what, count in issues if count]
+        for label, names in (("mask without image", self.masks_without_image),
+                             ("volume without mask", self.volumes_without_mask)):
+            out += [f"  {label}: {n}" for n in names[:10]]
+        return out
+
+
+def window(hu: np.ndarray, level: float = BRAIN_WINDOW[0], width: float = BRAIN_WINDOW[1]) -> np.ndarray:
+    """Hounsfield units to uint8 through a display window."""
+    lo = level - width / 2
+    scaled = (hu.astype(np.float32) - lo) / width
+    return (np.clip(scaled, 0.0, 1.0) * 255.0).round().astype(np.uint8)
+
+
+def _to_display(slice_2d: np.ndarray) -> np.ndarray:
+    # NIfTI stores (x, y); transposing gives the JPG release's view (anterior up, patient's
+    # right on the left of the image), so that both releases look alike to the model.
+    return np.ascontiguousarray(slice_2d.T)
+
+
+# --- the three source forms ------------------------------------------------------------------
+
+
+def _read_diagnosis(path: Path) -> dict[tuple[str, str], bool]:
+    """(patient, slice) -> has hemorrhage, from ``hemorrhage_diagnosis.csv``."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found (the JPG release needs it: it lists every slice)") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    reader = csv.DictReader(io.StringIO(text))
+    needed = ("PatientNumber", "SliceNumber", "No_Hemorrhage")
+    missing = [c for c in needed if c not in (reader.fieldnames or [])]
+    if missing:
+        raise DataError(f"{path}: missing column {missing[0]!r}")
+    rows: dict[tuple[str, str], bool] = {}
+    for line, row in enumerate(reader, start=2):
+        try:
+            patient, number, healthy = (int(str(row[c]).strip()) for c in needed)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: line {line}: expected integers in {', '.join(needed)}") from None
+        if patient < 0 or number < 0 or healthy not in (0, 1):
+            raise DataError(f"{path}: line {line}: out-of-range value")
+        key = (f"{patient:03d}", str(number))
+        if key in rows:
+            raise DataError(f"{path}: line {line}: patient {key[0]} slice {key[1]} is listed twice")
+        rows[key] = healthy == 0
+    if not rows:
+        raise DataError(f"{path}: no rows")
+    return rows
+
+
+def _jpg_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
+    root = src / "Patients_CT"
+    listed = _read_diagnosis(src / DIAGNOSIS_CSV)
+    listed_patients = {p for p, _ in listed}
+    folders = {d.name: d for d in root.iterdir() if d.is_dir()}
+    by_int = {}
+    for name, folder in folders.items():
+        if name.isdigit():
+            by_int[f"{int(name):03d}"] = folder
+    report.patients_not_on_disk = len(listed_patients - set(by_int))
+    refs: list[_SliceRef] = []
+    for patient in sorted(set(by_int) & listed_patients):
+        brain = by_int[patient] / "brain"
+        if not brain.is_dir():
+            report.listed_missing += sum(1 for p, _ in listed if p == patient)
+            continue
+        on_disk: dict[str, Path] = {}
+        masks: dict[str, Path] = {}
+        for path in sorted(brain.iterdir()):
+            m = re.fullmatch(r"(\d+)(_HGE_Seg)?\.jpe?g", path.name, flags=re.IGNORECASE)
+            if not m:
+                continue
+            number = str(int(m.group(1)))
+            (masks if m.group(2) else on_disk)[number] = path
+        for number in sorted(masks, key=int):
+            if number not in on_disk:
+                report.masks_without_image.append(str(masks[number]))
+        for number in sorted(on_disk, key=int):
+            if (patient, number) not in listed:
+                report.not_listed.append(str(on_disk[number]))
+        for (p, number), positive in sorted(listed.items()):
+            if p != patient:
+                continue
+            image_path = on_disk.get(number)
+            if image_path is None:
+                report.listed_missing += 1
+                continue
+            mask_path = masks.get(number)
+            if positive and mask_path is None:
+                report.listed_positive_without_mask += 1
+            refs.append(_SliceRef(patient, number, "jpg", mask_path is not None,
+                                  _jpg_loader(image_path, mask_path)))
+    return refs
+
+
+def _jpg_loader(image_path: Path, mask_path: Path | None) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        # The JPGs were re-saved as 3-channel files: read them as grayscale.
+        image = imio.read_image(image_path, channels=1)[..., 0]
+        if mask_path is None:
+            return image, np.zeros(image.shape, np.uint8)
+        mask = imio.read_mask(mask_path, cfg.BINARY_RGB_MAP, num_classes=2)
+        if mask.shape != image.shape:
+            raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
+                            f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")
+        return image, mask
+
+    return load
+
+
+def _hu_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
+    root = (src / "hu_slices").resolve()
+    manifest = root / "manifest.csv"
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise DataError(f"{manifest}: not UTF-8 text") from None
+    reader = csv.DictReader(io.StringIO(text))
+    for column in ("patient_id", "slice_nifti", "ct", "mask"):
+        if column not in (reader.fieldnames or []):
+            raise DataError(f"{manifest}: missing column {column!r}")
+    refs = []
+    for line, row in enumerate(reader, start=2):
+        patient, number = str(row["patient_id"]).strip(), str(row["slice_nifti"]).strip()
+        if not patient.isdigit() or not number.isdigit():
+            raise DataError(f"{manifest}: line {line}: patient_id and slice_nifti must be integers")
+        ct = _inside(root, row["ct"], manifest, line)
+        mask = _inside(root, row["mask"], manifest, line)
+        if not ct.is_file():
+            report.listed_missing += 1
+            continue
+        if not mask.is_file():
+            report.volumes_without_mask.append(str(ct))
+            continue
+        positive = bool(imio.read_mask(mask, cfg.BINARY_RGB_MAP, 2).any())
+        refs.append(_SliceRef(f"{int(patient):03d}", f"nii{int(number)}", "hu", positive, _hu_loader(ct, mask)))
+    return refs
+
+
+def _inside(root: Path, relative: str | None, manifest: Path, line: int) -> Path:
+    text = str(relative or "").strip()
+    path = (root / text).resolve()
+    if not text or not path.is_relative_to(root):
+        raise DataError(f"{manifest}: line {line}: path {text!r} leaves {root.name}/")
+    return path
+
+
+def _hu_loader(ct: Path, mask: Path) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        try:
+            hu = np.load(ct, allow_pickle=False)
+        except (ValueError, OSError, EOFError) as exc:
+            raise DataError(f"{ct}: not a readable .npy array ({exc})") from None
+        if hu.ndim != 2 or not np.issubdtype(hu.dtype, np.number):
+            raise DataError(f"{ct}: expected a 2-D array of Hounsfield units, got {hu.dtype} {hu.shape}")
+        labels = imio.read_mask(mask, cfg.BINARY_RGB_MAP, 2)
+        if labels.shape != hu.shape:
+            raise DataError(f"{mask}: mask is {labels.shape} but its slice {ct.name} is {hu.shape}")
+        return window(_to_display(hu)), _to_display(labels)
+
+    return load
+
+
+def _nifti_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
+    import nibabel as nib
+
+    scans, masks = _nifti_files(src / "ct_scans"), _nifti_files(src / "masks")
+    refs = []
+    for patient, scan in sorted(scans.items()):
+        mask_path = masks.get(patient)
+        if mask_path is None:
+            report.volumes_without_mask.append(str(scan))
+            continue
+        labels = _read_volume(nib, mask_path)
+        volume_shape = _volume_shape(nib, scan)
+        if volume_shape != labels.shape:
+            raise DataError(f"{mask_path}: mask volume is {labels.shape} but {scan.name} is {volume_shape}")
+        for z in range(labels.shape[2]):
+            refs.append(_SliceRef(patient, f"nii{z + 1}", "nifti", bool(labels[..., z].any()),
+                                  _nifti_loader(nib, scan, mask_path, z)))
+    for patient, mask_path in sorted(masks.items()):
+        if patient not in scans:
+            report.masks_without_image.append(str(mask_path))
+    return refs
+
+
+def _nifti_files(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    if not folder.is_dir():
+        return found
+    for path in sorted(folder.iterdir()):
+        name = path.name
+        suffix = next((s for s in _NIFTI_SUFFIXES if name.lower().endswith(s)), None)
+        stem = name[: -len(suffix)] if suffix else ""
+        if suffix and stem.isdigit():
+            found[f"{int(stem):03d}"] = path
+    return found
+
+
+def _volume_shape(nib, path: Path) -> tuple[int, ...]:
+    try:
+        return tuple(nib.load(path).shape)
+    except Exception as exc:  # nibabel raises many types for corrupt headers
+        raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
+
+
+def _read_volume(nib, path: Path) -> np.ndarray:
+    try:
+        data = np.asanyarray(nib.load(path).dataobj)
+    except Exception as exc:  # corrupt header, truncated data, wrong type
+        raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
+    if data.ndim != 3:
+        raise DataError(f"{path}: expected a 3-D volume, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: holds NaN or infinite values")
+    return data
+
+
+def _nifti_loader(nib, scan: Path, mask: Path, z: int) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+    def load() -> tuple[np.ndarray, np.ndarray]:
+        hu = _read_volume(nib, scan)[..., z]
+        labels = (_read_volume(nib, mask)[..., z] > 0).astype(np.uint8)
+        return window(_to_display(hu)), _to_display(labels)
+
+    return load
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+
+def find_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
+    """Every slice of every CT-ICH form found under ``src``, one per (patient, slice)."""
+    if not src.is_dir():
+        raise DataError(f"{src}: source folder not found")
+    forms = [
+        ((src / "Patients_CT").is_dir(), _jpg_slices),
+        ((src / "ct_scans").is_dir(), _nifti_slices),
+        ((src / "hu_slices" / "manifest.csv").is_file(), _hu_slices),
+    ]
+    if not any(present for present, _ in forms):
+        raise DataError(f"{src}: no CT-ICH data found (expected Patients_CT/, ct_scans/ or "
+                        "hu_slices/manifest.csv)")
+    refs: dict[str, _SliceRef] = {}
+    for present, reader in forms:
+        if not present:
+            continue
+        for ref in reader(src, report):
+            if ref.name in refs:
+                report.duplicates.append(ref.name)
+                continue
+            refs[ref.name] = ref
+    if not refs:
+        raise DataError(f"{src}: no slices with images were found")
+    return [refs[name] for name in sorted(refs)]
+
+
+def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
+            folds: int | None = None, seed: int = 0, only_hemorrhage: bool = False,
+            force: bool = False) -> PrepareReport:
+    """Write ``out/{train,valid,test}/{images,masks}`` (or ``out/fold_k/...``), ``split.json``,
+    ``slices.csv`` and a ready-to-train ``train_eval_infer.config``."""
+    if size is not None and not 8 <= size <= 4096:
+        raise DataError(f"--size {size}: expected a side between 8 and 4096 pixels")
+    report = PrepareReport()
+    refs = find_slices(Path(src), report)
+    if only_hemorrhage:
+        refs = [r for r in refs if r.positive]
+    patients: dict[str, PatientInfo] = {}
+    for ref in refs:
+        info = patients.get(ref.patient, PatientInfo(0, 0))
+        patients[ref.patient] = PatientInfo(info.slices + 1, info.positive_slices + int(ref.positive))
+    layouts: dict[str, dict[str, list[str]]]
+    if folds:
+        layouts = {f"fold_{k}": parts for k, parts in enumerate(fold_patients(patients, folds, seed))}
+    else:
+        layouts = {"": split_patients(patients, fractions, seed)}
+    for parts in layouts.values():
+        check_disjoint(parts)
+
+    part_of = {prefix: {p: part for part, ps in parts.items() for p in ps} for prefix, parts in layouts.items()}
+    side = size or 512
+    with staged_dir(Path(out), replace=force) as stage:
+        for prefix in layouts:
+            for part in PARTS:
+                for kind in ("images", "masks"):
+                    (stage / prefix / part / kind).mkdir(parents=True)
+        rows = []
+        for ref in refs:
+            image, mask = ref.load()
+            if size:
+                image = imio.resize_image(image[..., None], size, size)[..., 0]
+                mask = imio.resize_mask(mask, size, size)
+            for prefix in layouts:
+                part = part_of[prefix][ref.patient]
+                imio.write_png(stage / prefix / part / "images" / f"{ref.name}.png", image)
+                imio.write_png(stage / prefix / part / "masks" / f"{ref.name}.png", mask * 255)
+            report.sources[ref.source] = report.sources.get(ref.source, 0) + 1
+            rows.append((ref, int(mask.sum())))
+        for prefix, parts in layouts.items():
+            root = stage / prefix
+            cfg.dump(_training_config(root, side), root / "train_eval_infer.config")
+        _write_split(stage, layouts, rows, part_of, seed, fractions, folds, size)
+        first = next(iter(layouts))
+        for part, ps in layouts[first].items():
+            names = [ref for ref, _ in rows if ref.patient in set(ps)]
+            report.patients[part] = len(ps)
+            report.written[part] = len(names)
+            report.positive[part] = sum(1 for ref, px in rows if ref.patient in set(ps) and px > 0)
+    return report
+
+
+def _write_split(stage: Path, layouts: dict[str, dict[str, list[str]]], rows: Iterable[tuple[_SliceRef, int]],
+                 part_of: dict[str, dict[str, str]], seed: int, fractions: tuple[float, ...],
+                 folds: int | None, size: int | None) -> None:
+    rows = list(rows)
+    split = {
+        "dataset": "ct-ich",
+        "seed": seed,
+        "size": size,
+        "unit": "patient",
+        "folds": [{"name": k, **v} for k, v in layouts.items()] if folds else None,
+        "fractions": None if folds else list(fractions),
+        "parts": None if folds else layouts[""],
+        "slices": {
+            (k or "all"): {part: sum(1 for ref, _ in rows if part_of[k][ref.patient] == part) for part in PARTS}
+            for k in layouts
+        },
+    }
+    (stage / "split.json").write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
+    lines = ["name,patient,slice,source,foreground_pixels," + ",".join(k or "part" for k in layouts)]
+    for ref, pixels in rows:
+        lines.append(",".join([ref.name, ref.patient, ref.slice, ref.source, str(pixels)]
+                              + [part_of[k][ref.patient] for k in layouts]))
+    (stage / "slices.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def default_num_layers(side: int) -> int:
+    """Levels for a square input: the bridge stays >= 8 px and there are at most 5 levels,
+    deep enough to see a lesion's context, shallow enough to train on a CPU."""
+    layers = 2
+    while layers < 5 and side % 2**layers == 0 and side // 2**layers >= 8:
+        layers += 1
+    return layers
+
+
+def _training_config(root: Path, side: int) -> cfg.Config:
+    layers = default_num_layers(side)
+    model = cfg.ModelConfig(
+        image_width=side, image_height=side, image_channels=1, num_classes=2, base_filters=16,
+        base_kernels=(3, 3), num_layers=layers, dropout_rate=0.05, normalization=True,
+        learning_rate=1e-3, loss="categorical_crossentropy+dice_loss",
+        metrics=("foreground_dice", "dice_coef_multiclass"),
+    )
+    train = cfg.TrainConfig(
+        epochs=50, batch_size=4, patience=10, model_dir=root / "models", eval_dir=root / "eval",
+        images_dir=root / "train" / "images", masks_dir=root / "train" / "masks",
+        epoch_change_infer=True, epoch_change_infer_dir=root / "epoch_change_infer", num_infer_images=4,
+    )
+    return cfg.Config(
+        model=model, mask=cfg.MaskConfig(rgb_map=dict(cfg.BINARY_RGB_MAP)), train=train,
+        valid=cfg.SplitDirs(root / "valid" / "images", root / "valid" / "masks"),
+        test=cfg.SplitDirs(root / "test" / "images", root / "test" / "masks"),
+        eval=cfg.EvalConfig(root / "evaluation"),
+        infer=cfg.InferConfig(root / "test" / "images", root / "infer_output"),
+        image=cfg.ImageConfig("RGB"), dataset=cfg.DatasetConfig(PATIENT_PATTERN),
+    )
+

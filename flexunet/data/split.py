@@ -1,0 +1,88 @@
+"""Patient-level splits: train/valid/test fractions or K folds, seeded, each part holding
+foreground. A patient's slices always stay together, so neighbouring slices cannot leak."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from flexunet.errors import DataError
+
+PARTS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class PatientInfo:
+    slices: int
+    positive_slices: int
+
+    @property
+    def positive(self) -> bool:
+        return self.positive_slices > 0
+
+
+def parse_fractions(text: str) -> tuple[float, float, float]:
+    """``"0.7,0.15,0.15"`` -> (0.7, 0.15, 0.15), checked to be positive and sum to 1."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise DataError(f"--split {text!r}: expected three numbers like 0.7,0.15,0.15") from None
+    if len(values) != 3 or any(not (0 < v < 1) for v in values) or abs(sum(values) - 1) > 1e-6:
+        raise DataError(f"--split {text!r}: expected three fractions in (0, 1) that sum to 1")
+    return values  # type: ignore[return-value]
+
+
+def split_patients(patients: Mapping[str, PatientInfo], fractions: Sequence[float],
+                   seed: int) -> dict[str, list[str]]:
+    """Assign each patient to train/valid/test, balancing slice counts towards the fractions."""
+    groups = _balanced_groups(patients, fractions, seed, len(PARTS))
+    return {part: sorted(group) for part, group in zip(PARTS, groups)}
+
+
+def fold_patients(patients: Mapping[str, PatientInfo], folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """K folds: fold k tests on group k, validates on group k+1 and trains on the rest."""
+    if folds < 3:
+        raise DataError(f"--folds {folds}: need at least 3 (each fold has a train, valid and test group)")
+    groups = _balanced_groups(patients, [1.0 / folds] * folds, seed, folds)
+    result = []
+    for k in range(folds):
+        valid = (k + 1) % folds
+        train = [p for i, g in enumerate(groups) if i not in (k, valid) for p in g]
+        result.append({"train": sorted(train), "valid": sorted(groups[valid]), "test": sorted(groups[k])})
+    return result
+
+
+def check_disjoint(parts: Mapping[str, Sequence[str]]) -> None:
+    """Raise if any patient appears in two parts."""
+    seen: dict[str, str] = {}
+    for part, patients in parts.items():
+        for patient in patients:
+            if patient in seen:
+                raise DataError(f"patient {patient} is in both {seen[patient]} and {part}")
+            seen[patient] = part
+
+
+def _balanced_groups(patients: Mapping[str, PatientInfo], fractions: Sequence[float], seed: int,
+                     n: int) -> list[list[str]]:
+    positive = sorted(p for p, info in patients.items() if info.positive)
+    negative = sorted(p for p, info in patients.items() if not info.positive)
+    if len(positive) < n:
+        raise DataError(f"{len(positive)} patients have foreground, but {n} parts each need one: "
+                        "add patients or use fewer parts")
+    rng = random.Random(seed)
+    rng.shuffle(positive)
+    rng.shuffle(negative)
+    total = sum(info.slices for info in patients.values())
+    targets = [f * total for f in fractions]
+    groups: list[list[str]] = [[] for _ in range(n)]
+    counts = [0] * n
+    # One patient with foreground per part first, so that every part can be scored.
+    for k in range(n):
+        groups[k].append(positive[k])
+        counts[k] += patients[positive[k]].slices
+    for patient in positive[n:] + negative:
+        k = max(range(n), key=lambda i: (targets[i] - counts[i]) / targets[i])
+        groups[k].append(patient)
+        counts[k] += patients[patient].slices
+    return groups

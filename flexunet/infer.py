@@ -1,0 +1,51 @@
+"""Inference on a folder of images: class-index masks at the original size, colourised masks
+and overlays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flexunet.config import IMAGE_SUFFIXES, Color, ImageConfig, ModelConfig
+from flexunet.data import io as imio
+from flexunet.data.dataset import load_images
+from flexunet.evaluate import predict_classes
+from flexunet.outputs import staged_dir
+
+
+@dataclass(frozen=True)
+class InferResult:
+    images: int
+    out_dir: Path
+    foreground_images: int
+
+
+def model_config_of(network: Any) -> ModelConfig:
+    """The input/output shape a saved model needs, for inference without a config."""
+    _, h, w, c = network.input_shape
+    return ModelConfig(image_width=w, image_height=h, image_channels=c, num_classes=network.output_shape[-1],
+                       num_layers=2)
+
+
+def infer_folder(network: Any, images_dir: Path, out_dir: Path, model: ModelConfig, image: ImageConfig,
+                 palette: list[Color], batch_size: int = 4) -> InferResult:
+    """Predict every image of ``images_dir``; write ``masks/`` (class index per pixel, PNG),
+    ``colorized/`` (classes in their rgb_map colour) and ``overlays/`` under ``out_dir``."""
+    data = load_images(images_dir, model, image)
+    files = imio.image_files(images_dir, IMAGE_SUFFIXES)
+    classes = predict_classes(network, data, batch_size)
+    foreground = 0
+    with staged_dir(out_dir, replace=True) as stage:
+        for kind in ("masks", "colorized", "overlays"):
+            (stage / kind).mkdir()
+        for i, name in enumerate(data.names):
+            h, w = data.original_sizes[i]
+            labels = imio.resize_mask(classes[i], w, h)
+            foreground += int(bool(labels.any()))
+            original = imio.read_image(files[name], model.image_channels, image.color_order)
+            imio.write_png(stage / "masks" / f"{name}.png", labels)
+            imio.write_png(stage / "colorized" / f"{name}.png", imio.classes_to_colors(labels, palette))
+            imio.write_png(stage / "overlays" / f"{name}.png", imio.overlay(original, labels, palette))
+    return InferResult(len(data), out_dir, foreground)
+

@@ -1,0 +1,137 @@
+"""Training: compile FlexUNet and fit it with early stopping on validation foreground Dice."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+
+from flexunet import callbacks as cb
+from flexunet import losses, metrics
+from flexunet.config import Config, ModelConfig, TrainConfig
+from flexunet.data.dataset import Batches, SliceSet, load_split
+from flexunet.model import build
+
+_logger = logging.getLogger(__name__)
+MODEL_FILE = "best_model.keras"
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    """Where a run writes; None skips that output."""
+
+    model_path: Path | None = None
+    log_csv: Path | None = None
+    curves_png: Path | None = None
+    infer_dir: Path | None = None
+    num_infer_images: int = 0
+
+
+@dataclass
+class TrainResult:
+    model: Any  # keras.Model with the best epoch's weights
+    history: dict[str, list[float]]
+    best_epoch: int  # 1-based; 0 when no epoch finished
+    best_val_dice: float
+    epochs_run: int
+    stop_reason: str  # "early_stopping", "max_epochs", or the reason a callback gave
+    seconds_per_epoch: list[float] = field(default_factory=list)
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "best_epoch": self.best_epoch, "best_val_foreground_dice": self.best_val_dice,
+            "epochs_run": self.epochs_run, "stop_reason": self.stop_reason,
+            "seconds_per_epoch": self.seconds_per_epoch, "params": int(self.model.count_params()),
+        }
+
+
+def make_optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
+    kwargs: dict[str, Any] = {"learning_rate": model.learning_rate}
+    if model.clipvalue is not None:
+        kwargs["clipvalue"] = model.clipvalue
+    return {
+        "Adam": keras.optimizers.Adam, "AdamW": keras.optimizers.AdamW,
+        "SGD": lambda **kw: keras.optimizers.SGD(momentum=0.9, nesterov=True, **kw),
+        "RMSprop": keras.optimizers.RMSprop,
+    }[model.optimizer](**kwargs)
+
+
+def compile_model(network: keras.Model, model: ModelConfig) -> None:
+    network.compile(optimizer=make_optimizer(model), loss=losses.get(model.loss),
+                    metrics=metrics.keras_metrics(model.num_classes, model.metrics))
+
+
+def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data: SliceSet, *,
+        outputs: TrainOutputs = TrainOutputs(), palette: list | None = None,
+        extra_callbacks: Sequence[keras.callbacks.Callback] = (), epochs: int | None = None,
+        verbose: int | str = "auto", network: keras.Model | None = None) -> TrainResult:
+    """Train one model on in-memory data; the core that ``flexunet train`` and every search
+    trial share."""
+    keras.utils.set_random_seed(train.seed)
+    if network is None:
+        network = build(model)
+        compile_model(network, model)
+    if model.show_summary:
+        network.summary(print_fn=lambda line, **_: _logger.info(line))
+    train_batches = Batches(train_data, model.num_classes, train.batch_size, shuffle=True,
+                            augment_strength=train.augmentation_strength if train.augmentation else 0.0,
+                            seed=train.seed)
+    valid_batches = Batches(valid_data, model.num_classes, train.batch_size)
+
+    best = cb.BestCheckpoint(outputs.model_path, train.patience)
+    timer = cb.EpochTimer()
+    nonfinite = cb.StopOnNonFinite()
+    callbacks: list[keras.callbacks.Callback] = [timer, cb.LearningRateLog(), nonfinite, best]
+    if train.learning_rate_reducer:
+        callbacks.append(keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", mode="min", factor=train.reducer_factor,
+            patience=train.reducer_patience, min_lr=train.reducer_min_lr, verbose=0))
+    if outputs.log_csv is not None:
+        callbacks.append(keras.callbacks.CSVLogger(str(outputs.log_csv)))
+    if outputs.curves_png is not None:
+        callbacks.append(cb.LearningCurves(outputs.curves_png))
+    if outputs.infer_dir is not None and outputs.num_infer_images > 0:
+        chosen = list(range(min(outputs.num_infer_images, len(valid_data))))
+        callbacks.append(cb.EpochChangeInfer(valid_data.subset(chosen), outputs.infer_dir, palette or []))
+    callbacks.extend(extra_callbacks)
+
+    if verbose == "auto":
+        verbose = 1 if sys.stdout.isatty() else 2
+    history = network.fit(train_batches, validation_data=valid_batches, epochs=epochs or train.epochs,
+                          callbacks=callbacks, verbose=verbose)
+    logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    epochs_run = len(logs.get("loss", []))
+    reasons = [c.stop_reason for c in callbacks if getattr(c, "stop_reason", None)]
+    return TrainResult(
+        model=network, history=logs, best_epoch=best.best_epoch + 1,
+        best_val_dice=best.best_dice if best.best_epoch >= 0 else float("nan"),
+        epochs_run=epochs_run, stop_reason=reasons[0] if reasons else "max_epochs",
+        seconds_per_epoch=[round(s, 3) for s in timer.seconds],
+    )
+
+
+def train(config: Config, *, verbose: int | str = "auto") -> TrainResult:
+    """``flexunet train``: read the train and valid folders, fit, write every output."""
+    train_data = load_split(config, "train")
+    valid_data = load_split(config, "valid")
+    _logger.info("train %d slices, valid %d slices, input %s", len(train_data), len(valid_data),
+                 config.model.input_shape)
+    t = config.train
+    for folder in (t.model_dir, t.eval_dir) + ((t.epoch_change_infer_dir,) if t.epoch_change_infer else ()):
+        folder.mkdir(parents=True, exist_ok=True)
+    outputs = TrainOutputs(
+        model_path=t.model_dir / MODEL_FILE, log_csv=t.eval_dir / "train_log.csv",
+        curves_png=t.eval_dir / "learning_curves.png",
+        infer_dir=t.epoch_change_infer_dir if t.epoch_change_infer else None,
+        num_infer_images=t.num_infer_images)
+    result = fit(config.model, t, train_data, valid_data, outputs=outputs,
+                 palette=config.mask.palette(max(2, config.model.num_classes)), verbose=verbose)
+    summary = {**result.summary(), "train_slices": len(train_data), "valid_slices": len(valid_data)}
+    (t.eval_dir / "train_summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    return result
