@@ -1,0 +1,144 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from conftest import assert_user_error, run_cli
+from flexunet.config import ImageConfig, MaskConfig, ModelConfig
+from flexunet.data import io as imio
+from flexunet.data.dataset import Batches, augment, load_pairs, pair_files
+from flexunet.errors import DataError
+
+SEED_MAP = {(0, 0, 0): 0, (210, 80, 0): 1}
+
+
+def _write(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), array)
+    return path
+
+
+def _model(**kw) -> ModelConfig:
+    return ModelConfig(**{"image_width": 32, "image_height": 32, "num_classes": 2, "image_channels": 1,
+                          "num_layers": 3, **kw})
+
+
+def test_pairs_match_by_stem_in_sorted_order(tmp_path: Path) -> None:
+    for stem in ("b", "a", "c"):
+        _write(tmp_path / "images" / f"{stem}.jpg", np.zeros((8, 8), np.uint8))
+        _write(tmp_path / "masks" / f"{stem}.png", np.zeros((8, 8), np.uint8))
+    assert [s for s, _, _ in pair_files(tmp_path / "images", tmp_path / "masks", ".png")] == ["a", "b", "c"]
+
+
+def test_missing_partner_is_named(tmp_path: Path) -> None:
+    _write(tmp_path / "images" / "a.png", np.zeros((8, 8), np.uint8))
+    _write(tmp_path / "images" / "b.png", np.zeros((8, 8), np.uint8))
+    _write(tmp_path / "masks" / "a.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match=r"b\.png: no mask b\.png"):
+        pair_files(tmp_path / "images", tmp_path / "masks", ".png")
+
+
+def test_duplicate_stems_are_refused(tmp_path: Path) -> None:
+    _write(tmp_path / "images" / "a.png", np.zeros((8, 8), np.uint8))
+    _write(tmp_path / "images" / "a.jpg", np.zeros((8, 8), np.uint8))
+    with pytest.raises(DataError, match="two files share the stem 'a'"):
+        imio.image_files(tmp_path / "images", (".png", ".jpg"))
+
+
+def test_binary_masks_map_whatever_the_rgb_map_says(tmp_path: Path) -> None:
+    mask = np.zeros((8, 8), np.uint8)
+    mask[2:4, 2:4] = 255
+    got = imio.read_mask(_write(tmp_path / "m.png", mask), SEED_MAP, 2)
+    assert got.sum() == 4 and got.max() == 1
+    got01 = imio.read_mask(_write(tmp_path / "m01.png", (mask > 0).astype(np.uint8)), SEED_MAP, 2)
+    np.testing.assert_array_equal(got, got01)
+
+
+def test_rgb_masks_go_through_the_map_and_unknown_colours_are_named(tmp_path: Path) -> None:
+    rgb = np.zeros((8, 8, 3), np.uint8)
+    rgb[1, 1] = (210, 80, 0)
+    path = _write(tmp_path / "m.png", rgb[..., ::-1])  # OpenCV writes BGR
+    assert imio.read_mask(path, SEED_MAP, 2)[1, 1] == 1
+    rgb[5, 5] = (0, 255, 0)
+    bad = _write(tmp_path / "bad.png", rgb[..., ::-1])
+    with pytest.raises(DataError, match=r"bad\.png: colour \(0, 255, 0\) \(1 pixels\) is not in \[mask\] rgb_map"):
+        imio.read_mask(bad, SEED_MAP, 2)
+
+
+def test_multiclass_grey_levels(tmp_path: Path) -> None:
+    mask = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    got = imio.read_mask(_write(tmp_path / "m.png", mask), {(0, 0, 0): 0, (1, 1, 1): 1, (2, 2, 2): 2}, 3)
+    np.testing.assert_array_equal(got, mask)
+
+
+def test_load_pairs_resizes_masks_with_nearest_neighbour(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).integers(0, 255, (64, 64, 3)).astype(np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 10:30] = 255
+    _write(tmp_path / "images" / "x.png", image)
+    _write(tmp_path / "masks" / "x.png", mask)
+    data = load_pairs(tmp_path / "images", tmp_path / "masks", _model(image_channels=3), ImageConfig(),
+                      MaskConfig(rgb_map=SEED_MAP))
+    assert data.images.shape == (1, 32, 32, 3) and data.images.dtype == np.uint8
+    assert set(np.unique(data.masks)) == {0, 1} and data.masks[0].sum() == 100
+    assert data.original_sizes == [(64, 64)]
+
+
+def test_augmentation_moves_image_and_mask_together_and_is_seeded() -> None:
+    mask = np.zeros((48, 48), np.uint8)
+    mask[8:20, 28:40] = 1
+    image = (mask * 200 + 20).astype(np.float32)[..., None]
+    a_img, a_mask = augment(image, mask, np.random.default_rng(7), strength=1.0)
+    b_img, b_mask = augment(image, mask, np.random.default_rng(7), strength=1.0)
+    np.testing.assert_array_equal(a_img, b_img)
+    np.testing.assert_array_equal(a_mask, b_mask)
+    assert not np.array_equal(a_mask, mask)  # it did move
+    assert set(np.unique(a_mask)) <= {0, 1}
+    bright = a_img[..., 0] > a_img[..., 0].max() * 0.75
+    assert (bright == (a_mask == 1)).mean() > 0.97
+
+
+def test_batches_repeat_with_a_seed(tmp_path: Path) -> None:
+    from flexunet.data.dataset import SliceSet
+
+    rng = np.random.default_rng(0)
+    data = SliceSet(rng.integers(0, 255, (6, 32, 32, 1)).astype(np.uint8),
+                    (rng.random((6, 32, 32)) > 0.9).astype(np.uint8), list("abcdef"), [(32, 32)] * 6)
+    first = Batches(data, 2, 4, shuffle=True, augment_strength=0.5, seed=11)
+    second = Batches(data, 2, 4, shuffle=True, augment_strength=0.5, seed=11)
+    x1, y1 = first[0]
+    x2, y2 = second[0]
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert y1.shape == (4, 32, 32, 2) and np.all(y1.sum(-1) == 1)
+    first.on_epoch_end()
+    assert not np.array_equal(first[0][0], x1)
+
+
+def test_cli_names_an_image_without_its_mask(tiny_config: Path) -> None:
+    orphan = tiny_config.parent / "train" / "images" / "999_1.png"
+    cv2.imwrite(str(orphan), np.zeros((64, 64), np.uint8))
+    assert_user_error(run_cli("train", tiny_config), str(orphan), "no mask")
+    assert not (tiny_config.parent / "models").exists()
+
+
+def test_cli_names_a_mask_colour_not_in_the_map(tiny_config: Path) -> None:
+    mask_path = sorted((tiny_config.parent / "valid" / "masks").glob("*.png"))[0]
+    mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
+    mask[0, 0] = 77
+    cv2.imwrite(str(mask_path), mask)
+    assert_user_error(run_cli("train", tiny_config), str(mask_path), "(77, 77, 77)", "rgb_map")
+    assert not (tiny_config.parent / "models").exists()
+
+
+def test_cli_names_a_corrupt_jpeg(tiny_config: Path) -> None:
+    images = tiny_config.parent / "train" / "images"
+    victim = sorted(images.glob("*.png"))[0]
+    corrupt = images / f"{victim.stem}.jpg"
+    victim.unlink()
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    assert_user_error(run_cli("train", tiny_config), str(corrupt), "JPEG")
+    assert not (tiny_config.parent / "models").exists()

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from flexunet import metrics as m
+from flexunet.data.dataset import one_hot
+from flexunet.evaluate import score
+
+
+def test_dice_counts_and_empty_cases() -> None:
+    true = np.zeros((4, 4), np.uint8)
+    pred = np.zeros((4, 4), np.uint8)
+    true[0, :2] = 1
+    pred[0, 1:3] = 1
+    tp, fp, fn = m.confusion(pred, true, 2)
+    assert (tp[1], fp[1], fn[1]) == (1, 1, 1)
+    assert m.dice_score(tp, fp, fn)[1] == pytest.approx(0.5)
+    empty = np.zeros((4, 4), np.uint8)
+    assert m.dice_score(*m.confusion(empty, empty, 2))[1] == 1.0  # both empty
+    assert m.dice_score(*m.confusion(pred, empty, 2))[1] == 0.0  # only one empty
+
+
+def test_keras_metric_is_the_global_dice_of_the_evaluation() -> None:
+    rng = np.random.default_rng(0)
+    true = (rng.random((6, 16, 16)) > 0.8).astype(np.uint8)
+    pred = np.where(rng.random((6, 16, 16)) > 0.3, true, 1 - true).astype(np.uint8)
+    metric = m.ForegroundDice(2)
+    for batch in (slice(0, 4), slice(4, 6)):  # two batches, one epoch
+        metric.update_state(one_hot(true[batch], 2), one_hot(pred[batch], 2) * 0.9 + 0.05)
+    expected = score(pred, true, [f"{i}" for i in range(6)], 2).summary["foreground_dice_global"]
+    assert float(metric.result()) == pytest.approx(expected, rel=1e-5)
+    metric.reset_state()
+    assert float(metric.result()) == 1.0  # nothing seen: both empty
+
+
+def test_multiclass_mean_excludes_background() -> None:
+    true = np.array([[0, 1, 2, 2]], np.uint8)
+    pred = np.array([[0, 1, 1, 2]], np.uint8)
+    summary = score(pred[None], true[None], ["p_1"], 3).summary
+    assert summary["classes"][1]["dice_global"] == pytest.approx(2 / 3)
+    assert summary["classes"][2]["dice_global"] == pytest.approx(2 / 3)
+    assert summary["foreground_dice_global"] == pytest.approx(2 / 3)
+
+
+def test_seed_dice_rewards_background() -> None:
+    true = np.zeros((1, 64, 64), np.uint8)
+    true[0, 30:32, 30:32] = 1
+    pred = np.zeros_like(true)  # misses the lesion entirely
+    summary = score(pred, true, ["x"], 2).summary
+    assert summary["foreground_dice_global"] == 0.0
+    assert summary["seed_dice_coef_multiclass (background-inclusive, not comparable)"] > 0.49
+    seed = float(m.dice_coef_multiclass(one_hot(true, 2), one_hot(pred, 2)))
+    assert seed > 0.49
+
+
+def test_hd95_of_shifted_squares() -> None:
+    a = np.zeros((40, 40), bool)
+    b = np.zeros((40, 40), bool)
+    a[10:20, 10:20] = True
+    b[10:20, 13:23] = True
+    assert m.hd95(a, b) == pytest.approx(3.0)
+    assert m.hd95(a, np.zeros_like(a)) is None
+
+
+def test_detection_and_patients() -> None:
+    true = np.zeros((4, 8, 8), np.uint8)
+    true[0, 1, 1] = true[1, 2, 2] = 1
+    pred = np.zeros_like(true)
+    pred[0, 1, 1] = 1
+    pred[2, 5, 5] = 1
+    summary = score(pred, true, ["001_1", "001_2", "002_1", "002_2"], 2,
+                    r"^(?P<patient>\d+)_(?P<slice>.+)$").summary
+    d = summary["detection"]
+    assert (d["tp"], d["fn"], d["fp"], d["tn"]) == (1, 1, 1, 1)
+    assert d["sensitivity"] == 0.5 and d["specificity"] == 0.5
+    assert summary["per_patient"]["001"]["dice_mean_over_positive_slices"] == 0.5
+    assert np.isnan(summary["per_patient"]["002"]["dice_mean_over_positive_slices"])
