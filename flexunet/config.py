@@ -62,6 +62,7 @@ class ModelConfig:
     optimizer: str = "Adam"
     learning_rate: float = 1e-4
     clipvalue: float | None = None
+    weight_decay: float | None = None
     loss: str = "categorical_crossentropy"
     metrics: tuple[str, ...] = ("dice_coef_multiclass",)
     show_summary: bool = False
@@ -350,6 +351,7 @@ _MODEL: _Spec = {
     "optimizer": _str(OPTIMIZERS),
     "learning_rate": _float(0.0, 10.0, open_lo=True),
     "clipvalue": _float(0.0, None, open_lo=True, optional=True),
+    "weight_decay": _float(0.0, 1.0, optional=True),
     "loss": _str(LOSSES, _LOSS_ALIASES),
     "metrics": _metrics,
     "show_summary": _bool,
@@ -526,6 +528,23 @@ def _check_classes(config: Config, source: str) -> None:
                           f"{config.model.num_classes}")
     if 0 not in classes:
         raise ConfigError(f"{source}: [mask] rgb_map: no colour maps to the background class 0")
+
+
+def override(config: Config, section: str, values: Mapping[str, Any], source: str) -> Config:
+    """A copy of ``config`` with some keys of one section replaced, each value checked by the
+    same parser that reads the INI file (so a study file and a config file agree on what is
+    valid)."""
+    spec, _ = _SECTIONS[section]
+    parsed = {}
+    for key, value in values.items():
+        if key not in spec:
+            raise ConfigError(f"{source}: {key!r} is not a [{section}] setting")
+        parsed[key] = spec[key](value, f"{source}: {key}")
+    try:
+        updated = dataclasses.replace(getattr(config, section), **parsed)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+    return dataclasses.replace(config, **{section: updated})
 
 
 def require_dir(path: Path | None, section: str, key: str) -> Path:

@@ -55,6 +55,8 @@ def make_optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
     kwargs: dict[str, Any] = {"learning_rate": model.learning_rate}
     if model.clipvalue is not None:
         kwargs["clipvalue"] = model.clipvalue
+    if model.weight_decay is not None:
+        kwargs["weight_decay"] = model.weight_decay
     return {
         "Adam": keras.optimizers.Adam, "AdamW": keras.optimizers.AdamW,
         "SGD": lambda **kw: keras.optimizers.SGD(momentum=0.9, nesterov=True, **kw),

@@ -1,10 +1,142 @@
-"""``flexunet search ...`` subcommands, registered into the ``flexunet`` command."""
+"""``flexunet search ...``: run, status, export (and dashboard, report), registered into the
+``flexunet`` command through the ``flexunet.commands`` entry point."""
 
 from __future__ import annotations
 
 import argparse
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexunet.errors import FlexUNetError
+
+
+@dataclass(frozen=True)
+class _Target:
+    """The study a command addresses: its name, storage URL and (with a study file) its folder."""
+
+    name: str
+    url: str
+    out: Path | None
+    spec: object | None
+
+
+def _target(args: argparse.Namespace) -> _Target:
+    from search import run as runner
+    from search import storage as st
+    from search import study_file
+
+    if args.study_file:
+        spec = study_file.load(args.study_file)
+        out = runner.out_dir(spec, Path(args.run_dir) if args.run_dir else None)
+        name = args.study or spec.name
+        return _Target(name, st.resolve_url(args.storage, spec.storage, out), out, spec)
+    if not args.study:
+        raise FlexUNetError("name the study: give STUDY.toml or --study NAME")
+    url = args.storage or os.environ.get(st.ENV_VAR)
+    if not url:
+        raise FlexUNetError(f"--study needs --storage URL (or ${st.ENV_VAR})")
+    return _Target(args.study, st.normalize(url), None, None)
+
+
+def _open(target: _Target):  # -> (storage, study)
+    from search import storage as st
+
+    storage = st.open_storage(target.url, heartbeat=False)
+    return storage, st.load_study(storage, target.name)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from search import run as runner
+    from search import study_file
+
+    spec = study_file.load(args.study_file).with_overrides(
+        n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
+    gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
+    options = runner.RunOptions(storage=args.storage, workers=args.workers, gpus=gpus,
+                                out=Path(args.out) if args.out else None)
+    return runner.run(spec, options)
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from search import storage as st
+    from search.status import summary_lines
+
+    target = _target(args)
+    _, study = _open(target)
+    for line in summary_lines(study, st.mask(target.url)):
+        print(line)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from flexunet import config as cfg
+    from flexunet._tf import quiet_import
+    from search import storage as st
+
+    target = _target(args)
+    storage, study = _open(target)
+    if args.data:
+        data_config = Path(args.data)
+    elif target.spec is not None:
+        from search.run import dataset_config_path
+
+        data_config = dataset_config_path(target.spec, target.out)
+    else:
+        data_config = Path(study.user_attrs.get("flexunet_dataset_config", ""))
+    artifacts = Path(args.artifacts) if args.artifacts else (
+        target.out / "artifacts" if target.out else Path(study.user_attrs.get("flexunet_artifact_dir", "")))
+    if not data_config.is_file():
+        raise FlexUNetError(f"{data_config}: the study's dataset config is not on this machine (pass --data)")
+    base = cfg.load(data_config)
+    quiet_import()
+    from flexunet.evaluate import format_table
+    from search.export import export
+
+    result = export(study, storage, Path(args.out), base=base, artifacts=artifacts,
+                    masked_storage=st.public(target.url), trial_number=args.trial, force=args.force)
+    print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
+          f"to {result.out}")
+    print("test split:")
+    print(format_table(result.test_summary))
+    print("files: " + ", ".join(result.files))
+    return 0
+
+
+def _study_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study_file", nargs="?", metavar="STUDY.toml", help="the study file")
+    parser.add_argument("--study", help="study name (default: the study file's)")
+    parser.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
+                                          "or SQLite in the study's folder)")
+    parser.add_argument("--run-dir", help="the study's output folder, when not the default")
 
 
 def register(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser("search", help="run, watch and export Optuna studies over FlexUNet")
-    search.add_subparsers(dest="search_command", required=True, metavar="SUBCOMMAND")
+    sub = search.add_subparsers(dest="search_command", required=True, metavar="SUBCOMMAND")
+
+    run = sub.add_parser("run", help="run a study with K local workers (other machines join with the same command)")
+    run.add_argument("study_file", metavar="STUDY.toml")
+    run.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
+                                       "or sqlite:///OUT/study.db)")
+    run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    run.add_argument("--gpus", help="comma-separated GPU ids, one per local worker (round robin)")
+    run.add_argument("--n-trials", type=int, help="override [budget] n_trials")
+    run.add_argument("--timeout", type=float, help="override [budget] timeout (seconds)")
+    run.add_argument("--max-epochs", type=int, help="override [budget] max_epochs")
+    run.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
+    run.add_argument("--out", help="output folder (default: runs/<study name>)")
+    run.set_defaults(func=_cmd_run)
+
+    status = sub.add_parser("status", help="trials by state, the best so far, the running trials")
+    _study_arguments(status)
+    status.set_defaults(func=_cmd_status)
+
+    export = sub.add_parser("export", help="export the best trial's model, evaluate it on the test split")
+    _study_arguments(export)
+    export.add_argument("--out", required=True, help="the folder to create")
+    export.add_argument("--trial", type=int, help="export this trial instead of the best")
+    export.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    export.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
+    export.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
+    export.set_defaults(func=_cmd_export)

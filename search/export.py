@@ -1,0 +1,256 @@
+"""``flexunet search export``: the best trial as a self-contained model folder.
+
+It holds the model as ``best_model.keras`` (loads with plain ``keras.models.load_model``), a TF
+SavedModel, ONNX when the ``export`` extra is installed, a seed-format
+``train_eval_infer.config`` that ``flexunet evaluate``/``infer`` accept, ``metrics.json`` and
+``model_card.md``, and the test-split evaluation. No file holds an absolute path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+import json
+import logging
+import tempfile
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
+from optuna.trial import FrozenTrial, TrialState
+
+from flexunet import config as cfg
+from flexunet.errors import FlexUNetError
+from flexunet.evaluate import evaluate, load_model
+from flexunet.outputs import staged_dir, write_text_atomic
+from flexunet.train import MODEL_FILE
+from search.status import baseline_trial, best_trials
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    trial: FrozenTrial
+    out: Path
+    files: list[str]
+    test_summary: dict[str, Any]
+
+
+def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
+    """The requested trial, else the best (highest Dice on the Pareto front for two objectives)."""
+    if number is not None:
+        trials = [t for t in study.get_trials(deepcopy=False) if t.number == number]
+        if not trials:
+            raise FlexUNetError(f"study {study.study_name!r} has no trial {number}")
+        if trials[0].state != TrialState.COMPLETE:
+            raise FlexUNetError(f"trial {number} is {trials[0].state.name}, not COMPLETE")
+        return trials[0]
+    best = best_trials(study)
+    if not best:
+        raise FlexUNetError(f"study {study.study_name!r} has no completed trial to export yet")
+    return best[0]
+
+
+def _download_model(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path) -> Path:
+    metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == MODEL_FILE]
+    if not metas:
+        raise FlexUNetError(f"trial {trial.number} has no {MODEL_FILE} artifact")
+    if not artifacts.is_dir():
+        raise FlexUNetError(f"{artifacts}: artifact folder not found (pass --artifacts)")
+    path = into / MODEL_FILE
+    try:
+        download_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
+                          artifact_id=metas[-1].artifact_id)
+    except Exception as exc:  # ArtifactNotFound and I/O errors
+        raise FlexUNetError(f"{artifacts}: cannot read trial {trial.number}'s model ({exc})") from None
+    return path
+
+
+def trial_config(base: cfg.Config, trial: FrozenTrial, out: Path) -> cfg.Config:
+    """The dataset's config with the trial's settings, writing into ``out``."""
+    settings = dict(trial.user_attrs.get("settings") or {})
+    if not settings:
+        raise FlexUNetError(f"trial {trial.number} has no 'settings' user attribute")
+    model_keys = {k: v for k, v in settings.items() if k in vars(base.model)}
+    train_keys = {k: v for k, v in settings.items() if k in vars(base.train)}
+    config = cfg.override(base, "model", model_keys, f"trial {trial.number}")
+    config = cfg.override(config, "train", train_keys, f"trial {trial.number}")
+    return config.replace(
+        train=_replace(config.train, model_dir=out, eval_dir=out / "eval", epoch_change_infer=False,
+                       epoch_change_infer_dir=out / "epoch_change_infer"),
+        eval=cfg.EvalConfig(out),
+        infer=cfg.InferConfig(config.test.images_dir, out / "infer_output"),
+    )
+
+
+def _replace(obj: Any, **changes: Any) -> Any:
+    return dataclasses.replace(obj, **changes)
+
+
+def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Path, masked_storage: str,
+           trial_number: int | None = None, force: bool = False) -> ExportResult:
+    """Write the export folder (all or nothing) and evaluate the model on the test split."""
+    trial = choose_trial(study, trial_number)
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = _download_model(trial, storage, artifacts, Path(tmp))
+        network = load_model(checkpoint)
+    with staged_dir(out, replace=force) as stage, _quiet_exporters():
+        # Saved again uncompiled: no training objects, so plain Keras loads it with no imports.
+        network.save(stage / MODEL_FILE)
+        files = [MODEL_FILE]
+        network.export(str(stage / "saved_model"), format="tf_saved_model", verbose=False)
+        files.append("saved_model/")
+        if _onnx_available():
+            network.export(str(stage / "model.onnx"), format="onnx", verbose=False)
+            files.append("model.onnx")
+        else:
+            _logger.info("ONNX skipped: install the 'export' extra (tf2onnx, onnxruntime)")
+        config = trial_config(base, trial, stage)
+        cfg.dump(config, stage / "train_eval_infer.config")
+        files.append("train_eval_infer.config")
+        evaluation = evaluate(config, stage / MODEL_FILE)
+        files += ["evaluation.csv", "evaluation.json"]
+        metrics = _metrics(study, trial, evaluation.summary, masked_storage)
+        write_text_atomic(stage / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        write_text_atomic(stage / "model_card.md", _model_card(study, trial, config, metrics, files))
+        files += ["metrics.json", "model_card.md"]
+    return ExportResult(trial, out, files, evaluation.summary)
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    """SavedModel and tf2onnx log every asset and optimisation pass; keep the terminal for the
+    results."""
+    loggers = [logging.getLogger(n) for n in ("tensorflow", "absl", "tf2onnx")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            with contextlib.redirect_stdout(io.StringIO()):
+                yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
+def _onnx_available() -> bool:
+    try:
+        import onnxruntime  # noqa: F401
+        import tf2onnx  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], masked_storage: str) -> dict[str, Any]:
+    from collections import Counter
+
+    from flexunet.evaluate import _clean
+
+    states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
+    base = baseline_trial(study)
+    attrs = trial.user_attrs
+    return _clean({
+        "study": study.study_name,
+        "storage": masked_storage,
+        "trial": trial.number,
+        "params": trial.params,
+        "parameters": attrs.get("params"),
+        "gflops_per_image": attrs.get("gflops"),
+        "settings": attrs.get("settings"),
+        "validation": {
+            "foreground_dice": trial.values[0] if trial.values else None,
+            "best_epoch": attrs.get("best_epoch"), "epochs_run": attrs.get("epochs_run"),
+            "stop_reason": attrs.get("stop_reason"), "seconds_per_epoch": attrs.get("seconds_per_epoch"),
+        },
+        "test": {
+            "foreground_dice_global": test["foreground_dice_global"],
+            "foreground_dice_mean_per_image": test["foreground_dice_mean_per_image"],
+            "patient_mean_dice_over_positive_slices": test.get("patient_mean_dice_over_positive_slices"),
+            "classes": test["classes"], "detection": test["detection"], "images": test["images"],
+            "per_patient": test.get("per_patient"),
+        },
+        "search": {
+            "trials": dict(states),
+            "baseline_trial": base.number if base else None,
+            "baseline_val_foreground_dice": base.values[0] if base is not None and base.values else None,
+            "objectives": study.user_attrs.get("flexunet_objectives"),
+            "sampler": study.user_attrs.get("flexunet_sampler"),
+            "pruner": study.user_attrs.get("flexunet_pruner"),
+        },
+        "dataset": study.user_attrs.get("flexunet_dataset"),
+        "image_size": study.user_attrs.get("flexunet_image_size"),
+    })
+
+
+def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, metrics: dict[str, Any],
+                files: list[str]) -> str:
+    def f(value: Any) -> str:
+        return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
+
+    m, test, search = config.model, metrics["test"], metrics["search"]
+    dataset = metrics.get("dataset") or {}
+    split = dataset.get("split") or {}
+    lines = [
+        f"# FlexUNet model card: study `{study.study_name}`, trial {trial.number}",
+        "",
+        "Exported by `flexunet search export`. A research model trained on a small sample: it is",
+        "not a medical device and its figures are not a clinical validation.",
+        "",
+        "## Model",
+        f"- Input {m.image_width}x{m.image_height}x{m.image_channels} (0..255, scaled inside the model), "
+        f"{m.num_classes} classes, softmax output." if m.num_classes > 1 else
+        f"- Input {m.image_width}x{m.image_height}x{m.image_channels}, one sigmoid channel.",
+        f"- {m.num_layers} levels, base {m.base_filters} filters, first kernel {m.base_kernels[0]}, "
+        f"dilation {m.dilation[0]}, dropout {m.dropout_rate:g}, batch norm {m.normalization}, "
+        f"activation {m.activation}.",
+        f"- {f(metrics.get('parameters'))} parameters, {f(metrics.get('gflops_per_image'))} GFLOPs per image.",
+        f"- Trained with {m.optimizer} (learning rate {m.learning_rate:.3g}), loss {m.loss}, batch "
+        f"{config.train.batch_size}, augmentation {config.train.augmentation_strength if config.train.augmentation else 0:g}.",
+        "",
+        "## Results",
+        "Foreground Dice counts only hemorrhage pixels (the seed's background-inclusive Dice is",
+        "reported in evaluation.json as a labelled extra and is not comparable).",
+        "",
+        "| split | foreground Dice (global) | mean per image | patients: mean over hemorrhage slices |",
+        "|---|---|---|---|",
+        f"| validation (search objective) | {f(metrics['validation']['foreground_dice'])} | | |",
+        f"| test ({test['images']} slices) | {f(test['foreground_dice_global'])} | "
+        f"{f(test['foreground_dice_mean_per_image'])} | {f(test.get('patient_mean_dice_over_positive_slices'))} |",
+        "",
+        f"Detection (any predicted hemorrhage): sensitivity {f(test['detection'].get('sensitivity'))}, "
+        f"specificity {f(test['detection'].get('specificity'))} (n/a where the test split has no negative slices).",
+        "",
+        "## Search",
+        f"- Trials: {', '.join(f'{v} {k}' for k, v in sorted(search['trials'].items()))}; "
+        f"sampler {search.get('sampler')}, pruner {search.get('pruner')}.",
+        f"- Baseline (the seed's hand-tuned settings, trial {f(search['baseline_trial'])}): validation "
+        f"foreground Dice {f(search['baseline_val_foreground_dice'])}.",
+        f"- Storage: `{metrics['storage']}`.",
+        "",
+        "## Data",
+        f"- Split by patient; image size {metrics.get('image_size')} px.",
+    ]
+    for part in ("train", "valid", "test"):
+        if part in split:
+            lines.append(f"- {part}: patients {', '.join(split[part])}")
+    lines += [
+        "- CT-ICH: Hssayeni, M. (2019), PhysioNet, doi:10.13026/w8q8-ky94 (CC-BY 4.0).",
+        "",
+        "## Files",
+        *[f"- `{name}`" for name in files],
+        "",
+        "Load in Python: `keras.models.load_model(\"best_model.keras\")` (no custom objects), or",
+        "`tf.saved_model.load(\"saved_model\").serve(images)`; evaluate or infer with",
+        "`flexunet evaluate train_eval_infer.config` / `flexunet infer train_eval_infer.config`.",
+        "",
+    ]
+    return "\n".join(lines)

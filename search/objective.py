@@ -1,0 +1,177 @@
+"""One trial: sample a config, reject it if infeasible, train it with pruning, keep its
+artifacts, and return validation foreground Dice (plus the second objective, if any)."""
+
+from __future__ import annotations
+
+import gc
+import logging
+import math
+import os
+import socket
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import keras
+import numpy as np
+import optuna
+from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+
+from flexunet import config as cfg
+from flexunet import plots
+from flexunet.callbacks import MONITOR
+from flexunet.data.dataset import SliceSet, load_split
+from flexunet.evaluate import predict_classes
+from flexunet.model import estimate_cost
+from flexunet.train import MODEL_FILE, TrainOutputs, fit
+from search import space as sp
+from search.study_file import StudySpec
+
+_logger = logging.getLogger(__name__)
+OVERLAYS_FILE = "validation_overlays.png"
+LOG_FILE = "train_log.csv"
+CURVES_FILE = "learning_curves.png"
+
+
+class TrialFailure(Exception):
+    """The trial cannot give a value (non-finite loss...); it is marked FAIL and the worker
+    goes on to the next trial."""
+
+
+class PruningReporter(keras.callbacks.Callback):
+    """Report validation foreground Dice to Optuna every epoch and stop when the pruner says so.
+
+    Unlike ``optuna_integration.KerasPruningCallback``, a missing metric is an error, not a
+    warning (a misspelt monitor there silently never prunes), and the model stops cleanly so
+    that the trial's artifacts can still be saved before it is marked PRUNED.
+    """
+
+    def __init__(self, trial: optuna.Trial, monitor: str = MONITOR, prune: bool = True) -> None:
+        super().__init__()
+        self.trial, self.monitor, self.prune = trial, monitor, prune
+        self.stop_reason: str | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise KeyError(f"{self.monitor!r} is not among the logged metrics {sorted(logs)}")
+        value = float(logs[self.monitor])
+        self.trial.set_user_attr("epoch", epoch + 1)
+        self.trial.set_user_attr("last_val_foreground_dice", value if math.isfinite(value) else None)
+        if not self.prune or not math.isfinite(value):
+            return
+        self.trial.report(value, step=epoch)
+        if self.trial.should_prune():
+            self.model.stop_training = True
+            self.stop_reason = "pruned"
+
+
+@dataclass
+class Objective:
+    """Callable objective for ``study.optimize``; holds the decoded data between trials."""
+
+    spec: StudySpec
+    base: cfg.Config
+    image_size: int
+    artifacts: FileSystemArtifactStore
+    space: tuple = field(default_factory=tuple)
+    _data: dict[int, tuple[SliceSet, SliceSet]] = field(default_factory=dict)
+
+    def data(self, config: cfg.Config) -> tuple[SliceSet, SliceSet]:
+        key = config.model.input_shape
+        if key not in self._data:
+            self._data = {key: (load_split(config, "train"), load_split(config, "valid"))}
+        return self._data[key]
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        trial.set_user_attr("host", socket.gethostname())
+        trial.set_user_attr("pid", os.getpid())
+        baseline = bool(trial.user_attrs.get("baseline"))
+        values = sp.suggest(trial, self.space)
+        config = sp.trial_config(self.base, self.spec, self.image_size, values, baseline=baseline)
+        cost = estimate_cost(config.model)
+        trial.set_user_attr("params", cost.params)
+        trial.set_user_attr("gflops", round(cost.flops / 1e9, 3))
+        trial.set_user_attr("settings", _settings(config))
+        reason = sp.infeasible(config, self.spec.budget, baseline=baseline)
+        if reason:
+            trial.set_user_attr("stop_reason", "infeasible")
+            trial.set_user_attr("infeasible_reason", reason)
+            raise optuna.TrialPruned(f"infeasible: {reason}")
+        try:
+            return self._train(trial, config, cost.params)
+        finally:
+            # Keras keeps every model built in this process unless the session is cleared.
+            keras.backend.clear_session()
+            gc.collect()
+
+    def _train(self, trial: optuna.Trial, config: cfg.Config, params: int) -> float | tuple[float, float]:
+        train_data, valid_data = self.data(config)
+        multi = self.spec.second_objective is not None
+        reporter = PruningReporter(trial, prune=not multi)  # Optuna prunes single-objective studies only
+        with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
+            work = Path(tmp)
+            outputs = TrainOutputs(model_path=work / MODEL_FILE, log_csv=work / LOG_FILE,
+                                   curves_png=work / CURVES_FILE)
+            started = time.perf_counter()
+            result = fit(config.model, config.train, train_data, valid_data, outputs=outputs,
+                         extra_callbacks=[reporter], verbose=0)
+            trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 1))
+            trial.set_user_attr("epochs_run", result.epochs_run)
+            trial.set_user_attr("best_epoch", result.best_epoch)
+            trial.set_user_attr("stop_reason", result.stop_reason)
+            trial.set_user_attr("seconds_per_epoch", round(float(np.mean(result.seconds_per_epoch)), 2)
+                                if result.seconds_per_epoch else None)
+            best = result.best_val_dice
+            trial.set_user_attr("best_val_foreground_dice", best if math.isfinite(best) else None)
+            if result.epochs_run and (work / MODEL_FILE).exists():
+                self._overlays(result.model, valid_data, config, work / OVERLAYS_FILE)
+                for name in (MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE):
+                    if (work / name).exists():
+                        upload_artifact(artifact_store=self.artifacts, file_path=str(work / name),
+                                        study_or_trial=trial)
+            if result.stop_reason == "pruned":
+                raise optuna.TrialPruned(f"pruned at epoch {result.epochs_run}")
+            if result.stop_reason.startswith("non-finite") or not math.isfinite(best):
+                trial.set_user_attr("fail_reason", result.stop_reason)
+                raise TrialFailure(result.stop_reason)
+            if not multi:
+                return best
+            second = params if self.spec.second_objective == "params" else _latency_ms(result.model, config)
+            trial.set_user_attr(self.spec.second_objective, second)
+            return best, float(second)
+
+    @staticmethod
+    def _overlays(network: Any, data: SliceSet, config: cfg.Config, path: Path) -> None:
+        chosen = data.subset(list(range(min(4, len(data)))))
+        pred = predict_classes(network, chosen)
+        strip = plots.comparison_strip(chosen.images, [("ground truth", chosen.masks), ("prediction", pred)],
+                                       config.mask.palette(max(2, config.model.num_classes)), chosen.names)
+        from flexunet.data.io import write_png
+
+        write_png(path, strip)
+
+
+def _settings(config: cfg.Config) -> dict[str, Any]:
+    """Every model and training setting of the trial, JSON-able, without paths."""
+    out: dict[str, Any] = {}
+    for section in ("model", "train"):
+        for key, value in vars(getattr(config, section)).items():
+            if isinstance(value, Path) or value is None:
+                continue
+            out[key] = list(value) if isinstance(value, tuple) else value
+    return out
+
+
+def _latency_ms(network: Any, config: cfg.Config, repeats: int = 10) -> float:
+    """Median CPU milliseconds to segment one image."""
+    image = np.zeros((1, *config.model.input_shape), np.float32)
+    network.predict_on_batch(image)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        network.predict_on_batch(image)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(float(np.median(times)), 3)

@@ -1,0 +1,134 @@
+"""From a trial to a FlexUNet config, and whether that config is worth training at all."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+
+from flexunet import config as cfg
+from flexunet.errors import ConfigError
+from flexunet.model import estimate_cost
+from search.study_file import SETTABLE, Budget, ParamSpec, StudySpec
+
+# The seed project's hand-tuned ICH settings (train_eval_infer.config of 2026/01/20). Its 8
+# levels at 512 px leave a 4 px bridge; scaled to another size, the levels change so that the
+# bridge stays 4 px. Everything else is kept as the seed had it.
+SEED_BASELINE: dict[str, Any] = {
+    "base_filters": 16, "base_kernels": 11, "dropout_rate": 0.04, "dilation": 1, "normalization": False,
+    "activation": "relu", "learning_rate": 7e-5, "optimizer": "Adam", "clipvalue": 0.5,
+    "loss": "categorical_crossentropy", "batch_size": 2, "augmentation": False,
+    "learning_rate_reducer": True, "reducer_factor": 0.5, "reducer_patience": 4,
+}
+_SEED_SIZE, _SEED_LAYERS = 512, 8
+
+
+def max_layers(size: int) -> int:
+    """The most levels an input side allows: divisible by 2**(L-1), bridge >= 4 px."""
+    layers = 2
+    while layers < 12 and size % 2**layers == 0 and size // 2**layers >= 4:
+        layers += 1
+    return layers
+
+
+def seed_layers(size: int) -> int:
+    """The seed's depth scaled to ``size``: the same bridge size (4 px) where possible."""
+    wanted = _SEED_LAYERS - round(math.log2(_SEED_SIZE / size)) if size > 0 else 2
+    return max(2, min(wanted, max_layers(size)))
+
+
+def bounded(space: tuple[ParamSpec, ...], size: int, where: str) -> tuple[ParamSpec, ...]:
+    """The space with num_layers capped by what the image size allows."""
+    out = []
+    for p in space:
+        if p.name == "num_layers":
+            if p.kind == "categorical":
+                choices = tuple(c for c in p.choices if isinstance(c, int) and c <= max_layers(size))
+                if not choices:
+                    raise ConfigError(f"{where}: [space.num_layers] no choice fits {size} px images "
+                                      f"(at most {max_layers(size)} levels)")
+                p = dataclasses.replace(p, choices=choices)
+            else:
+                if p.low > max_layers(size):
+                    raise ConfigError(f"{where}: [space.num_layers] low = {p.low} is more levels than "
+                                      f"{size} px images allow ({max_layers(size)})")
+                p = dataclasses.replace(p, high=min(p.high, max_layers(size)))
+        out.append(p)
+    return tuple(out)
+
+
+def suggest(trial: optuna.Trial, space: tuple[ParamSpec, ...]) -> dict[str, Any]:
+    """Sample every parameter whose conditions hold, in the order of the study file."""
+    values: dict[str, Any] = {}
+    for p in space:
+        if any(values.get(parent, _MISSING) not in allowed for parent, allowed in p.when.items()):
+            continue
+        if p.kind == "categorical":
+            values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
+        elif p.kind == "int":
+            values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
+        else:
+            values[p.name] = trial.suggest_float(p.name, float(p.low), float(p.high), step=p.step, log=p.log)
+    return values
+
+
+_MISSING = object()
+
+
+def apply(base: cfg.Config, settings: Mapping[str, Any], source: str) -> cfg.Config:
+    """``base`` with searched/fixed settings applied through the config's own checks."""
+    config = base
+    for section in ("model", "train"):
+        values = {k: v for k, v in settings.items() if SETTABLE.get(k) == section}
+        if values:
+            config = cfg.override(config, section, values, source)
+    return config
+
+
+def trial_config(base: cfg.Config, spec: StudySpec, image_size: int, values: Mapping[str, Any],
+                 baseline: bool = False) -> cfg.Config:
+    """The full config of one trial: dataset config, image size, fixed settings, then the
+    sampled values (the baseline takes the seed's settings for everything it does not sample)."""
+    config = cfg.override(base, "model", {"image_width": image_size, "image_height": image_size},
+                          f"{spec.path}: image size")
+    settings: dict[str, Any] = {}
+    if baseline:
+        settings.update(SEED_BASELINE)
+        settings["num_layers"] = seed_layers(image_size)
+    else:
+        settings.update(spec.fixed)
+    settings.update(values)
+    config = apply(config, settings, f"{spec.path}: trial settings")
+    return cfg.override(config, "train", {"epochs": spec.budget.max_epochs}, f"{spec.path}: [budget] max_epochs")
+
+
+def baseline_params(spec: StudySpec, space: tuple[ParamSpec, ...], image_size: int) -> dict[str, Any]:
+    """The seed's values of the searched parameters, to enqueue as trial 0."""
+    seed = {**SEED_BASELINE, "num_layers": seed_layers(image_size)}
+    params = {}
+    for p in space:
+        if p.name not in seed:
+            continue
+        value = seed[p.name]
+        if p.kind == "categorical" and value not in p.choices:
+            continue  # the trial samples it; its user attrs still mark it as the baseline
+        params[p.name] = value
+    return params
+
+
+def infeasible(config: cfg.Config, budget: Budget, *, baseline: bool = False) -> str | None:
+    """Why a configuration must not be trained (None if it may): over the parameter, FLOP or
+    memory budget. The baseline is exempt from the parameter and FLOP caps (it is the
+    reference, whatever it costs) but never from memory."""
+    cost = estimate_cost(config.model)
+    if not baseline and budget.max_params and cost.params > budget.max_params:
+        return f"{cost.params:,} parameters exceed the budget of {budget.max_params:,}"
+    if not baseline and budget.max_gflops and cost.flops / 1e9 > budget.max_gflops:
+        return f"{cost.flops / 1e9:.2f} GFLOPs per image exceed the budget of {budget.max_gflops}"
+    memory = cost.train_bytes(config.train.batch_size) / 2**30
+    if budget.max_memory_gb and memory > budget.max_memory_gb:
+        return f"about {memory:.2f} GiB of training memory exceed the budget of {budget.max_memory_gb} GiB"
+    return None

@@ -1,0 +1,86 @@
+"""What a study holds: trials by state, the best so far, the baseline, the running trials."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+
+def _value(trial: FrozenTrial) -> str:
+    if trial.values is None:
+        return "-"
+    return ", ".join(f"{v:.4f}" if abs(v) < 1e4 else f"{v:,.0f}" for v in trial.values)
+
+
+def _params(trial: FrozenTrial) -> str:
+    def fmt(v: Any) -> str:
+        return f"{v:.3g}" if isinstance(v, float) else str(v)
+
+    return ", ".join(f"{k}={fmt(v)}" for k, v in trial.params.items())
+
+
+def best_trials(study: optuna.Study) -> list[FrozenTrial]:
+    """The best trial (single objective) or the Pareto front (two objectives)."""
+    try:
+        if len(study.directions) > 1:
+            return sorted(study.best_trials, key=lambda t: -t.values[0])
+        return [study.best_trial]
+    except ValueError:  # no completed trial yet
+        return []
+
+
+def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
+    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
+
+
+def describe(trial: FrozenTrial) -> str:
+    attrs = trial.user_attrs
+    bits = [f"trial {trial.number}", trial.state.name, f"value {_value(trial)}"]
+    if attrs.get("params"):
+        bits.append(f"{attrs['params']:,} params")
+    if attrs.get("epochs_run") is not None:
+        bits.append(f"{attrs['epochs_run']} epochs ({attrs.get('stop_reason', '?')})")
+    elif attrs.get("stop_reason"):
+        bits.append(str(attrs["stop_reason"]))
+    return ", ".join(bits)
+
+
+def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> list[str]:
+    trials = study.get_trials(deepcopy=False)
+    counts = Counter(t.state.name for t in trials)
+    lines = [f"study {study.study_name!r}" + (f" on {masked_storage}" if masked_storage else "")
+             + f": {len(trials)} trials (" + ", ".join(
+                 f"{counts.get(s.name, 0)} {s.name.lower()}" for s in
+                 (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)) + ")"]
+    infeasible = sum(1 for t in trials if t.user_attrs.get("stop_reason") == "infeasible")
+    if infeasible:
+        lines.append(f"  {infeasible} of the pruned trials were infeasible (rejected before training)")
+    best = best_trials(study)
+    if best:
+        title = "best" if len(best) == 1 else f"Pareto front ({len(best)} trials)"
+        lines.append(f"{title}:")
+        for t in best[:10]:
+            lines.append(f"  {describe(t)}")
+            lines.append(f"    {_params(t)}")
+    else:
+        lines.append("best: none yet (no completed trial)")
+    base = baseline_trial(study)
+    if base is not None:
+        lines.append(f"baseline (seed settings): {describe(base)}")
+        if best and base.values is not None and best[0].number != base.number:
+            delta = best[0].values[0] - base.values[0]
+            lines.append(f"  the search {'beats' if delta > 0 else 'does not beat'} the baseline by {delta:+.4f}")
+    running = [t for t in trials if t.state == TrialState.RUNNING]
+    if running:
+        lines.append("running:")
+        for t in running:
+            a = t.user_attrs
+            dice = a.get("last_val_foreground_dice")
+            dice_text = f"{dice:.4f}" if isinstance(dice, float) and math.isfinite(dice) else "-"
+            lines.append(f"  trial {t.number} on {a.get('host', '?')} pid {a.get('pid', '?')}: epoch "
+                         f"{a.get('epoch', 0)}, val Dice {dice_text}, started {t.datetime_start:%H:%M:%S}")
+    return lines

@@ -1,0 +1,152 @@
+"""Storage URLs: resolve, mask, open, and create a study exactly once.
+
+Accepted URLs: any SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg://...``,
+``mysql+pymysql://...``), ``journal:PATH`` for a journal file (one host), and ``redis://...`` for
+a journal in Redis (many hosts). ``postgresql://`` and ``mysql://`` get the drivers this project
+installs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from flexunet.errors import ConfigError
+
+_logger = logging.getLogger(__name__)
+ENV_VAR = "FLEXUNET_STORAGE"
+HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats
+GRACE_PERIOD = 60  # a trial silent this long is failed (and retried) by the next worker
+MAX_RETRY = 3
+
+
+def resolve_url(cli_value: str | None, study_value: str | None, out_dir: Path) -> str:
+    """``--storage``, then ``$FLEXUNET_STORAGE``, then the study file, then SQLite in ``out_dir``."""
+    url = cli_value or os.environ.get(ENV_VAR) or study_value
+    if not url:
+        return f"sqlite:///{(out_dir / 'study.db').absolute()}"
+    return normalize(url)
+
+
+def normalize(url: str) -> str:
+    url = url.strip()
+    if not url or any(c in url for c in "\x00\n\r"):
+        raise ConfigError("storage URL: empty or holds control characters")
+    for plain, driver in (("postgresql://", "postgresql+psycopg://"), ("postgres://", "postgresql+psycopg://"),
+                          ("mysql://", "mysql+pymysql://"), ("mariadb://", "mysql+pymysql://")):
+        if url.startswith(plain):
+            return driver + url[len(plain):]
+    return url
+
+
+def kind(url: str) -> str:
+    """'sqlite', 'postgresql', 'mysql', 'journal-file', 'journal-redis' (or the URL's scheme)."""
+    if url.startswith("journal:"):
+        return "journal-file"
+    if url.startswith(("redis://", "rediss://", "unix://")):
+        return "journal-redis"
+    scheme = url.split(":", 1)[0]
+    return scheme.split("+", 1)[0]
+
+
+def mask(url: str) -> str:
+    """The URL with its password replaced by ***, safe for logs, notes and reports."""
+    return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url) if "@" in url else url
+
+
+def public(url: str) -> str:
+    """The URL as exported files may show it: masked, and a local file reduced to its name (an
+    absolute path of the machine that made the file says nothing useful elsewhere)."""
+    what = kind(url)
+    if what == "sqlite":
+        return "sqlite:///" + Path(url.split("///", 1)[-1]).name
+    if what == "journal-file":
+        return "journal:" + _journal_path(url).name
+    return mask(url)
+
+
+def _journal_path(url: str) -> Path:
+    path = url[len("journal:"):]
+    if path.startswith("///"):
+        path = path[2:]
+    if not path:
+        raise ConfigError("storage URL journal:PATH: the path is missing")
+    return Path(path)
+
+
+def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; RDB storages get heartbeats and the retry of stale trials."""
+    what = kind(url)
+    try:
+        if what == "journal-file":
+            from optuna.storages.journal import JournalFileBackend
+
+            path = _journal_path(url)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
+        if what == "journal-redis":
+            from optuna.storages.journal import JournalRedisBackend
+
+            return optuna.storages.JournalStorage(JournalRedisBackend(url))
+        if what == "sqlite":
+            Path(url.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
+        kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}} if what != "sqlite" else {}
+        if heartbeat:
+            kwargs.update(
+                heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=MAX_RETRY, inherit_intermediate_values=True))
+        return optuna.storages.RDBStorage(url, **kwargs)
+    except (ImportError, ValueError, TypeError) as exc:
+        raise ConfigError(f"storage {mask(url)}: {_first_line(exc)}") from None
+    except Exception as exc:  # sqlalchemy.exc.*, redis errors: the server is not reachable
+        raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = mask(str(exc)).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
+
+
+def create_once(storage: optuna.storages.BaseStorage, name: str, directions: list[str],
+                sampler: optuna.samplers.BaseSampler | None = None,
+                pruner: optuna.pruners.BasePruner | None = None, attempts: int = 8) -> optuna.Study:
+    """Create the study (or load it) before any worker runs.
+
+    Two processes that start together on a brand-new database race to create Optuna's tables
+    and one of them fails; losing that race is retried after a short random wait.
+    """
+    for attempt in range(attempts):
+        try:
+            study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                        sampler=sampler, pruner=pruner, load_if_exists=True)
+        except (ValueError, TypeError, ConfigError):
+            raise
+        except Exception as exc:  # IntegrityError, ProgrammingError, OperationalError, DuplicatedStudyError
+            if attempt == attempts - 1:
+                raise ConfigError(f"cannot create study {name!r}: {_first_line(exc)}") from None
+            _logger.debug("creating study %s lost a race (%s); retrying", name, exc)
+            time.sleep(0.2 + random.random() * (attempt + 1))
+            continue
+        if [d.name.lower() for d in study.directions] != directions:
+            raise ConfigError(f"study {name!r} exists with directions "
+                              f"{[d.name.lower() for d in study.directions]}, not {directions}")
+        return study
+    raise AssertionError("unreachable")
+
+
+def load_study(storage: optuna.storages.BaseStorage, name: str,
+               sampler: optuna.samplers.BaseSampler | None = None,
+               pruner: optuna.pruners.BasePruner | None = None) -> optuna.Study:
+    try:
+        return optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+    except KeyError:
+        names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+        raise ConfigError(f"no study named {name!r} in this storage (it has: {', '.join(names) or 'none'})") from None
