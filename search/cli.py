@@ -103,6 +103,50 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    import sys
+
+    import optuna
+
+    from search import dashboard as db
+    from search import storage as st
+
+    warning = db.exposure_warning(args.host)
+    if warning:
+        print(warning, file=sys.stderr)
+    if args.study_file or args.study:
+        target = _target(args)
+        storage, study = _open(target)
+        url, studies, first = target.url, [study], study
+    else:
+        url = args.storage or os.environ.get(st.ENV_VAR)
+        if not url:
+            raise FlexUNetError("name the study: give STUDY.toml, --study NAME or --storage URL")
+        url = st.normalize(url)
+        storage = st.open_storage(url, heartbeat=False)
+        studies = [st.load_study(storage, name) for name in optuna.study.get_all_study_names(storage)]
+        target, first = None, (studies[0] if len(studies) == 1 else None)
+    if args.artifacts:
+        folders, missing = [Path(args.artifacts)], []
+        if not folders[0].is_dir():
+            raise FlexUNetError(f"{args.artifacts}: artifact folder not found")
+    elif target is not None and target.out is not None:
+        folders, missing = [target.out / "artifacts"], []
+    else:
+        folders, missing = db.artifact_folders(studies)
+    for line in missing:
+        print(f"{line}: its artifacts are not shown (pass --artifacts DIR)", file=sys.stderr)
+    for study in studies:
+        if "flexunet_dataset" in study.user_attrs:  # a flexunet study: refresh its note
+            db.write_study_note(study, st.mask(url))
+    page = f"/dashboard/studies/{storage.get_study_id_from_name(first.study_name)}" if first else "/dashboard"
+    print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {st.mask(url)}, "
+          f"artifacts from {', '.join(map(str, folders)) or 'nowhere'}")
+    db.serve(storage, [f for f in folders if f.is_dir()], host=args.host, port=args.port,
+             ready=lambda base: print(f"open {base}{page} (Ctrl-C stops it)", flush=True))
+    return 0
+
+
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study_file", nargs="?", metavar="STUDY.toml", help="the study file")
     parser.add_argument("--study", help="study name (default: the study file's)")
@@ -140,3 +184,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     export.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     export.set_defaults(func=_cmd_export)
+
+    dashboard = sub.add_parser("dashboard", help="watch studies in optuna-dashboard, with every trial's artifacts")
+    _study_arguments(dashboard)
+    dashboard.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    dashboard.add_argument("--host", default="127.0.0.1",
+                           help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
+    dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free)")
+    dashboard.set_defaults(func=_cmd_dashboard)

@@ -18,7 +18,7 @@ import optuna
 from flexunet import config as cfg
 from flexunet.data import ct_ich
 from flexunet.errors import ConfigError, FlexUNetError
-from search import algorithms, progress, space as sp
+from search import algorithms, dashboard, progress, space as sp
 from search import storage as st
 from search.study_file import ParamSpec, StudySpec
 
@@ -147,6 +147,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     url = st.resolve_url(options.storage, spec.storage, out)
     ensure_dataset(spec, out)
     study = create_study(spec, url, out)
+    dashboard.write_study_note(study, st.mask(url))
     print(f"study {spec.name!r} on {st.mask(url)}; output in {out}", flush=True)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
     logs = out / "logs"
@@ -178,6 +179,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
         for _, _, handle in procs:
             handle.close()
     watcher.update(final=True)
+    dashboard.write_study_note(study, st.mask(url))  # now with the baseline's final value
     failed = [(p, path) for p, path, _ in procs if p.returncode != 0]
     for p, path in failed:
         tail = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
