@@ -3,8 +3,10 @@ can say why a run ended (early stopping, a pruner, a non-finite loss...)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +63,35 @@ class BestCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._best_weights is not None:
             self.model.set_weights(self._best_weights)
+
+    def restore(self, state: dict[str, Any], best_weights: list[np.ndarray] | None) -> None:
+        """Take up the state an :class:`EpochCheckpoint` saved."""
+        self.best_epoch, self.best_dice = int(state["best_epoch"]), float(state["best_dice"])
+        self.best_loss, self.wait = float(state["best_loss"]), int(state["wait"])
+        self._best_weights = best_weights
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch, save what a restarted run needs to carry on where this one stopped:
+    the model with its optimizer state (``last.keras``) and the early-stopping state and
+    history so far (``state.json``). ``on_saved`` is called with the folder and the epoch."""
+
+    LAST, STATE = "last.keras", "state.json"
+
+    def __init__(self, folder: Path, best: BestCheckpoint, history: dict[str, list[float]],
+                 on_saved: Callable[[Path, int], None] | None = None) -> None:
+        super().__init__()
+        self.folder, self.best, self.history, self.on_saved = folder, best, history, on_saved
+
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
+        for key, value in (logs or {}).items():
+            self.history.setdefault(key, []).append(float(value))
+        self.model.save(self.folder / self.LAST)
+        state = {"epoch": epoch, "best_epoch": self.best.best_epoch, "best_dice": self.best.best_dice,
+                 "best_loss": self.best.best_loss, "wait": self.best.wait, "history": self.history}
+        (self.folder / self.STATE).write_text(json.dumps(state), encoding="utf-8")
+        if self.on_saved is not None:
+            self.on_saved(self.folder, epoch)
 
 
 class StopOnNonFinite(keras.callbacks.Callback):

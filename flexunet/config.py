@@ -81,6 +81,9 @@ class TrainConfig:
 
     epochs: int = 100
     batch_size: int = 2
+    # Batches per epoch; None means one pass over the training set. Small data sets train
+    # better with a fixed number of augmented batches per epoch (as nnU-Net does).
+    steps_per_epoch: int | None = None
     patience: int = 10
     model_dir: Path = Path("models")
     eval_dir: Path = Path("eval")
@@ -359,6 +362,7 @@ _MODEL: _Spec = {
 _TRAIN: _Spec = {
     "epochs": _int(1, 100_000),
     "batch_size": _int(1, 4096),
+    "steps_per_epoch": _int(1, 1_000_000),
     "patience": _int(0, 100_000),
     "model_dir": _path,
     "eval_dir": _path,
@@ -396,7 +400,7 @@ _SECTIONS: dict[str, tuple[_Spec, type]] = {
 # Keys the seed's configs carry that this project reads but has no use for.
 _SEED_ONLY = {
     "model": {"model", "generator"},
-    "train": {"metrics", "create_backup", "save_weights_only", "steps_per_epoch", "validation_steps",
+    "train": {"metrics", "create_backup", "save_weights_only", "validation_steps",
               "epoch_changeinfer", "epoch_changeinfer_dir"},
     "dataset": {"class_name"},
 }

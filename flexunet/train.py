@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,10 +72,23 @@ def compile_model(network: keras.Model, model: ModelConfig) -> None:
 def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data: SliceSet, *,
         outputs: TrainOutputs = TrainOutputs(), palette: list | None = None,
         extra_callbacks: Sequence[keras.callbacks.Callback] = (), epochs: int | None = None,
-        verbose: int | str = "auto", network: keras.Model | None = None) -> TrainResult:
+        verbose: int | str = "auto", network: keras.Model | None = None,
+        checkpoint_dir: Path | None = None, on_checkpoint: Callable[[Path, int], None] | None = None,
+        resume: bool = False) -> TrainResult:
     """Train one model on in-memory data; the core that ``flexunet train`` and every search
-    trial share."""
+    trial share.
+
+    With ``checkpoint_dir``, the state after every epoch is saved there (and handed to
+    ``on_checkpoint``); with ``resume``, training carries on from the state found there.
+    """
     keras.utils.set_random_seed(train.seed)
+    state: dict[str, Any] = {}
+    if resume:
+        if checkpoint_dir is None:
+            raise ValueError("resume needs checkpoint_dir")
+        state = json.loads((checkpoint_dir / cb.EpochCheckpoint.STATE).read_text(encoding="utf-8"))
+        # Compiled: the optimizer's moments and learning rate come back with the weights.
+        network = keras.models.load_model(checkpoint_dir / cb.EpochCheckpoint.LAST, safe_mode=True)
     if network is None:
         network = build(model)
         compile_model(network, model)
@@ -83,10 +96,15 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
         network.summary(print_fn=lambda line, **_: _logger.info(line))
     train_batches = Batches(train_data, model.num_classes, train.batch_size, shuffle=True,
                             augment_strength=train.augmentation_strength if train.augmentation else 0.0,
-                            seed=train.seed)
+                            seed=train.seed, steps=train.steps_per_epoch)
     valid_batches = Batches(valid_data, model.num_classes, train.batch_size)
 
     best = cb.BestCheckpoint(outputs.model_path, train.patience)
+    if state:
+        best_weights = None
+        if outputs.model_path is not None and outputs.model_path.exists():
+            best_weights = keras.models.load_model(outputs.model_path, compile=False).get_weights()
+        best.restore(state, best_weights)
     timer = cb.EpochTimer()
     nonfinite = cb.StopOnNonFinite()
     callbacks: list[keras.callbacks.Callback] = [timer, cb.LearningRateLog(), nonfinite, best]
@@ -95,19 +113,30 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
             monitor="val_loss", mode="min", factor=train.reducer_factor,
             patience=train.reducer_patience, min_lr=train.reducer_min_lr, verbose=0))
     if outputs.log_csv is not None:
-        callbacks.append(keras.callbacks.CSVLogger(str(outputs.log_csv)))
+        callbacks.append(keras.callbacks.CSVLogger(str(outputs.log_csv), append=bool(state)))
     if outputs.curves_png is not None:
-        callbacks.append(cb.LearningCurves(outputs.curves_png))
+        curves = cb.LearningCurves(outputs.curves_png)
+        curves.history = {k: list(v) for k, v in state.get("history", {}).items()}
+        callbacks.append(curves)
     if outputs.infer_dir is not None and outputs.num_infer_images > 0:
         chosen = list(range(min(outputs.num_infer_images, len(valid_data))))
         callbacks.append(cb.EpochChangeInfer(valid_data.subset(chosen), outputs.infer_dir, palette or []))
     callbacks.extend(extra_callbacks)
+    history_so_far: dict[str, list[float]] = {k: list(v) for k, v in state.get("history", {}).items()}
+    if checkpoint_dir is not None:
+        callbacks.append(cb.EpochCheckpoint(checkpoint_dir, best, history_so_far, on_checkpoint))
+    initial_epoch = int(state["epoch"]) + 1 if state else 0
+    if state:
+        train_batches.epoch = initial_epoch
+        train_batches._order = train_batches._new_order()
 
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
     history = network.fit(train_batches, validation_data=valid_batches, epochs=epochs or train.epochs,
-                          callbacks=callbacks, verbose=verbose)
+                          initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
+    if checkpoint_dir is not None:
+        logs = {k: list(v) for k, v in history_so_far.items()}
     epochs_run = len(logs.get("loss", []))
     reasons = [c.stop_reason for c in callbacks if getattr(c, "stop_reason", None)]
     return TrainResult(

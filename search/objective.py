@@ -4,12 +4,15 @@ artifacts, and return validation foreground Dice (plus the second objective, if 
 from __future__ import annotations
 
 import gc
+import hashlib
+import io
 import logging
 import math
 import os
 import socket
 import tempfile
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,8 +39,16 @@ CURVES_FILE = "learning_curves.png"
 
 
 class TrialFailure(Exception):
-    """The trial cannot give a value (non-finite loss...); it is marked FAIL and the worker
-    goes on to the next trial."""
+    """The trial cannot give a value (non-finite loss, out of memory...); it is marked FAIL and
+    the worker goes on to the next trial."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM reached the worker: the running trial ends as FAIL ("interrupted")."""
+
+
+RESUME_ATTR = "resume_artifact"  # user attr: artifact id of the trial's last epoch checkpoint
+_RESUME_FILES = (MODEL_FILE, LOG_FILE, "last.keras", "state.json")
 
 
 class PruningReporter(keras.callbacks.Callback):
@@ -77,6 +88,7 @@ class Objective:
     image_size: int
     artifacts: FileSystemArtifactStore
     space: tuple = field(default_factory=tuple)
+    current: optuna.Trial | None = None  # the trial in progress, for the worker's interrupt handling
     _data: dict[int, tuple[SliceSet, SliceSet]] = field(default_factory=dict)
 
     def data(self, config: cfg.Config) -> tuple[SliceSet, SliceSet]:
@@ -86,6 +98,11 @@ class Objective:
         return self._data[key]
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        self.current = trial
+        previous = trial.user_attrs.get("fail_reason")
+        if previous:  # a retry carries the attributes of the trial it repeats
+            trial.set_user_attr("previous_fail_reason", previous)
+            trial.set_user_attr("fail_reason", None)
         trial.set_user_attr("host", socket.gethostname())
         trial.set_user_attr("pid", os.getpid())
         baseline = bool(trial.user_attrs.get("baseline"))
@@ -102,10 +119,61 @@ class Objective:
             raise optuna.TrialPruned(f"infeasible: {reason}")
         try:
             return self._train(trial, config, cost.params)
+        except Interrupted:
+            trial.set_user_attr("fail_reason", "interrupted")
+            raise
+        except MemoryError as exc:
+            raise self._fail(trial, f"out of memory: {exc}") from None
+        except Exception as exc:
+            import tensorflow as tf
+
+            if isinstance(exc, tf.errors.ResourceExhaustedError):
+                raise self._fail(trial, f"out of memory: {exc.message.splitlines()[0]}") from None
+            raise
         finally:
             # Keras keeps every model built in this process unless the session is cleared.
             keras.backend.clear_session()
             gc.collect()
+
+    @staticmethod
+    def _fail(trial: optuna.Trial, reason: str) -> TrialFailure:
+        trial.set_user_attr("fail_reason", reason)
+        trial.set_user_attr("stop_reason", "failed")
+        return TrialFailure(reason)
+
+    def _save_resume_point(self, trial: optuna.Trial, folder: Path, epoch: int) -> None:
+        """Keep the epoch's checkpoint in the artifact store under one id per trial, so that a
+        retry of this trial (another worker, after this one died) starts from here."""
+        study_key = hashlib.sha1(trial.study.study_name.encode()).hexdigest()[:12]
+        artifact_id = f"resume-{study_key}-{trial.number}"
+        buffer = io.BytesIO()
+        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+            for name in _RESUME_FILES:
+                if (folder / name).exists():
+                    archive.write(folder / name, name)
+        buffer.seek(0)
+        self.artifacts.write(artifact_id, buffer)
+        if trial.user_attrs.get(RESUME_ATTR) != artifact_id:
+            trial.set_user_attr(RESUME_ATTR, artifact_id)
+        trial.set_user_attr("resume_epoch", epoch + 1)
+
+    def _restore_resume_point(self, trial: optuna.Trial, folder: Path) -> bool:
+        artifact_id = trial.user_attrs.get(RESUME_ATTR)
+        if not artifact_id:
+            return False
+        try:
+            with self.artifacts.open_reader(artifact_id) as reader:
+                data = reader.read()
+            with zipfile.ZipFile(io.BytesIO(data)) as archive:
+                names = set(archive.namelist())
+                if not {"last.keras", "state.json"} <= names or names - set(_RESUME_FILES):
+                    raise ValueError(f"unexpected members {sorted(names)}")
+                archive.extractall(folder)
+        except Exception as exc:  # a missing or damaged checkpoint: start again from scratch
+            _logger.warning("trial %d: cannot resume from %s (%s); starting afresh", trial.number, artifact_id, exc)
+            return False
+        trial.set_user_attr("resumed_from_epoch", trial.user_attrs.get("resume_epoch"))
+        return True
 
     def _train(self, trial: optuna.Trial, config: cfg.Config, params: int) -> float | tuple[float, float]:
         train_data, valid_data = self.data(config)
@@ -115,9 +183,11 @@ class Objective:
             work = Path(tmp)
             outputs = TrainOutputs(model_path=work / MODEL_FILE, log_csv=work / LOG_FILE,
                                    curves_png=work / CURVES_FILE)
+            resume = self._restore_resume_point(trial, work)
             started = time.perf_counter()
             result = fit(config.model, config.train, train_data, valid_data, outputs=outputs,
-                         extra_callbacks=[reporter], verbose=0)
+                         extra_callbacks=[reporter], verbose=0, checkpoint_dir=work, resume=resume,
+                         on_checkpoint=lambda folder, epoch: self._save_resume_point(trial, folder, epoch))
             trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 1))
             trial.set_user_attr("epochs_run", result.epochs_run)
             trial.set_user_attr("best_epoch", result.best_epoch)
@@ -135,8 +205,7 @@ class Objective:
             if result.stop_reason == "pruned":
                 raise optuna.TrialPruned(f"pruned at epoch {result.epochs_run}")
             if result.stop_reason.startswith("non-finite") or not math.isfinite(best):
-                trial.set_user_attr("fail_reason", result.stop_reason)
-                raise TrialFailure(result.stop_reason)
+                raise self._fail(trial, result.stop_reason)
             if not multi:
                 return best
             second = params if self.spec.second_objective == "params" else _latency_ms(result.model, config)

@@ -1,35 +1,111 @@
-"""Following a running study from the launcher: a line per finished trial, then a summary."""
+"""Following a running study from the launcher.
+
+On a terminal: one live line per running worker (trial, epoch, current validation Dice) and a
+study line (finished/pruned/failed, best so far, elapsed, estimated time left), redrawn in
+place, with a line per finished trial scrolling above them. Elsewhere (a log file, CI): the
+finished-trial lines and a status line every minute. Everything comes from the storage, so it
+shows the workers of every machine in the study.
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from typing import Any
+from collections import Counter
+from typing import TextIO
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from search.status import describe, summary_lines
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+_PLAIN_STATUS_EVERY = 60.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}h{rest // 60:02d}m" if hours else f"{rest // 60}m{rest % 60:02d}s"
+
+
+def worker_line(trial: FrozenTrial, max_epochs: int) -> str:
+    a = trial.user_attrs
+    dice = a.get("last_val_foreground_dice")
+    dice_text = f"{dice:.4f}" if isinstance(dice, float) and math.isfinite(dice) else "-"
+    who = f"{a.get('host', '?')}:{a.get('pid', '?')}"
+    base = " (baseline)" if a.get("baseline") else ""
+    return f"  worker {who:<22} trial {trial.number:<4} epoch {a.get('epoch', 0):>3}/{max_epochs:<4} val Dice {dice_text}{base}"
+
+
+def study_line(trials: list[FrozenTrial], n_trials: int, elapsed: float, best: float | None) -> str:
+    counts = Counter(t.state for t in trials)
+    finished = sum(counts[s] for s in _FINISHED)
+    text = (f"  study: {finished}/{n_trials} finished ({counts[TrialState.COMPLETE]} complete, "
+            f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed), "
+            f"best {'-' if best is None else f'{best:.4f}'}, elapsed {_duration(elapsed)}")
+    if finished:
+        left = max(0, n_trials - finished) * elapsed / finished
+        text += f", about {_duration(left)} left"
+    return text
 
 
 class Watcher:
     """Polls the storage (the only thing workers share) and reports what changed."""
 
-    def __init__(self, study: optuna.Study, n_trials: int, procs: list[Any], stream: Any = None) -> None:
-        self.study, self.n_trials, self.procs = study, n_trials, procs
+    def __init__(self, study: optuna.Study, n_trials: int, max_epochs: int, stream: TextIO | None = None,
+                 live: bool | None = None) -> None:
+        self.study, self.n_trials, self.max_epochs = study, n_trials, max_epochs
         self.stream = stream or sys.stdout
+        self.live = self.stream.isatty() if live is None else live
         self.started = time.time()
+        self._drawn = 0
+        self._last_plain = 0.0
         self._seen: dict[int, TrialState] = {
             t.number: t.state for t in study.get_trials(deepcopy=False) if t.state in _FINISHED}
 
+    def _best(self) -> float | None:
+        try:
+            return self.study.best_trial.values[0] if len(self.study.directions) == 1 else max(
+                t.values[0] for t in self.study.best_trials)
+        except ValueError:
+            return None
+
+    def _print(self, text: str) -> None:
+        print(text, file=self.stream, flush=True)
+
     def update(self, final: bool = False) -> None:
-        for trial in self.study.get_trials(deepcopy=False):
+        trials = self.study.get_trials(deepcopy=False)
+        elapsed = time.time() - self.started
+        finished = []
+        for trial in trials:
             if trial.state in _FINISHED and self._seen.get(trial.number) != trial.state:
                 self._seen[trial.number] = trial.state
-                print(f"[{time.time() - self.started:6.0f}s] {describe(trial)}", file=self.stream, flush=True)
+                finished.append(f"[{_duration(elapsed):>7}] {describe(trial)}")
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        block = [worker_line(t, self.max_epochs) for t in running]
+        block.append(study_line(trials, self.n_trials, elapsed, self._best()))
+        if self.live:
+            if self._drawn:
+                self.stream.write(f"\x1b[{self._drawn}F\x1b[J")  # back to the block's first line, clear
+            for line in finished:
+                self._print(line)
+            if not final:
+                for line in block:
+                    self._print(line)
+                self._drawn = len(block)
+            else:
+                self._drawn = 0
+        else:
+            for line in finished:
+                self._print(line)
+            if not final and time.time() - self._last_plain >= _PLAIN_STATUS_EVERY:
+                self._last_plain = time.time()
+                for line in block:
+                    self._print(line)
         if final:
             for line in summary_lines(self.study):
-                print(line, file=self.stream)
-            print(f"elapsed {time.time() - self.started:.0f}s", file=self.stream, flush=True)
+                self._print(line)
+            self._print(f"elapsed {_duration(elapsed)}")
+

@@ -110,8 +110,8 @@ def create_study(spec: StudySpec, url: str, out: Path) -> optuna.Study:
     base, size = open_dataset(spec, out)
     space = study_space(spec, size)
     storage = st.open_storage(url)
-    study = st.create_once(storage, spec.name, spec.directions, algorithms.make_sampler(spec),
-                           algorithms.make_pruner(spec))
+    study, created = st.create_once(storage, spec.name, spec.directions, algorithms.make_sampler(spec),
+                                    algorithms.make_pruner(spec))
     existing = study.user_attrs.get("flexunet_image_size")
     if existing is not None and existing != size:
         raise ConfigError(f"study {spec.name!r} searches {existing} px images; this run asks for {size} px")
@@ -119,7 +119,9 @@ def create_study(spec: StudySpec, url: str, out: Path) -> optuna.Study:
         for key, value in _study_attrs(spec, out, base, size).items():
             study.set_user_attr(key, value)
         study.set_metric_names(["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else []))
-    if spec.baseline and not any(t.user_attrs.get("baseline") for t in study.get_trials(deepcopy=False)):
+    if spec.baseline and created:
+        # Only the process that created the study enqueues: launchers started together on
+        # one new study would otherwise each add a baseline.
         study.enqueue_trial(sp.baseline_params(spec, space, size), user_attrs={"baseline": True})
     return study
 
@@ -138,10 +140,79 @@ def worker_env(index: int, workers: int, gpus: tuple[str, ...]) -> dict[str, str
     return env
 
 
+class _Workers:
+    """The local worker processes: started, restarted when killed, stopped on a signal."""
+
+    def __init__(self, command: list[str], out: Path, url: str, options: RunOptions) -> None:
+        self.command, self.url, self.options = command, url, options
+        self.logs = out / "logs"
+        self.logs.mkdir(exist_ok=True)
+        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.procs: list[subprocess.Popen | None] = [None] * options.workers
+        self.log_paths: list[Path] = [self.logs / f"worker-{os.uname().nodename}-{self.stamp}-{i}.log"
+                                      for i in range(options.workers)]
+        self.restarts = 0
+        self.stopping = False
+
+    def start(self, index: int) -> None:
+        env = worker_env(index, self.options.workers, self.options.gpus)
+        env[st.ENV_VAR] = self.url  # not on the command line, where `ps` would show a password
+        with self.log_paths[index].open("a", encoding="utf-8") as handle:
+            self.procs[index] = subprocess.Popen(self.command, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                                                 start_new_session=True)
+
+    def alive(self) -> bool:
+        return any(p is not None and p.poll() is None for p in self.procs)
+
+    def restart_killed(self, study: optuna.Study, n_trials: int, deadline: float | None) -> None:
+        """A worker killed by a signal (out of memory, an operator) is replaced while the study
+        still has budget; its trial is failed by the heartbeat and retried by a worker."""
+        from search.worker import budget_left
+
+        for i, p in enumerate(self.procs):
+            if p is None or p.poll() is None or p.returncode >= 0 or self.stopping:
+                continue
+            if self.restarts >= 3 * self.options.workers or (deadline and time.time() >= deadline):
+                continue
+            if not budget_left(study, n_trials):
+                continue
+            print(f"worker {p.pid} was killed ({signal.Signals(-p.returncode).name}); starting another",
+                  file=sys.stderr, flush=True)
+            self.restarts += 1
+            self.start(i)
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """SIGTERM every worker: each ends its trial as FAIL ("interrupted"), queues it again
+        to resume from its last epoch, and exits."""
+        self.stopping = True
+        for p in self.procs:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.time() + timeout
+        for p in self.procs:
+            if p is None:
+                continue
+            try:
+                p.wait(timeout=max(1.0, end - time.time()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def failures(self) -> list[tuple[subprocess.Popen, Path]]:
+        ok = (0, 130) if self.stopping else (0,)
+        return [(p, path) for p, path in zip(self.procs, self.log_paths)
+                if p is not None and p.returncode not in ok and p.returncode is not None and p.returncode > 0]
+
+
+def _on_signal(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
 def run(spec: StudySpec, options: RunOptions) -> int:
     """Run the study with ``options.workers`` local processes; returns the exit status."""
     if options.workers < 1:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out_dir(spec, options.out)
     out.mkdir(parents=True, exist_ok=True)
     url = st.resolve_url(options.storage, spec.storage, out)
@@ -150,49 +221,43 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     dashboard.write_study_note(study, st.mask(url))
     print(f"study {spec.name!r} on {st.mask(url)}; output in {out}", flush=True)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "search.worker", str(spec.path.absolute()), "--storage", url,
-               "--out", str(out), "--n-trials", str(spec.budget.n_trials),
-               "--max-epochs", str(spec.budget.max_epochs)]
+    command = [sys.executable, "-m", "search.worker", str(spec.path.absolute()), "--out", str(out),
+               "--n-trials", str(spec.budget.n_trials), "--max-epochs", str(spec.budget.max_epochs)]
     if spec.image_size:
         command += ["--image-size", str(spec.image_size)]
     if deadline:
         command += ["--deadline", str(deadline)]
-    procs = []
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    for i in range(options.workers):
-        log_path = logs / f"worker-{os.uname().nodename}-{stamp}-{i}.log"
-        handle = log_path.open("w", encoding="utf-8")
-        procs.append((subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT,
-                                       env=worker_env(i, options.workers, options.gpus),
-                                       start_new_session=True), log_path, handle))
-    watcher = progress.Watcher(study, spec.budget.n_trials, [p for p, _, _ in procs])
+    workers = _Workers(command, out, url, options)
+    previous = signal.signal(signal.SIGTERM, _on_signal)
+    watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs)
+    interrupted = False
     try:
-        while any(p.poll() is None for p, _, _ in procs):
+        for i in range(options.workers):
+            workers.start(i)
+        last_check = 0.0
+        while True:
             watcher.update()
+            if time.time() - last_check > 5.0:
+                # Any launcher (on any machine) fails trials whose worker stopped sending
+                # heartbeats, so a dead worker's trial is retried even while the others are busy.
+                optuna.storages.fail_stale_trials(study)
+                last_check = time.time()
+            workers.restart_killed(study, spec.budget.n_trials, deadline)
+            if not workers.alive():
+                break
             time.sleep(1.0)
     except KeyboardInterrupt:
-        _stop(procs)
-        raise
+        interrupted = True
+        print("interrupted: stopping the workers (their trials are queued to resume)", file=sys.stderr, flush=True)
+        workers.stop()
     finally:
-        for _, _, handle in procs:
-            handle.close()
+        signal.signal(signal.SIGTERM, previous)
     watcher.update(final=True)
     dashboard.write_study_note(study, st.mask(url))  # now with the baseline's final value
-    failed = [(p, path) for p, path, _ in procs if p.returncode != 0]
-    for p, path in failed:
+    for p, path in workers.failures():
         tail = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
         print(f"worker {p.pid} exited with status {p.returncode}: {tail[0]} (log: {path})", file=sys.stderr)
-    return 1 if failed else 0
-
-
-def _stop(procs: list) -> None:  # type: ignore[type-arg]
-    for p, _, _ in procs:
-        if p.poll() is None:
-            p.send_signal(signal.SIGINT)
-    for p, _, _ in procs:
-        try:
-            p.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            p.kill()
+    if interrupted:
+        print("run the same command again to resume the study", file=sys.stderr)
+        return 130
+    return 1 if workers.failures() else 0

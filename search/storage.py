@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
 
 from flexunet.errors import ConfigError
 
@@ -25,6 +26,7 @@ ENV_VAR = "FLEXUNET_STORAGE"
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a trial silent this long is failed (and retried) by the next worker
 MAX_RETRY = 3
+RECONNECT_SECONDS = 300.0  # how long a call waits for a lost database to come back
 
 
 def resolve_url(cli_value: str | None, study_value: str | None, out_dir: Path) -> str:
@@ -100,14 +102,79 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseSto
         kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}} if what != "sqlite" else {}
         if heartbeat:
             kwargs.update(
-                heartbeat_interval=HEARTBEAT_INTERVAL, grace_period=GRACE_PERIOD,
+                heartbeat_interval=_env_seconds("FLEXUNET_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
+                grace_period=_env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=MAX_RETRY, inherit_intermediate_values=True))
-        return optuna.storages.RDBStorage(url, **kwargs)
+        storage = optuna.storages.RDBStorage(url, **kwargs)
+        return storage if what == "sqlite" else RetryingStorage(storage, mask(url))
     except (ImportError, ValueError, TypeError) as exc:
         raise ConfigError(f"storage {mask(url)}: {_first_line(exc)}") from None
     except Exception as exc:  # sqlalchemy.exc.*, redis errors: the server is not reachable
         raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(exc)})") from None
+
+
+def _env_seconds(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    if not value.isdigit() or int(value) < 1:
+        raise ConfigError(f"${name}: expected a whole number of seconds >= 1, got {value!r}")
+    return int(value)
+
+
+class RetryingStorage(optuna.storages.BaseStorage, BaseHeartbeat):
+    """An RDB storage whose calls wait for a lost database connection to come back.
+
+    A study runs for days; a database restart or a network blip must not kill the trials in
+    flight, nor the heartbeat thread (if heartbeats stop, a live trial is declared stale and run
+    twice). Each call is retried with exponential backoff for up to ``RECONNECT_SECONDS``.
+    """
+
+    def __init__(self, inner: optuna.storages.RDBStorage, masked_url: str,
+                 max_wait: float = RECONNECT_SECONDS) -> None:
+        self._inner, self._masked_url, self._max_wait = inner, masked_url, max_wait
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._inner, name)
+
+    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        from sqlalchemy import exc as sa_exc
+
+        waited, delay, attempt = 0.0, 0.5, 0
+        while True:
+            try:
+                return getattr(self._inner, name)(*args, **kwargs)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                # A retried write whose first attempt did commit before the connection broke.
+                if attempt and name == "set_trial_state_values":
+                    return True
+                raise
+            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError) as exc:
+                if waited >= self._max_wait:
+                    raise
+                _logger.warning("storage %s unreachable (%s); retrying in %.1fs", self._masked_url,
+                                _first_line(exc), delay)
+                time.sleep(delay)
+                waited += delay
+                delay = min(delay * 2, 15.0)
+                attempt += 1
+
+
+def _retrying(name: str) -> Any:
+    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        return self._call(name, *args, **kwargs)
+
+    method.__name__ = name
+    return method
+
+
+for _name in sorted(optuna.storages.BaseStorage.__abstractmethods__ | BaseHeartbeat.__abstractmethods__
+                    | {"get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_n_trials",
+                       "get_best_trial", "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs",
+                       "check_trial_is_updatable", "get_trial_param"}):
+    setattr(RetryingStorage, _name, _retrying(_name))
+RetryingStorage.__abstractmethods__ = frozenset()
 
 
 def _first_line(exc: BaseException) -> str:
@@ -117,19 +184,25 @@ def _first_line(exc: BaseException) -> str:
 
 def create_once(storage: optuna.storages.BaseStorage, name: str, directions: list[str],
                 sampler: optuna.samplers.BaseSampler | None = None,
-                pruner: optuna.pruners.BasePruner | None = None, attempts: int = 8) -> optuna.Study:
-    """Create the study (or load it) before any worker runs.
+                pruner: optuna.pruners.BasePruner | None = None,
+                attempts: int = 8) -> tuple[optuna.Study, bool]:
+    """Create the study, or load it if it exists; returns (study, whether this call created it).
 
     Two processes that start together on a brand-new database race to create Optuna's tables
     and one of them fails; losing that race is retried after a short random wait.
     """
     for attempt in range(attempts):
         try:
-            study = optuna.create_study(storage=storage, study_name=name, directions=directions,
-                                        sampler=sampler, pruner=pruner, load_if_exists=True)
+            try:
+                study = optuna.create_study(storage=storage, study_name=name, directions=directions,
+                                            sampler=sampler, pruner=pruner)
+                created = True
+            except optuna.exceptions.DuplicatedStudyError:
+                study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
+                created = False
         except (ValueError, TypeError, ConfigError):
             raise
-        except Exception as exc:  # IntegrityError, ProgrammingError, OperationalError, DuplicatedStudyError
+        except Exception as exc:  # IntegrityError, ProgrammingError, OperationalError: the schema race
             if attempt == attempts - 1:
                 raise ConfigError(f"cannot create study {name!r}: {_first_line(exc)}") from None
             _logger.debug("creating study %s lost a race (%s); retrying", name, exc)
@@ -138,7 +211,7 @@ def create_once(storage: optuna.storages.BaseStorage, name: str, directions: lis
         if [d.name.lower() for d in study.directions] != directions:
             raise ConfigError(f"study {name!r} exists with directions "
                               f"{[d.name.lower() for d in study.directions]}, not {directions}")
-        return study
+        return study, created
     raise AssertionError("unreachable")
 
 

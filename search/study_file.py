@@ -22,7 +22,7 @@ SETTABLE: dict[str, str] = {
     "base_filters": "model", "base_kernels": "model", "num_layers": "model", "dropout_rate": "model",
     "dilation": "model", "normalization": "model", "activation": "model", "learning_rate": "model",
     "optimizer": "model", "weight_decay": "model", "loss": "model", "clipvalue": "model",
-    "batch_size": "train", "augmentation": "train", "augmentation_strength": "train",
+    "batch_size": "train", "steps_per_epoch": "train", "augmentation": "train", "augmentation_strength": "train",
     "patience": "train", "learning_rate_reducer": "train", "reducer_factor": "train",
     "reducer_patience": "train", "seed": "train",
 }

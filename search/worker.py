@@ -1,6 +1,7 @@
 """One worker process: load the study and run trials until the study's budget is spent.
 
-Started by ``flexunet search run`` (``python -m search.worker ...``), one per local worker.
+Started by ``flexunet search run`` (``python -m search.worker ...``), one per local worker; the
+storage URL comes in ``$FLEXUNET_STORAGE`` so that its password never shows in a process list.
 Workers share nothing but the storage (and the artifact folder): any number of them, on any
 number of machines, can join one study.
 """
@@ -10,16 +11,19 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
-EXIT_OK, EXIT_ERROR = 0, 2
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+_logger = logging.getLogger("search.worker")
 
 
-def budget_left(study, n_trials: int) -> bool:  # type: ignore[no-untyped-def]
+def budget_left(study: Any, n_trials: int) -> bool:
     """Whether another trial may start: fewer than ``n_trials`` used, or a trial waits (the
-    enqueued baseline, or a retry of a trial whose worker died)."""
+    enqueued baseline, or a retry of a trial whose worker died or was interrupted)."""
     from optuna.trial import TrialState
 
     trials = study.get_trials(deepcopy=False)
@@ -31,10 +35,35 @@ def budget_left(study, n_trials: int) -> bool:  # type: ignore[no-untyped-def]
     return waiting or used < n_trials
 
 
+def requeue(study: Any, number: int) -> None:
+    """Put a copy of trial ``number`` back in the queue (WAITING), keeping its parameters and
+    its pointer to the last epoch checkpoint, as Optuna's heartbeat retry does."""
+    import optuna
+    from optuna.trial import TrialState
+
+    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
+    if trial.state != TrialState.FAIL:
+        return
+    history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
+    study.add_trial(optuna.trial.create_trial(
+        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        user_attrs=trial.user_attrs, intermediate_values=trial.intermediate_values,
+        system_attrs={"failed_trial": trial.number, "retry_history": history}))
+
+
+def _raise_interrupted(signum: int, frame: Any) -> None:
+    from search.objective import Interrupted
+
+    # Ignore further signals: the first one already stops the trial; a second must not
+    # interrupt the bookkeeping that marks it FAIL and puts it back in the queue.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="search.worker")
     parser.add_argument("study_file")
-    parser.add_argument("--storage", required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--n-trials", type=int)
     parser.add_argument("--timeout", type=float)
@@ -44,17 +73,23 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s",
                         stream=sys.stdout)
+    signal.signal(signal.SIGTERM, _raise_interrupted)
+    signal.signal(signal.SIGINT, _raise_interrupted)
 
     from flexunet._tf import quiet_import
     from flexunet.errors import FlexUNetError
+    from search.objective import Interrupted
 
-    quiet_import()
-    _limit_threads()
     try:
+        quiet_import()
+        _limit_threads()
         return _run(args)
     except FlexUNetError as exc:
         print(f"flexunet: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
+    except Interrupted as exc:
+        _logger.info("interrupted by %s; exiting", exc)
+        return EXIT_INTERRUPTED
 
 
 def _limit_threads() -> None:
@@ -70,26 +105,38 @@ def _limit_threads() -> None:
 def _run(args: argparse.Namespace) -> int:
     import optuna
 
+    from flexunet.errors import ConfigError
     from search import algorithms, study_file
     from search import storage as st
-    from search.objective import Objective, TrialFailure
+    from search.objective import Interrupted, Objective, TrialFailure
     from search.run import open_dataset, study_space
 
+    url = os.environ.get(st.ENV_VAR)
+    if not url:
+        raise ConfigError(f"the worker needs ${st.ENV_VAR}")
     spec = study_file.load(args.study_file).with_overrides(
         n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
     out = Path(args.out)
     base, image_size = open_dataset(spec, out)
     space = study_space(spec, image_size)
-    storage = st.open_storage(args.storage)
+    storage = st.open_storage(st.normalize(url))
     study = st.load_study(storage, spec.name, algorithms.make_sampler(spec), algorithms.make_pruner(spec))
     artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(out)))
     objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    while budget_left(study, spec.budget.n_trials):
-        if args.deadline and time.time() >= args.deadline:
-            logging.info("timeout reached; no new trial")
-            break
-        study.optimize(objective, n_trials=1, catch=(TrialFailure,))
+    try:
+        while budget_left(study, spec.budget.n_trials):
+            if args.deadline and time.time() >= args.deadline:
+                _logger.info("timeout reached; no new trial")
+                break
+            objective.current = None
+            study.optimize(objective, n_trials=1, catch=(TrialFailure,))
+    except Interrupted:
+        if objective.current is not None:
+            requeue(study, objective.current.number)
+            _logger.info("trial %d interrupted; queued again to resume from its last epoch",
+                         objective.current.number)
+        raise
     return EXIT_OK
 
 

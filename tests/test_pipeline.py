@@ -137,3 +137,30 @@ def test_seed_config_trains(tmp_path: Path, prepared64: Path) -> None:
     result = fit(config.model, config.train, train, valid, epochs=1, verbose=0)
     assert result.epochs_run == 1 and np.isfinite(result.history["loss"][0])
     assert result.model.count_params() == 126_809_218
+
+
+def test_training_resumes_from_its_last_epoch(tiny_config: Path, tmp_path: Path) -> None:
+    """What a retried search trial relies on: the state saved after each epoch lets a new
+    process carry on at the next epoch, with the log and early-stopping state intact."""
+    from flexunet.train import TrainOutputs
+
+    set_keys(tiny_config, epochs="4", epoch_change_infer="False")
+    config = cfg.load(tiny_config)
+    train, valid = load_split(config, "train"), load_split(config, "valid")
+    work = tmp_path / "checkpoints"
+    work.mkdir()
+    outputs = TrainOutputs(model_path=work / "best_model.keras", log_csv=work / "log.csv")
+    saved = []
+    first = fit(config.model, config.train, train, valid, outputs=outputs, epochs=2, verbose=0,
+                checkpoint_dir=work, on_checkpoint=lambda folder, epoch: saved.append(epoch))
+    assert saved == [0, 1] and (work / "last.keras").exists() and (work / "state.json").exists()
+    lr_before = first.history["learning_rate"][-1]
+    keras.backend.clear_session()
+    resumed = fit(config.model, config.train, train, valid, outputs=outputs, verbose=0, checkpoint_dir=work,
+                  resume=True)
+    assert resumed.epochs_run == 4 and saved == [0, 1]
+    assert resumed.history["loss"][:2] == first.history["loss"]
+    assert resumed.history["learning_rate"][2] == pytest.approx(lr_before)
+    with (work / "log.csv").open() as handle:
+        assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1", "2", "3"]
+    assert 1 <= resumed.best_epoch <= 4

@@ -150,23 +150,29 @@ class Batches(keras.utils.PyDataset):
     epoch from a seed, so two runs with one seed see the same batches."""
 
     def __init__(self, data: SliceSet, num_classes: int, batch_size: int, *, shuffle: bool = False,
-                 augment_strength: float = 0.0, seed: int = 0) -> None:
+                 augment_strength: float = 0.0, seed: int = 0, steps: int | None = None) -> None:
         super().__init__(workers=1, use_multiprocessing=False)
         if data.masks is None:
             raise ValueError("Batches needs masks")
         self.data, self.num_classes, self.batch_size = data, num_classes, batch_size
         self.shuffle, self.strength, self.seed = shuffle, augment_strength, seed
+        # Without a step count an epoch is one pass (the last batch may be short); with one, the
+        # set is reshuffled as often as the steps need.
+        self.fixed_steps = steps
+        self.steps = steps or math.ceil(len(data) / batch_size)
         self.epoch = 0
         self._order = self._new_order()
 
     def _new_order(self) -> np.ndarray:
         n = len(self.data)
         if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+            return np.resize(np.arange(n), self.steps * self.batch_size) if self.fixed_steps else np.arange(n)
+        rng = np.random.default_rng([self.seed, self.epoch])
+        passes = math.ceil(self.steps * self.batch_size / n)
+        return np.concatenate([rng.permutation(n) for _ in range(passes)])
 
     def __len__(self) -> int:
-        return math.ceil(len(self.data) / self.batch_size)
+        return self.steps
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         chosen = self._order[index * self.batch_size:(index + 1) * self.batch_size]
