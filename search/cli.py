@@ -1,4 +1,4 @@
-"""``flexunet search ...``: run, status, export (and dashboard, report), registered into the
+"""``flexunet search ...``: run, status, export, dashboard and report, registered into the
 ``flexunet`` command through the ``flexunet.commands`` entry point."""
 
 from __future__ import annotations
@@ -7,8 +7,14 @@ import argparse
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from flexunet.errors import FlexUNetError
+
+if TYPE_CHECKING:  # imported where used: the command starts without loading them
+    import optuna
+
+    from flexunet.config import Config
 
 
 @dataclass(frozen=True)
@@ -69,13 +75,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _study_files(args: argparse.Namespace, target: _Target, study: optuna.Study) -> tuple[Config, Path]:
+    """The study's dataset config (loaded) and artifact folder: from --data and --artifacts, the
+    study file's folder, or what the study recorded."""
     from flexunet import config as cfg
-    from flexunet._tf import quiet_import
-    from search import storage as st
 
-    target = _target(args)
-    storage, study = _open(target)
+    attrs = study.user_attrs
     if args.data:
         data_config = Path(args.data)
     elif target.spec is not None:
@@ -83,12 +88,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
         data_config = dataset_config_path(target.spec, target.out)
     else:
-        data_config = Path(study.user_attrs.get("flexunet_dataset_config", ""))
+        data_config = Path(attrs.get("flexunet_dataset_config", ""))
     artifacts = Path(args.artifacts) if args.artifacts else (
-        target.out / "artifacts" if target.out else Path(study.user_attrs.get("flexunet_artifact_dir", "")))
+        target.out / "artifacts" if target.out else Path(attrs.get("flexunet_artifact_dir", "")))
     if not data_config.is_file():
         raise FlexUNetError(f"{data_config}: the study's dataset config is not on this machine (pass --data)")
-    base = cfg.load(data_config)
+    return cfg.load(data_config), artifacts
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from flexunet._tf import quiet_import
+    from search import storage as st
+
+    target = _target(args)
+    storage, study = _open(target)
+    base, artifacts = _study_files(args, target, study)
     quiet_import()
     from flexunet.evaluate import format_table
     from search.export import export
@@ -147,6 +161,27 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from flexunet._tf import quiet_import
+    from search import storage as st
+
+    if args.slices < 1:
+        raise FlexUNetError(f"--slices {args.slices}: need at least 1")
+    target = _target(args)
+    storage, study = _open(target)
+    base, artifacts = _study_files(args, target, study)
+    quiet_import()
+    from search.report import REPORT_FILE, write_report
+
+    result = write_report(study, storage, Path(args.out), base=base, artifacts=artifacts,
+                          public_storage=st.public(target.url), slices=args.slices, force=args.force)
+    against = f" against the baseline (trial {result.baseline.number})" if result.baseline else ""
+    print(f"report of study {study.study_name!r}: best trial {result.best.number}{against}")
+    print(f"open {result.out / REPORT_FILE}")
+    print("files: " + ", ".join(result.files))
+    return 0
+
+
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study_file", nargs="?", metavar="STUDY.toml", help="the study file")
     parser.add_argument("--study", help="study name (default: the study file's)")
@@ -192,3 +227,13 @@ def register(commands: argparse._SubParsersAction) -> None:
                            help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
     dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free)")
     dashboard.set_defaults(func=_cmd_dashboard)
+
+    report = sub.add_parser("report", help="one self-contained HTML page of figures: the study, and the best "
+                                           "trial against the baseline on test slices")
+    _study_arguments(report)
+    report.add_argument("--out", required=True, help="the folder to create")
+    report.add_argument("--slices", type=int, default=4, help="test slices to draw (default 4)")
+    report.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    report.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
+    report.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
+    report.set_defaults(func=_cmd_report)

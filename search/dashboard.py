@@ -108,7 +108,7 @@ def _fmt(value: Any) -> str:
 
 def _dataset_section(dataset: dict[str, Any]) -> list[str]:
     lines = ["### Dataset", ""]
-    what = f"prepared from {dataset['prepared']}" if dataset.get("prepared") else "from a prepared config"
+    what = f"Prepared from {dataset['prepared']}" if dataset.get("prepared") else "From a dataset config"
     lines.append(f"{what}; {_fmt(dataset.get('classes', '?'))} classes, {_fmt(dataset.get('channels', '?'))} "
                  "channel(s).")
     split, slices = dataset.get("split"), (dataset.get("slices") or {}).get("all", {})
