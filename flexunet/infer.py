@@ -12,6 +12,7 @@ from flexunet.data import io as imio
 from flexunet.data.dataset import load_images
 from flexunet.evaluate import predict_classes
 from flexunet.outputs import staged_dir
+from flexunet.plots import vivid
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ def infer_folder(network: Any, images_dir: Path, out_dir: Path, model: ModelConf
     files = imio.image_files(images_dir, IMAGE_SUFFIXES)
     classes = predict_classes(network, data, batch_size)
     foreground = 0
+    overlay_palette = vivid(palette)
     with staged_dir(out_dir, replace=True) as stage:
         for kind in ("masks", "colorized", "overlays"):
             (stage / kind).mkdir()
@@ -46,6 +48,6 @@ def infer_folder(network: Any, images_dir: Path, out_dir: Path, model: ModelConf
             original = imio.read_image(files[name], model.image_channels, image.color_order)
             imio.write_png(stage / "masks" / f"{name}.png", labels)
             imio.write_png(stage / "colorized" / f"{name}.png", imio.classes_to_colors(labels, palette))
-            imio.write_png(stage / "overlays" / f"{name}.png", imio.overlay(original, labels, palette))
+            imio.write_png(stage / "overlays" / f"{name}.png", imio.overlay(original, labels, overlay_palette))
     return InferResult(len(data), out_dir, foreground)
 

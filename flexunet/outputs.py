@@ -35,19 +35,26 @@ def staged_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
             raise FlexUNetError(f"{final}: folder exists and is not empty; {hint}")
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(stage, 0o777 & ~umask)  # mkdtemp makes 0700 folders; the output is for everyone
     try:
         (stage / MARKER).write_text("written by flexunet; safe to replace\n", encoding="utf-8")
         yield stage
     except BaseException:
         shutil.rmtree(stage, ignore_errors=True)
         raise
-    if final.exists():
-        old = final.with_name(f".{final.name}.old-{os.getpid()}")
-        os.replace(final, old)
-        os.replace(stage, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(stage, final)
+    try:
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(stage, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(stage, final)
+    except OSError as exc:  # another process created ``final`` meanwhile
+        shutil.rmtree(stage, ignore_errors=True)
+        raise FlexUNetError(f"{final}: could not be put in place ({exc.strerror})") from None
 
 
 def write_text_atomic(path: Path, text: str) -> None:

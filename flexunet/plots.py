@@ -51,6 +51,20 @@ def learning_curves(history: Mapping[str, Sequence[float]], path: Path, title: s
     plt.close(fig)
 
 
+_VIVID: tuple[Color, ...] = ((255, 40, 40), (40, 220, 40), (40, 140, 255), (255, 210, 0), (220, 0, 220),
+                             (0, 220, 220))
+
+
+def vivid(palette: Sequence[Color]) -> list[Color]:
+    """The mask colours for overlays on a scan: a gray or white class (a binary mask's 255)
+    becomes a vivid colour, because gray blended onto a CT slice vanishes."""
+    out = list(palette)
+    for c in range(1, len(out)):
+        if max(out[c]) - min(out[c]) < 40:
+            out[c] = _VIVID[(c - 1) % len(_VIVID)]
+    return out
+
+
 def _label(picture: np.ndarray, text: str) -> np.ndarray:
     picture = picture.copy()
     scale = max(0.3, picture.shape[1] / 400)
@@ -62,6 +76,7 @@ def _label(picture: np.ndarray, text: str) -> np.ndarray:
 def comparison_strip(images: np.ndarray, columns: Sequence[tuple[str, np.ndarray]], palette: list[Color],
                      names: Sequence[str] | None = None, min_side: int = 128) -> np.ndarray:
     """One row per image: the input, then each labelled class map as an overlay."""
+    palette = vivid(palette)
     rows = []
     for i in range(len(images)):
         image = images[i]

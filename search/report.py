@@ -43,7 +43,6 @@ _logger = logging.getLogger(__name__)
 REPORT_FILE = "report.html"
 LOG_FILE = "train_log.csv"  # the learning-curve log each trial uploads (search.objective)
 DICE = "validation foreground Dice"
-_VIVID = ((255, 40, 40), (40, 220, 40), (40, 140, 255), (255, 210, 0), (220, 0, 220), (0, 220, 220))
 
 
 @dataclass
@@ -326,7 +325,7 @@ def _overlays(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _TestRu
     chosen = pick_slices(data.masks, slices)
     columns = [("ground truth", data.masks[chosen])]
     columns += [(f"{role} (trial {t.number})", test[t.number].predictions[chosen]) for role, t in ready]  # type: ignore[index]
-    strip = plots.comparison_strip(data.images[chosen], columns, display_palette(base),
+    strip = plots.comparison_strip(data.images[chosen], columns, base.mask.palette(max(2, base.model.num_classes)),
                                    [data.names[i] for i in chosen], min_side=256)
     import cv2
 
@@ -337,16 +336,6 @@ def _overlays(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _TestRu
     return title + (f"<p>The same {len(chosen)} test slices (patients never seen in training or validation), "
                     f"left to right: {_e(legend)}.</p>\n" + note
                     + page.figure("test_overlays.png", encoded.tobytes(), f"test slices: {legend}"))
-
-
-def display_palette(base: cfg.Config) -> list[tuple[int, int, int]]:
-    """The mask colours, except that a gray or white class (a binary mask's 255) becomes a vivid
-    colour: blended onto a CT slice, gray vanishes."""
-    palette = list(base.mask.palette(max(2, base.model.num_classes)))
-    for c in range(1, len(palette)):
-        if max(palette[c]) - min(palette[c]) < 40:
-            palette[c] = _VIVID[(c - 1) % len(_VIVID)]
-    return palette
 
 
 def pick_slices(masks: np.ndarray, count: int) -> list[int]:

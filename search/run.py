@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -153,6 +154,7 @@ class _Workers:
                                       for i in range(options.workers)]
         self.restarts = 0
         self.stopping = False
+        self._reaped: set[int] = set()
 
     def start(self, index: int) -> None:
         env = worker_env(index, self.options.workers, self.options.gpus)
@@ -165,20 +167,25 @@ class _Workers:
         return any(p is not None and p.poll() is None for p in self.procs)
 
     def restart_killed(self, study: optuna.Study, n_trials: int, deadline: float | None) -> None:
-        """A worker killed by a signal (out of memory, an operator) is replaced while the study
-        still has budget; its trial is failed by the heartbeat and retried by a worker."""
+        """A worker killed by a signal (the kernel's OOM killer, a crash, an operator) has its
+        trial failed with the reason and queued again, and is replaced while the study still
+        has budget."""
         from search.worker import budget_left
 
         for i, p in enumerate(self.procs):
-            if p is None or p.poll() is None or p.returncode >= 0 or self.stopping:
+            if p is None or p.poll() is None or p.returncode >= 0 or self.stopping or i in self._reaped:
                 continue
+            self._reaped.add(i)
+            name = signal.Signals(-p.returncode).name
+            for trial in _running_trials_of(study, p.pid):
+                _fail_and_requeue(study, trial, f"worker died ({name}; out of memory?)")
             if self.restarts >= 3 * self.options.workers or (deadline and time.time() >= deadline):
                 continue
             if not budget_left(study, n_trials):
                 continue
-            print(f"worker {p.pid} was killed ({signal.Signals(-p.returncode).name}); starting another",
-                  file=sys.stderr, flush=True)
+            print(f"worker {p.pid} died ({name}); starting another", file=sys.stderr, flush=True)
             self.restarts += 1
+            self._reaped.discard(i)
             self.start(i)
 
     def stop(self, timeout: float = 120.0) -> None:
@@ -202,6 +209,27 @@ class _Workers:
         ok = (0, 130) if self.stopping else (0,)
         return [(p, path) for p, path in zip(self.procs, self.log_paths)
                 if p is not None and p.returncode not in ok and p.returncode is not None and p.returncode > 0]
+
+
+def _running_trials_of(study: optuna.Study, pid: int) -> list[optuna.trial.FrozenTrial]:
+    host = socket.gethostname()
+    return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+            if t.user_attrs.get("pid") == pid and t.user_attrs.get("host") == host]
+
+
+def _fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+    """Fail a trial whose process is gone (without waiting for its heartbeat to go stale) and
+    queue it again, at most ``storage.MAX_RETRY`` times, to resume from its last epoch."""
+    from search.worker import requeue
+
+    storage = study._storage
+    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+    try:
+        storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return  # its heartbeat already went stale and another process failed it
+    if len(trial.system_attrs.get("retry_history", [])) < st.MAX_RETRY:
+        requeue(study, trial.number)
 
 
 def _on_signal(signum: int, frame: object) -> None:

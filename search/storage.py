@@ -106,12 +106,28 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseSto
                 grace_period=_env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
                 heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
                     max_retry=MAX_RETRY, inherit_intermediate_values=True))
-        storage = optuna.storages.RDBStorage(url, **kwargs)
+        storage = _create_rdb(url, kwargs)
         return storage if what == "sqlite" else RetryingStorage(storage, mask(url))
     except (ImportError, ValueError, TypeError) as exc:
         raise ConfigError(f"storage {mask(url)}: {_first_line(exc)}") from None
     except Exception as exc:  # sqlalchemy.exc.*, redis errors: the server is not reachable
         raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(exc)})") from None
+
+
+def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> optuna.storages.RDBStorage:
+    """RDBStorage creates Optuna's tables on first use; processes that start together on a new
+    database race to do so and the losers fail (a duplicate key, a table that already exists).
+    Losing that race is retried after a short random wait."""
+    from sqlalchemy import exc as sa_exc
+
+    for attempt in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, **kwargs)
+        except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError):
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.2 + random.random() * (attempt + 1))
+    raise AssertionError("unreachable")
 
 
 def _env_seconds(name: str, default: int) -> int:

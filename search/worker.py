@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import signal
+import socket
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,8 @@ def _run(args: argparse.Namespace) -> int:
     artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(out)))
     objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _logger.info("worker pid %d on %s joined study %r (%s)", os.getpid(), socket.gethostname(), spec.name,
+                 st.mask(url))
     try:
         while budget_left(study, spec.budget.n_trials):
             if args.deadline and time.time() >= args.deadline:

@@ -79,3 +79,103 @@ def tiny_config(prepared64: Path, tmp_path: Path) -> Path:
     config = work / "train_eval_infer.config"
     set_keys(config, base_filters="8", epochs="2", batch_size="8")
     return config
+
+
+# --- database services: mandatory in CI (FLEXUNET_REQUIRE_SERVICES=1), optional on a laptop ---
+
+REQUIRE_SERVICES = os.environ.get("FLEXUNET_REQUIRE_SERVICES") == "1"
+POSTGRES_URL = os.environ.get("FLEXUNET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+MYSQL_URL = os.environ.get("FLEXUNET_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
+REDIS_URL = os.environ.get("FLEXUNET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def _unavailable(what: str, exc: BaseException) -> None:
+    message = f"{what} is not reachable ({type(exc).__name__}: {exc})"
+    if REQUIRE_SERVICES:
+        pytest.fail(message + "; FLEXUNET_REQUIRE_SERVICES=1 makes it mandatory")
+    pytest.skip(message)
+
+
+def _fresh_database(url: str, create: str, drop: str):  # type: ignore[no-untyped-def]
+    """A new, empty database on the server ``url`` points to; dropped afterwards."""
+    import uuid
+
+    import sqlalchemy
+
+    name = f"flexunet_{uuid.uuid4().hex[:12]}"
+    server = sqlalchemy.engine.make_url(url)
+    admin_db = "postgres" if server.get_backend_name() == "postgresql" else None
+    try:
+        engine = sqlalchemy.create_engine(server.set(database=admin_db), isolation_level="AUTOCOMMIT")
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(create.format(name=name)))
+    except Exception as exc:  # connection refused, auth, driver missing
+        _unavailable(server.get_backend_name(), exc)
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(drop.format(name=name)))
+        engine.dispose()
+
+
+@pytest.fixture
+def postgres_url():  # type: ignore[no-untyped-def]
+    yield from _fresh_database(POSTGRES_URL, "CREATE DATABASE {name}", "DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+
+
+@pytest.fixture
+def mysql_url():  # type: ignore[no-untyped-def]
+    yield from _fresh_database(MYSQL_URL, "CREATE DATABASE {name}", "DROP DATABASE IF EXISTS {name}")
+
+
+@pytest.fixture
+def redis_url():  # type: ignore[no-untyped-def]
+    """A Redis database of its own (index 7, emptied before and after)."""
+    import redis
+
+    url = REDIS_URL.rsplit("/", 1)[0] + "/7" if REDIS_URL.count("/") >= 3 else REDIS_URL + "/7"
+    try:
+        client = redis.Redis.from_url(url)
+        client.flushdb()
+    except Exception as exc:
+        _unavailable("redis", exc)
+    yield url
+    client.flushdb()
+
+
+def tiny_study(path: Path, name: str, *, n_trials: int = 6, max_epochs: int = 1, baseline: bool = True,
+               pruner: str = 'name = "NopPruner"', fixed: str = "", space: str = "") -> Path:
+    """A study file that trains in seconds: 32 px, two batches per epoch."""
+    path.write_text(f"""
+[study]
+name = "{name}"
+image_size = 32
+baseline = {str(baseline).lower()}
+[dataset]
+prepare = {{ dataset = "ct-ich", source = "{SAMPLE}", size = 32 }}
+[fixed]
+steps_per_epoch = 2
+patience = 0
+{fixed}
+[budget]
+n_trials = {n_trials}
+max_epochs = {max_epochs}
+[sampler]
+name = "RandomSampler"
+seed = 0
+[pruner]
+{pruner}
+[space]
+base_filters = {{ type = "int", low = 4, high = 8, step = 4 }}
+num_layers = {{ type = "int", low = 2, high = 3 }}
+{space}
+""", encoding="utf-8")
+    return path
+
+
+def start_cli(*args: str | Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``flexunet ARGS`` in the background, output to ``log``."""
+    handle = log.open("w", encoding="utf-8")
+    return subprocess.Popen([sys.executable, "-m", "flexunet.cli", *map(str, args)], stdout=handle,
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})

@@ -1,0 +1,53 @@
+"""One study, two launchers of two workers each, started at once on a new database: what many
+machines sharing one database look like, with real processes and real servers."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import start_cli, tiny_study
+
+pytestmark = [pytest.mark.slow, pytest.mark.db]
+
+
+def _two_launchers(tmp_path: Path, url: str) -> optuna.Study:
+    study_file = tiny_study(tmp_path / "study.toml", "distributed", n_trials=8)
+    launchers = [start_cli("search", "run", study_file, "--storage", url, "--workers", "2",
+                           "--out", tmp_path / f"machine-{i}", log=tmp_path / f"launcher-{i}.log")
+                 for i in range(2)]
+    for i, launcher in enumerate(launchers):
+        assert launcher.wait(timeout=900) == 0, (tmp_path / f"launcher-{i}.log").read_text()
+    from search import storage as st
+
+    study = optuna.load_study(study_name="distributed", storage=st.open_storage(st.normalize(url), heartbeat=False))
+    trials = study.get_trials()
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    assert sorted(t.number for t in trials) == list(range(len(trials)))  # unique, no gaps
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 8 and len(trials) <= 8 + 3  # four workers may each start one last trial
+    assert sum(1 for t in trials if t.user_attrs.get("baseline")) == 1
+    # Every machine's workers ran trials, and each trial names its host and process.
+    trial_pids = {t.user_attrs["pid"] for t in trials}
+    assert all(t.user_attrs.get("host") for t in trials)
+    for i in range(2):
+        logs = "".join(p.read_text() for p in (tmp_path / f"machine-{i}" / "logs").glob("*.log"))
+        pids = {int(m) for m in re.findall(r"worker pid (\d+) on", logs)}
+        assert len(pids) == 2 and pids & trial_pids, (i, pids, trial_pids)
+    return study
+
+
+def test_postgresql(tmp_path: Path, postgres_url: str) -> None:
+    _two_launchers(tmp_path, postgres_url)
+
+
+def test_mariadb(tmp_path: Path, mysql_url: str) -> None:
+    _two_launchers(tmp_path, mysql_url)
+
+
+def test_journal_on_redis(tmp_path: Path, redis_url: str) -> None:
+    _two_launchers(tmp_path, redis_url)
