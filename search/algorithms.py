@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import optuna
@@ -10,8 +11,12 @@ from flexunet.errors import ConfigError
 from search.study_file import StudySpec
 
 
-def make_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: StudySpec, worker: str = "") -> optuna.samplers.BaseSampler:
+    """The study's sampler. ``worker`` names this worker process: every worker but the first
+    gets its own seed, or all of them would draw the same "random" trials."""
     kwargs: dict[str, Any] = dict(spec.sampler.kwargs)
+    if worker and isinstance(kwargs.get("seed"), int):
+        kwargs["seed"] = (kwargs["seed"] + zlib.crc32(worker.encode())) % 2**31
     if spec.sampler.name == "TPESampler" and any(p.when for p in spec.space):
         # Conditional parameters make the space dynamic; grouping keeps TPE multivariate.
         kwargs.setdefault("multivariate", True)

@@ -137,6 +137,8 @@ def worker_env(index: int, workers: int, gpus: tuple[str, ...]) -> dict[str, str
         share = max(1, (os.cpu_count() or 1) // workers)
         env["FLEXUNET_THREADS"] = str(share)
         env["OMP_NUM_THREADS"] = str(share)
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+        env.setdefault(sp.MEMORY_ENV, f"{0.8 * memory / workers:.2f}")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     return env
 
@@ -155,10 +157,13 @@ class _Workers:
         self.restarts = 0
         self.stopping = False
         self._reaped: set[int] = set()
+        self.started = [0] * options.workers  # launches per slot, to give each its own seed
 
     def start(self, index: int) -> None:
         env = worker_env(index, self.options.workers, self.options.gpus)
         env[st.ENV_VAR] = self.url  # not on the command line, where `ps` would show a password
+        env["FLEXUNET_WORKER_SLOT"] = f"{index}.{self.started[index]}"
+        self.started[index] += 1
         with self.log_paths[index].open("a", encoding="utf-8") as handle:
             self.procs[index] = subprocess.Popen(self.command, stdout=handle, stderr=subprocess.STDOUT, env=env,
                                                  start_new_session=True)
@@ -176,9 +181,15 @@ class _Workers:
             if p is None or p.poll() is None or p.returncode >= 0 or self.stopping or i in self._reaped:
                 continue
             self._reaped.add(i)
-            name = signal.Signals(-p.returncode).name
+            sig = signal.Signals(-p.returncode)
+            crashed = sig in (signal.SIGSEGV, signal.SIGBUS, signal.SIGABRT)
+            name = sig.name
             for trial in _running_trials_of(study, p.pid):
-                _fail_and_requeue(study, trial, f"worker died ({name}; out of memory?)")
+                # TensorFlow on a CPU crashes when memory runs out; running that trial again
+                # would crash again. A killed worker's trial (operator, OOM killer) is retried.
+                reason = (f"worker crashed ({name}), most likely out of memory" if crashed
+                          else f"worker killed ({name})")
+                _fail_and_requeue(study, trial, reason, retry=not crashed)
             if self.restarts >= 3 * self.options.workers or (deadline and time.time() >= deadline):
                 continue
             if not budget_left(study, n_trials):
@@ -217,7 +228,7 @@ def _running_trials_of(study: optuna.Study, pid: int) -> list[optuna.trial.Froze
             if t.user_attrs.get("pid") == pid and t.user_attrs.get("host") == host]
 
 
-def _fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str) -> None:
+def _fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, retry: bool = True) -> None:
     """Fail a trial whose process is gone (without waiting for its heartbeat to go stale) and
     queue it again, at most ``storage.MAX_RETRY`` times, to resume from its last epoch."""
     from search.worker import requeue
@@ -228,7 +239,7 @@ def _fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reas
         storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         return  # its heartbeat already went stale and another process failed it
-    if len(trial.system_attrs.get("retry_history", [])) < st.MAX_RETRY:
+    if retry and len(trial.system_attrs.get("retry_history", [])) < st.MAX_RETRY:
         requeue(study, trial.number)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,7 +129,23 @@ def infeasible(config: cfg.Config, budget: Budget, *, baseline: bool = False) ->
         return f"{cost.params:,} parameters exceed the budget of {budget.max_params:,}"
     if not baseline and budget.max_gflops and cost.flops / 1e9 > budget.max_gflops:
         return f"{cost.flops / 1e9:.2f} GFLOPs per image exceed the budget of {budget.max_gflops}"
-    memory = cost.train_bytes(config.train.batch_size) / 2**30
-    if budget.max_memory_gb and memory > budget.max_memory_gb:
-        return f"about {memory:.2f} GiB of training memory exceed the budget of {budget.max_memory_gb} GiB"
+    memory = cost.train_bytes(config.train.batch_size) / 2**30 + _PROCESS_GB
+    limit, what = (budget.max_memory_gb, "the study's budget") if budget.max_memory_gb else (
+        _worker_share_gb(), "this worker's share of the machine's memory")
+    if limit and memory > limit:
+        return f"about {memory:.2f} GiB of training memory exceed {what} ({limit:.2f} GiB)"
     return None
+
+
+_PROCESS_GB = 0.7  # a worker's own footprint (TensorFlow, the data) before any model
+MEMORY_ENV = "FLEXUNET_MEMORY_GB"
+
+
+def _worker_share_gb() -> float | None:
+    """Without a memory budget, a CPU worker may use its share of the machine's memory (set by
+    the launcher): TensorFlow on a CPU does not raise on exhaustion, it crashes."""
+    value = os.environ.get(MEMORY_ENV)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None

@@ -108,6 +108,8 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseSto
                     max_retry=MAX_RETRY, inherit_intermediate_values=True))
         storage = _create_rdb(url, kwargs)
         return storage if what == "sqlite" else RetryingStorage(storage, mask(url))
+    except ConfigError:  # already names what is wrong (journal: without a path)
+        raise
     except (ImportError, ValueError, TypeError) as exc:
         raise ConfigError(f"storage {mask(url)}: {_first_line(exc)}") from None
     except Exception as exc:  # sqlalchemy.exc.*, redis errors: the server is not reachable
@@ -166,8 +168,13 @@ class RetryingStorage(optuna.storages.BaseStorage, BaseHeartbeat):
                 if attempt and name == "set_trial_state_values":
                     return True
                 raise
-            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError) as exc:
-                if waited >= self._max_wait:
+            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
+                    optuna.exceptions.StorageInternalError) as exc:
+                # Optuna wraps SQLAlchemy's errors in StorageInternalError; only a lost
+                # connection is worth waiting for, not a bad write.
+                cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
+                lost = isinstance(cause, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError)
+                if not lost or waited >= self._max_wait:
                     raise
                 _logger.warning("storage %s unreachable (%s); retrying in %.1fs", self._masked_url,
                                 _first_line(exc), delay)

@@ -121,7 +121,12 @@ def _run(args: argparse.Namespace) -> int:
     base, image_size = open_dataset(spec, out)
     space = study_space(spec, image_size)
     storage = st.open_storage(st.normalize(url))
-    study = st.load_study(storage, spec.name, algorithms.make_sampler(spec), algorithms.make_pruner(spec))
+    slot = os.environ.get("FLEXUNET_WORKER_SLOT", "")
+    # The first worker of a run keeps the study file's seed (a one-worker run repeats exactly);
+    # any other draws from its own stream.
+    worker_name = "" if slot in ("", "0.0") else f"{socket.gethostname()}:{slot}:{os.getpid()}"
+    study = st.load_study(storage, spec.name, algorithms.make_sampler(spec, worker_name),
+                          algorithms.make_pruner(spec))
     artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(out)))
     objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)

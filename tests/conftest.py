@@ -145,7 +145,8 @@ def redis_url():  # type: ignore[no-untyped-def]
 
 
 def tiny_study(path: Path, name: str, *, n_trials: int = 6, max_epochs: int = 1, baseline: bool = True,
-               pruner: str = 'name = "NopPruner"', fixed: str = "", space: str = "") -> Path:
+               pruner: str = 'name = "NopPruner"', fixed: str = "", space: str = "",
+               steps_per_epoch: int = 2) -> Path:
     """A study file that trains in seconds: 32 px, two batches per epoch."""
     path.write_text(f"""
 [study]
@@ -155,7 +156,7 @@ baseline = {str(baseline).lower()}
 [dataset]
 prepare = {{ dataset = "ct-ich", source = "{SAMPLE}", size = 32 }}
 [fixed]
-steps_per_epoch = 2
+steps_per_epoch = {steps_per_epoch}
 patience = 0
 {fixed}
 [budget]

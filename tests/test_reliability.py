@@ -1,0 +1,262 @@
+"""Nothing is lost when workers die, databases restart or runs are interrupted: real processes,
+real signals, real servers."""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.trial import FrozenTrial, TrialState
+
+from conftest import REQUIRE_SERVICES, start_cli, tiny_study
+
+pytestmark = pytest.mark.slow
+FAST_HEARTBEAT = {"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "4"}
+# Long enough trials to be caught mid-way: six epochs of four batches.
+SLOW_TRIALS = dict(max_epochs=6, baseline=False, steps_per_epoch=4)
+
+
+def _study(url: str, name: str) -> optuna.Study:
+    from search import storage as st
+
+    return optuna.load_study(study_name=name, storage=st.open_storage(url, heartbeat=False))
+
+
+def _wait_for(condition: Callable[[], FrozenTrial | None], timeout: float, what: str,
+              launcher: subprocess.Popen | None = None, log: Path | None = None) -> FrozenTrial:
+    end = time.time() + timeout
+    while time.time() < end:
+        found = condition()
+        if found is not None:
+            return found
+        if launcher is not None and launcher.poll() is not None:
+            raise AssertionError(f"the run ended before {what}: {log.read_text() if log else ''}")
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}: {log.read_text() if log else ''}")
+
+
+def _running_at_epoch(url: str, name: str, epoch: int) -> Callable[[], FrozenTrial | None]:
+    def check() -> FrozenTrial | None:
+        try:
+            trials = _study(url, name).get_trials(states=(TrialState.RUNNING,))
+        except (KeyError, optuna.exceptions.StorageInternalError):
+            return None
+        return next((t for t in trials if t.user_attrs.get("resume_epoch", 0) >= epoch), None)
+
+    return check
+
+
+def _check_complete(study: optuna.Study, n_trials: int) -> list[FrozenTrial]:
+    trials = study.get_trials()
+    assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == n_trials, [(t.number, t.state.name) for t in trials]
+    return trials
+
+
+def _retry_of(trials: list[FrozenTrial], number: int) -> FrozenTrial:
+    return next(t for t in trials if t.system_attrs.get("failed_trial") == number)
+
+
+@pytest.mark.db
+def test_a_killed_worker_is_caught_by_the_heartbeat_and_its_trial_resumes(tmp_path: Path,
+                                                                          postgres_url: str) -> None:
+    """A worker on "another machine" (no launcher watching it) is SIGKILLed mid-trial: its
+    heartbeat stops, the trial is failed within the grace period, and a worker elsewhere
+    retries it from its last epoch checkpoint."""
+    study_file = tiny_study(tmp_path / "study.toml", "killed", n_trials=3, **SLOW_TRIALS)
+    log = tmp_path / "launcher.log"
+    launcher = start_cli("search", "run", study_file, "--storage", postgres_url, "--workers", "1",
+                         "--out", tmp_path / "here", log=log, env=FAST_HEARTBEAT)
+    check = _running_at_epoch(postgres_url, "killed", 1)
+    _wait_for(lambda: _study(postgres_url, "killed") if _study_exists(postgres_url, "killed") else None, 120,
+              "the study", launcher, log)
+    # The lone worker of the other machine: the prepared data is shared through the study folder.
+    elsewhere = subprocess.Popen(
+        [sys.executable, "-m", "search.worker", str(study_file), "--out", str(tmp_path / "here")],
+        env={**os.environ, **FAST_HEARTBEAT, "FLEXUNET_STORAGE": postgres_url, "FLEXUNET_THREADS": "1"},
+        stdout=(tmp_path / "elsewhere.log").open("w"), stderr=subprocess.STDOUT)
+    victim = _wait_for(lambda: (lambda t: t if t and t.user_attrs.get("pid") == elsewhere.pid else None)(check()),
+                       300, "the other machine's trial to pass epoch 1", launcher, log)
+    elsewhere.send_signal(signal.SIGKILL)
+    elsewhere.wait()
+    killed_at = time.time()
+    failed = _wait_for(lambda: next((t for t in _study(postgres_url, "killed").get_trials(states=(TrialState.FAIL,))
+                                     if t.number == victim.number), None), 60, "the heartbeat to fail the trial")
+    assert time.time() - killed_at < 4 + 5 + 10  # grace period, the launcher's 5 s check, slack
+    assert launcher.wait(timeout=600) == 0, log.read_text()
+    trials = _check_complete(_study(postgres_url, "killed"), 3)
+    retry = _retry_of(trials, failed.number)
+    assert retry.state == TrialState.COMPLETE and retry.params == failed.params
+    assert retry.user_attrs["resumed_from_epoch"] >= 1  # not from scratch
+    assert retry.user_attrs["epochs_run"] == 6
+
+
+def _study_exists(url: str, name: str) -> bool:
+    from search import storage as st
+
+    try:
+        return name in [s.study_name for s in optuna.get_all_study_summaries(st.open_storage(url, heartbeat=False))]
+    except Exception:
+        return False
+
+
+@pytest.mark.db
+def test_a_worker_killed_under_the_launcher_is_replaced_and_its_trial_resumes(tmp_path: Path,
+                                                                             postgres_url: str) -> None:
+    study_file = tiny_study(tmp_path / "study.toml", "reaped", n_trials=3, **SLOW_TRIALS)
+    log = tmp_path / "launcher.log"
+    launcher = start_cli("search", "run", study_file, "--storage", postgres_url, "--workers", "2",
+                         "--out", tmp_path / "run", log=log, env=FAST_HEARTBEAT)
+    victim = _wait_for(_running_at_epoch(postgres_url, "reaped", 1), 300, "a trial past epoch 1", launcher, log)
+    os.kill(victim.user_attrs["pid"], signal.SIGKILL)
+    assert launcher.wait(timeout=600) == 0, log.read_text()
+    assert "died (SIGKILL); starting another" in log.read_text()
+    trials = _check_complete(_study(postgres_url, "reaped"), 3)
+    killed = next(t for t in trials if t.number == victim.number)
+    assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "worker killed (SIGKILL)"
+    retry = _retry_of(trials, killed.number)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
+
+
+@pytest.fixture
+def throwaway_postgres() -> Iterator[tuple[str, Callable[[], None]]]:
+    """A PostgreSQL server of the test's own (initdb + pg_ctl, another port) and a function that
+    restarts it."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins or shutil.which("runuser") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        pytest.skip("PostgreSQL server binaries are not installed")
+    bin_dir = bins[-1]
+    root = Path(tempfile.mkdtemp(prefix="flexunet-pg-", dir="/tmp"))
+    data = root / "data"
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    port = 55000 + os.getpid() % 1000
+
+    def pg_ctl(*args: str) -> None:
+        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", *args],
+                       check=True, capture_output=True)
+
+    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    options = f"-o -p {port} -k {root} -c listen_addresses=127.0.0.1"
+    pg_ctl("-l", str(root / "server.log"), options, "start")
+
+    def restart() -> None:
+        pg_ctl("-m", "fast", "stop")
+        time.sleep(3)  # the database is really gone for a while
+        pg_ctl("-l", str(root / "server.log"), options, "start")
+
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", restart
+    finally:
+        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_a_database_restart_is_survived(tmp_path: Path, throwaway_postgres) -> None:  # type: ignore[no-untyped-def]
+    url, restart = throwaway_postgres
+    study_file = tiny_study(tmp_path / "study.toml", "restart", n_trials=3, **SLOW_TRIALS)
+    log = tmp_path / "launcher.log"
+    launcher = start_cli("search", "run", study_file, "--storage", url, "--workers", "2", "--out", tmp_path / "run",
+                         log=log)
+    _wait_for(_running_at_epoch(url, "restart", 1), 300, "a trial past epoch 1", launcher, log)
+    restart()
+    assert launcher.wait(timeout=600) == 0, log.read_text()
+    worker_logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.log"))
+    assert "unreachable" in worker_logs + log.read_text()  # they noticed, waited, and went on
+    trials = _check_complete(_study(url, "restart"), 3)
+    assert not [t for t in trials if t.state == TrialState.FAIL]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_run_fails_its_trials_and_resumes(tmp_path: Path, signum: int) -> None:
+    study_file = tiny_study(tmp_path / "study.toml", "interrupted", n_trials=2, **SLOW_TRIALS)
+    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    log = tmp_path / "first.log"
+    launcher = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
+    victim = _wait_for(_running_at_epoch(url, "interrupted", 2), 300, "a trial past epoch 2", launcher, log)
+    pids = {t.user_attrs["pid"] for t in _study(url, "interrupted").get_trials(states=(TrialState.RUNNING,))}
+    launcher.send_signal(signum)
+    assert launcher.wait(timeout=120) == 130, log.read_text()
+    assert "run the same command again to resume" in log.read_text()
+    for pid in pids:  # the workers are gone, not orphaned
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    trials = _study(url, "interrupted").get_trials()
+    stopped = next(t for t in trials if t.number == victim.number)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
+    assert _retry_of(trials, victim.number).state == TrialState.WAITING
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+    log = tmp_path / "second.log"
+    again = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
+    assert again.wait(timeout=600) == 0, log.read_text()
+    trials = _check_complete(_study(url, "interrupted"), 2)
+    retry = _retry_of(trials, victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 2
+
+
+def test_a_non_finite_loss_fails_the_trial_and_the_worker_goes_on(tmp_path: Path) -> None:
+    # Decoupled weight decay of lr * wd = 10 multiplies every weight by -9 at each step: the
+    # loss overflows to inf within a few dozen batches, every time. The other choice is sane.
+    study_file = tiny_study(tmp_path / "study.toml", "nan", n_trials=4, baseline=False,
+                            steps_per_epoch=30, fixed='optimizer = "AdamW"\nweight_decay = 1.0',
+                            space='learning_rate = { type = "categorical", choices = [10.0, 0.001] }')
+    log = tmp_path / "run.log"
+    run = start_cli("search", "run", study_file, "--out", tmp_path / "run", log=log)
+    assert run.wait(timeout=600) == 0, log.read_text()
+    trials = _study(f"sqlite:///{tmp_path / 'run' / 'study.db'}", "nan").get_trials()
+    failed = [t for t in trials if t.state == TrialState.FAIL]
+    assert failed and all("non-finite loss" in t.user_attrs["fail_reason"] for t in failed)
+    assert all(t.params["learning_rate"] == 10.0 for t in failed)
+    later = [t for t in trials if t.state == TrialState.COMPLETE and t.number > failed[0].number]
+    assert later and later[0].user_attrs["pid"] == failed[0].user_attrs["pid"]  # the same worker went on
+
+
+def test_out_of_memory_fails_the_trial_and_the_worker_slot_goes_on(tmp_path: Path) -> None:
+    """On a CPU, TensorFlow does not raise when memory runs out: the process crashes. The
+    launcher fails the trial with that reason (without retrying it: it would crash again) and
+    starts a new worker, which runs the remaining trials. The memory budget is lifted here so
+    that the huge trial is not rejected before training, as it would be by default."""
+    study_file = tiny_study(tmp_path / "study.toml", "oom", n_trials=2, baseline=False, steps_per_epoch=1,
+                            fixed="base_filters = 512",
+                            space='batch_size = { type = "categorical", choices = [4096, 2] }')
+    text = study_file.read_text().replace('base_filters = { type = "int", low = 4, high = 8, step = 4 }\n', "")
+    study_file.write_text(text.replace("[budget]", "[budget]\nmax_memory_gb = 1000"))
+    # The huge trial first, then a sane one: queued trials run in order, whatever the sampler.
+    from search import run as runner
+    from search import study_file as sf
+
+    spec = sf.load(study_file)
+    runner.ensure_dataset(spec, tmp_path / "run")
+    study = runner.create_study(spec, f"sqlite:///{tmp_path / 'run' / 'study.db'}", tmp_path / "run")
+    study.enqueue_trial({"batch_size": 4096, "num_layers": 3})
+    study.enqueue_trial({"batch_size": 2, "num_layers": 2})
+    log = tmp_path / "run.log"
+    limit = 8 * 2**30
+
+    run = subprocess.Popen([sys.executable, "-m", "flexunet.cli", "search", "run", str(study_file), "--out",
+                            str(tmp_path / "run")], stdout=log.open("w"), stderr=subprocess.STDOUT,
+                           preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_AS, (limit, limit)))
+    assert run.wait(timeout=600) == 0, log.read_text()
+    trials = _study(f"sqlite:///{tmp_path / 'run' / 'study.db'}", "oom").get_trials()
+    crashed = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in crashed] == [0] and crashed[0].params["batch_size"] == 4096
+    assert crashed[0].user_attrs["fail_reason"] == "worker crashed (SIGSEGV), most likely out of memory"
+    assert "died (SIGSEGV); starting another" in log.read_text()
+    assert [(t.number, t.state) for t in trials] == [(0, TrialState.FAIL), (1, TrialState.COMPLETE)]
