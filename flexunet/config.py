@@ -217,7 +217,10 @@ def _float(lo: float | None = None, hi: float | None = None, *, open_lo: bool = 
             return None
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {_describe(value)}")
-        value = float(value)
+        try:
+            value = float(value)
+        except OverflowError:  # an integer beyond any float: refused below as infinite
+            value = float("inf") if value > 0 else float("-inf")
         bad = value != value or value in (float("inf"), float("-inf"))
         if lo is not None:
             bad = bad or value < lo or (open_lo and value == lo)
@@ -260,6 +263,10 @@ def _path(value: Any, where: str) -> Path:
         raise ConfigError(f"{where}: expected a folder path, got {_describe(value)}")
     if "\x00" in value:
         raise ConfigError(f"{where}: the path holds a NUL character")
+    try:
+        os.fsencode(value)
+    except UnicodeEncodeError:  # a lone surrogate written as an escape, e.g. "\ud800"
+        raise ConfigError(f"{where}: {_describe(value)} is not a file name this system can use") from None
     return Path(str(value))
 
 
@@ -325,7 +332,7 @@ def _pattern(value: Any, where: str) -> str:
     text = _str()(value, where)
     try:
         compiled = re.compile(text)
-    except re.error as exc:
+    except (re.error, OverflowError, RecursionError) as exc:  # a{99999999999}, (((...))) nested too deep
         raise ConfigError(f"{where}: not a regular expression ({exc})") from None
     if "patient" not in compiled.groupindex:
         raise ConfigError(f"{where}: the pattern needs a named group (?P<patient>...)")
@@ -430,6 +437,9 @@ def load(path: str | os.PathLike[str]) -> Config:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if "\x00" in text:
+        # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL in every other byte.
+        raise ConfigError(f"{path}: not UTF-8 text (it holds NUL characters; UTF-16?)")
     return loads(text, source=str(path), base_dir=path.resolve().parent, path=path)
 
 

@@ -113,7 +113,7 @@ def load(path: str | Path) -> StudySpec:
     """Read and check a study file."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark, as Windows editors write
     except FileNotFoundError:
         raise ConfigError(f"{path}: study file not found") from None
     except IsADirectoryError:
@@ -122,13 +122,16 @@ def load(path: str | Path) -> StudySpec:
         raise ConfigError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if "\x00" in text:
+        # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL in every other byte.
+        raise ConfigError(f"{path}: not UTF-8 text (it holds NUL characters; UTF-16?)")
     return loads(text, path)
 
 
 def loads(text: str, path: Path) -> StudySpec:
     try:
         data = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer of more than 4300 digits
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     except RecursionError:
         raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
@@ -218,8 +221,17 @@ def _positive_int(value: Any, where: str) -> int:
     return value
 
 
+def _finite(value: int | float) -> bool:
+    """A number a float can hold: not NaN or infinite, and (TOML integers have no size limit)
+    not an integer too large to convert."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _positive_number(value: Any, where: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not _finite(value) or value <= 0:
         raise ConfigError(f"{where}: expected a positive number, got {value!r}")
     return float(value)
 
@@ -301,7 +313,7 @@ def _space(table: Mapping[str, Any], where: _Where) -> tuple[ParamSpec, ...]:
         bounds = []
         for key in ("low", "high"):
             value = entry.get(key)
-            if isinstance(value, bool) or not isinstance(value, number) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, number) or not _finite(value):
                 raise ConfigError(f"{pw.key(key)}: expected {'an integer' if kind == 'int' else 'a number'}, "
                                   f"got {value!r}")
             bounds.append(value)
@@ -315,7 +327,7 @@ def _space(table: Mapping[str, Any], where: _Where) -> tuple[ParamSpec, ...]:
             raise ConfigError(f"{pw.key('low')}: a log scale needs low > 0")
         step = entry.get("step")
         if step is not None:
-            if isinstance(step, bool) or not isinstance(step, number) or not math.isfinite(step) or step <= 0:
+            if isinstance(step, bool) or not isinstance(step, number) or not _finite(step) or step <= 0:
                 raise ConfigError(f"{pw.key('step')}: expected a positive {'integer' if kind == 'int' else 'number'}")
             if log:
                 raise ConfigError(f"{pw.key('step')}: cannot be combined with log = true")

@@ -110,23 +110,43 @@ def _to_display(slice_2d: np.ndarray) -> np.ndarray:
 # --- the three source forms ------------------------------------------------------------------
 
 
-def _read_diagnosis(path: Path) -> dict[tuple[str, str], bool]:
-    """(patient, slice) -> has hemorrhage, from ``hemorrhage_diagnosis.csv``."""
+def _is_number(text: str) -> bool:
+    # str.isdigit() also accepts superscripts and other digits that int() refuses.
+    return text.isascii() and text.isdigit()
+
+
+def _read_csv(path: Path, columns: tuple[str, ...], missing: str = "") -> list[tuple[int, dict[str, str | None]]]:
+    """(line number, row) of a UTF-8 CSV file that has ``columns``; whatever is wrong with the
+    file (absent, a folder, another encoding, not CSV) is a DataError naming it."""
     try:
         text = path.read_text(encoding="utf-8-sig")
     except FileNotFoundError:
-        raise DataError(f"{path}: not found (the JPG release needs it: it lists every slice)") from None
+        raise DataError(f"{path}: not found{missing}") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a folder, not a CSV file") from None
     except UnicodeDecodeError:
         raise DataError(f"{path}: not UTF-8 text") from None
     except OSError as exc:
         raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    if "\x00" in text:
+        # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL in every other byte.
+        raise DataError(f"{path}: not UTF-8 text (it holds NUL characters; UTF-16?)")
     reader = csv.DictReader(io.StringIO(text))
+    try:
+        absent = [c for c in columns if c not in (reader.fieldnames or [])]
+        if absent:
+            raise DataError(f"{path}: missing column {absent[0]!r}")
+        return [(reader.line_num, row) for row in reader]
+    except csv.Error as exc:  # e.g. a field over csv.field_size_limit()
+        # line_num counts the lines read whole; the faulty one is the next.
+        raise DataError(f"{path}: line {reader.line_num + 1}: not valid CSV ({exc})") from None
+
+
+def _read_diagnosis(path: Path) -> dict[tuple[str, str], bool]:
+    """(patient, slice) -> has hemorrhage, from ``hemorrhage_diagnosis.csv``."""
     needed = ("PatientNumber", "SliceNumber", "No_Hemorrhage")
-    missing = [c for c in needed if c not in (reader.fieldnames or [])]
-    if missing:
-        raise DataError(f"{path}: missing column {missing[0]!r}")
     rows: dict[tuple[str, str], bool] = {}
-    for line, row in enumerate(reader, start=2):
+    for line, row in _read_csv(path, needed, " (the JPG release needs it: it lists every slice)"):
         try:
             patient, number, healthy = (int(str(row[c]).strip()) for c in needed)
         except (TypeError, ValueError):
@@ -147,10 +167,13 @@ def _jpg_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
     listed = _read_diagnosis(src / DIAGNOSIS_CSV)
     listed_patients = {p for p, _ in listed}
     folders = {d.name: d for d in root.iterdir() if d.is_dir()}
-    by_int = {}
-    for name, folder in folders.items():
-        if name.isdigit():
-            by_int[f"{int(name):03d}"] = folder
+    by_int: dict[str, Path] = {}
+    for name, folder in sorted(folders.items()):
+        if _is_number(name):
+            key = f"{int(name):03d}"
+            if key in by_int:
+                raise DataError(f"{root}: two folders for patient {key}: {by_int[key].name} and {name}")
+            by_int[key] = folder
     report.patients_not_on_disk = len(listed_patients - set(by_int))
     refs: list[_SliceRef] = []
     for patient in sorted(set(by_int) & listed_patients):
@@ -161,11 +184,14 @@ def _jpg_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
         on_disk: dict[str, Path] = {}
         masks: dict[str, Path] = {}
         for path in sorted(brain.iterdir()):
-            m = re.fullmatch(r"(\d+)(_HGE_Seg)?\.jpe?g", path.name, flags=re.IGNORECASE)
+            m = re.fullmatch(r"([0-9]+)(_HGE_Seg)?\.jpe?g", path.name, flags=re.IGNORECASE)
             if not m:
                 continue
             number = str(int(m.group(1)))
-            (masks if m.group(2) else on_disk)[number] = path
+            found = masks if m.group(2) else on_disk
+            if number in found:  # 7.jpg and 07.jpg (or 7.jpeg): which one is slice 7?
+                raise DataError(f"{brain}: two files for slice {number}: {found[number].name} and {path.name}")
+            found[number] = path
         for number in sorted(masks, key=int):
             if number not in on_disk:
                 report.masks_without_image.append(str(masks[number]))
@@ -205,21 +231,16 @@ def _jpg_loader(image_path: Path, mask_path: Path | None) -> Callable[[], tuple[
 def _hu_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
     root = (src / "hu_slices").resolve()
     manifest = root / "manifest.csv"
-    try:
-        text = manifest.read_text(encoding="utf-8-sig")
-    except UnicodeDecodeError:
-        raise DataError(f"{manifest}: not UTF-8 text") from None
-    reader = csv.DictReader(io.StringIO(text))
-    for column in ("patient_id", "slice_nifti", "ct", "mask"):
-        if column not in (reader.fieldnames or []):
-            raise DataError(f"{manifest}: missing column {column!r}")
     refs = []
-    for line, row in enumerate(reader, start=2):
+    for line, row in _read_csv(manifest, ("patient_id", "slice_nifti", "ct", "mask")):
         patient, number = str(row["patient_id"]).strip(), str(row["slice_nifti"]).strip()
-        if not patient.isdigit() or not number.isdigit():
+        if not _is_number(patient) or not _is_number(number):
             raise DataError(f"{manifest}: line {line}: patient_id and slice_nifti must be integers")
         ct = _inside(root, row["ct"], manifest, line)
         mask = _inside(root, row["mask"], manifest, line)
+        for path in (ct, mask):
+            if path.is_dir():
+                raise DataError(f"{manifest}: line {line}: {path} is a folder, not a file")
         if not ct.is_file():
             report.listed_missing += 1
             continue
@@ -233,8 +254,13 @@ def _hu_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
 
 def _inside(root: Path, relative: str | None, manifest: Path, line: int) -> Path:
     text = str(relative or "").strip()
-    path = (root / text).resolve()
-    if not text or not path.is_relative_to(root):
+    if not text or "\x00" in text:
+        raise DataError(f"{manifest}: line {line}: {text!r} is not a file path")
+    try:
+        path = (root / text).resolve()
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop
+        raise DataError(f"{manifest}: line {line}: cannot resolve {text!r} ({exc})") from None
+    if not path.is_relative_to(root):
         raise DataError(f"{manifest}: line {line}: path {text!r} leaves {root.name}/")
     return path
 
@@ -242,11 +268,19 @@ def _inside(root: Path, relative: str | None, manifest: Path, line: int) -> Path
 def _hu_loader(ct: Path, mask: Path) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     def load() -> tuple[np.ndarray, np.ndarray]:
         try:
-            hu = np.load(ct, allow_pickle=False)
+            # Memory-mapped: a header that claims a huge shape fails here instead of allocating it.
+            loaded = np.load(ct, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as exc:
             raise DataError(f"{ct}: not a readable .npy array ({exc})") from None
-        if hu.ndim != 2 or not np.issubdtype(hu.dtype, np.number):
-            raise DataError(f"{ct}: expected a 2-D array of Hounsfield units, got {hu.dtype} {hu.shape}")
+        if not isinstance(loaded, np.ndarray):  # np.load opens a .npz archive whatever its name
+            loaded.close()
+            raise DataError(f"{ct}: an .npz archive, not a .npy array")
+        if loaded.ndim != 2 or 0 in loaded.shape or loaded.dtype.kind not in "iuf":
+            raise DataError(f"{ct}: expected a 2-D array of Hounsfield units, got {loaded.dtype} {loaded.shape}")
+        hu = np.array(loaded)
+        del loaded  # closes the memory map
+        if not np.isfinite(hu).all():
+            raise DataError(f"{ct}: holds NaN or infinite values")
         labels = imio.read_mask(mask, cfg.BINARY_RGB_MAP, 2)
         if labels.shape != hu.shape:
             raise DataError(f"{mask}: mask is {labels.shape} but its slice {ct.name} is {hu.shape}")
@@ -286,8 +320,11 @@ def _nifti_files(folder: Path) -> dict[str, Path]:
         name = path.name
         suffix = next((s for s in _NIFTI_SUFFIXES if name.lower().endswith(s)), None)
         stem = name[: -len(suffix)] if suffix else ""
-        if suffix and stem.isdigit():
-            found[f"{int(stem):03d}"] = path
+        if suffix and _is_number(stem):
+            key = f"{int(stem):03d}"
+            if key in found:  # 7.nii and 7.nii.gz (or 007.nii): which one is patient 7?
+                raise DataError(f"{folder}: two volumes for patient {key}: {found[key].name} and {name}")
+            found[key] = path
     return found
 
 
@@ -303,7 +340,7 @@ def _read_volume(nib, path: Path) -> np.ndarray:
         data = np.asanyarray(nib.load(path).dataobj)
     except Exception as exc:  # corrupt header, truncated data, wrong type
         raise DataError(f"{path}: not a readable NIfTI file ({exc})") from None
-    if data.ndim != 3:
+    if data.ndim != 3 or 0 in data.shape:
         raise DataError(f"{path}: expected a 3-D volume, got shape {data.shape}")
     if not np.isfinite(data).all():
         raise DataError(f"{path}: holds NaN or infinite values")

@@ -35,7 +35,11 @@ def _decode(path: Path, flags: int) -> np.ndarray:
     if path.suffix.lower() in _JPEG_SUFFIXES and b"\xff\xd9" not in data[-4096:]:
         # libjpeg decodes a truncated file with a warning and grey rows; refuse it instead.
         raise DataError(f"{path}: corrupt or truncated JPEG (no end-of-image marker)")
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), flags)
+    except cv2.error as exc:  # OpenCV refuses some headers outright (e.g. a decompression bomb)
+        check = getattr(exc, "err", "") or "unknown check"
+        raise DataError(f"{path}: not a readable image (OpenCV refused it: {check})") from None
     if array is None or array.size == 0:
         raise DataError(f"{path}: not a readable image (corrupt or unsupported format)")
     if max(array.shape[:2]) > _MAX_SIDE:
