@@ -35,7 +35,7 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, seconds: float) -> 
     import optuna
 
     from search import storage as st
-    from search.worker import budget_left
+    from search.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = st.load_study(st.open_storage(url), name)
@@ -48,8 +48,7 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, seconds: float) -> 
             trial.report(x * epoch, step=epoch)
         return x * x
 
-    while budget_left(study, n_trials):
-        study.optimize(objective, n_trials=1)
+    run_trials(study, objective, n_trials)
 
 
 def main() -> int:
@@ -70,6 +69,7 @@ def main() -> int:
     import optuna
     from optuna.trial import TrialState
 
+    from search import recovery
     from search import storage as st
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -89,11 +89,14 @@ def main() -> int:
     procs = [start() for _ in range(workers)]
     kills = 0
     next_kill = time.time() + rng.expovariate(1 / args.kill_every)
+    last_recovery = 0.0
     while any(p.is_alive() for p in procs):
         time.sleep(0.1)
         # Our own heartbeat check, as every launcher does: a killed worker's trial is failed
         # (and retried) even while the other workers are busy.
-        optuna.storages.fail_stale_trials(study)
+        if time.time() - last_recovery >= 1.0:
+            recovery.recover(study)
+            last_recovery = time.time()
         if time.time() >= next_kill:
             alive = [i for i, p in enumerate(procs) if p.is_alive()]
             if alive:
@@ -110,6 +113,8 @@ def main() -> int:
     duplicates = sum(n - 1 for n in numbers.values() if n > 1)
     retried_from = {t.system_attrs.get("failed_trial") for t in trials} - {None}
     retries = sum(1 for t in trials if "failed_trial" in t.system_attrs)
+    copies = Counter(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs)
+    double_retries = sum(n - 1 for n in copies.values() if n > 1)
     completed = sum(1 for t in trials if t.state == TrialState.COMPLETE)
     stuck = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
     dead_ends = sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried_from)
@@ -118,7 +123,11 @@ def main() -> int:
     print(f"storage {st.mask(url)}, study {name}: {workers} workers, {n_trials} trials of {epochs} x {seconds}s epochs")
     print(f"elapsed {elapsed:.1f}s, workers killed {kills}, trials in storage {len(trials)}")
     print(f"completed {completed}, retried {retries}, failed attempts {sum(1 for t in trials if t.state == TrialState.FAIL)}, "
-          f"lost {lost}, duplicate numbers {duplicates}")
+          f"lost {lost}, duplicate numbers {duplicates}, trials retried twice (extra work, nothing lost) {double_retries}")
+    for t in trials:
+        if (t.state == TrialState.FAIL and t.number not in retried_from) or t.state in (
+                TrialState.RUNNING, TrialState.WAITING):
+            print(f"  lost: trial {t.number} {t.state.name} {dict(t.system_attrs)}")
     optuna.delete_study(study_name=name, storage=storage)
     print(f"soak: lost={lost} duplicates={duplicates}")
     return 0 if lost == 0 and duplicates == 0 else 1

@@ -19,7 +19,7 @@ import optuna
 from flexunet import config as cfg
 from flexunet.data import ct_ich
 from flexunet.errors import ConfigError, FlexUNetError
-from search import algorithms, dashboard, progress, space as sp
+from search import algorithms, dashboard, progress, recovery, space as sp
 from search import storage as st
 from search.study_file import ParamSpec, StudySpec
 
@@ -84,7 +84,12 @@ def study_space(spec: StudySpec, image_size: int) -> tuple[ParamSpec, ...]:
 
 def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dict[str, object]:
     split_file = dataset_config_path(spec, out).parent / "split.json"
-    split = json.loads(split_file.read_text(encoding="utf-8")) if split_file.exists() else None
+    try:
+        split = json.loads(split_file.read_text(encoding="utf-8")) if split_file.exists() else None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{split_file}: not a readable split file ({exc})") from None
+    if split is not None and not isinstance(split, dict):
+        raise ConfigError(f"{split_file}: not a split file written by flexunet prepare")
     return {
         "flexunet_image_size": size,
         "flexunet_dataset_config": str(dataset_config_path(spec, out).absolute()),
@@ -106,11 +111,12 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dic
     }
 
 
-def create_study(spec: StudySpec, url: str, out: Path) -> optuna.Study:
+def create_study(spec: StudySpec, url: str, out: Path,
+                 storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     """Create (or join) the study, record what it searches, and enqueue the seed baseline."""
     base, size = open_dataset(spec, out)
     space = study_space(spec, size)
-    storage = st.open_storage(url)
+    storage = storage or st.open_storage(url)
     study, created = st.create_once(storage, spec.name, spec.directions, algorithms.make_sampler(spec),
                                     algorithms.make_pruner(spec))
     existing = study.user_attrs.get("flexunet_image_size")
@@ -189,7 +195,7 @@ class _Workers:
                 # would crash again. A killed worker's trial (operator, OOM killer) is retried.
                 reason = (f"worker crashed ({name}), most likely out of memory" if crashed
                           else f"worker killed ({name})")
-                _fail_and_requeue(study, trial, reason, retry=not crashed)
+                recovery.fail(study, trial, reason, retry=not crashed)
             if self.restarts >= 3 * self.options.workers or (deadline and time.time() >= deadline):
                 continue
             if not budget_left(study, n_trials):
@@ -228,21 +234,6 @@ def _running_trials_of(study: optuna.Study, pid: int) -> list[optuna.trial.Froze
             if t.user_attrs.get("pid") == pid and t.user_attrs.get("host") == host]
 
 
-def _fail_and_requeue(study: optuna.Study, trial: optuna.trial.FrozenTrial, reason: str, retry: bool = True) -> None:
-    """Fail a trial whose process is gone (without waiting for its heartbeat to go stale) and
-    queue it again, at most ``storage.MAX_RETRY`` times, to resume from its last epoch."""
-    from search.worker import requeue
-
-    storage = study._storage
-    storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-    try:
-        storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.FAIL)
-    except optuna.exceptions.UpdateFinishedTrialError:
-        return  # its heartbeat already went stale and another process failed it
-    if retry and len(trial.system_attrs.get("retry_history", [])) < st.MAX_RETRY:
-        requeue(study, trial.number)
-
-
 def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -253,10 +244,12 @@ def run(spec: StudySpec, options: RunOptions) -> int:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out_dir(spec, options.out)
-    out.mkdir(parents=True, exist_ok=True)
     url = st.resolve_url(options.storage, spec.storage, out)
+    # The storage is opened first: a wrong URL must not leave a study folder behind.
+    storage = st.open_storage(url)
+    out.mkdir(parents=True, exist_ok=True)
     ensure_dataset(spec, out)
-    study = create_study(spec, url, out)
+    study = create_study(spec, url, out, storage)
     dashboard.write_study_note(study, st.mask(url))
     print(f"study {spec.name!r} on {st.mask(url)}; output in {out}", flush=True)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
@@ -279,7 +272,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
             if time.time() - last_check > 5.0:
                 # Any launcher (on any machine) fails trials whose worker stopped sending
                 # heartbeats, so a dead worker's trial is retried even while the others are busy.
-                optuna.storages.fail_stale_trials(study)
+                recovery.recover(study)
                 last_check = time.time()
             workers.restart_killed(study, spec.budget.n_trials, deadline)
             if not workers.alive():

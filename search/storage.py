@@ -13,6 +13,7 @@ import os
 import random
 import re
 import time
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +21,12 @@ import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 
 from flexunet.errors import ConfigError
+from search import recovery
 
 _logger = logging.getLogger(__name__)
 ENV_VAR = "FLEXUNET_STORAGE"
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a trial silent this long is failed (and retried) by the next worker
-MAX_RETRY = 3
 RECONNECT_SECONDS = 300.0  # how long a call waits for a lost database to come back
 
 
@@ -104,10 +105,8 @@ def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseSto
             kwargs.update(
                 heartbeat_interval=_env_seconds("FLEXUNET_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
                 grace_period=_env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
-                    max_retry=MAX_RETRY, inherit_intermediate_values=True))
-        storage = _create_rdb(url, kwargs)
-        return storage if what == "sqlite" else RetryingStorage(storage, mask(url))
+                heartbeat_stale_trial_callback=recovery.stale_trial_callback)
+        return RetryingStorage(_create_rdb(url, kwargs), mask(url))
     except ConfigError:  # already names what is wrong (journal: without a path)
         raise
     except (ImportError, ValueError, TypeError) as exc:
@@ -125,8 +124,11 @@ def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> optuna.s
     for attempt in range(attempts):
         try:
             return optuna.storages.RDBStorage(url, **kwargs)
-        except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError):
-            if attempt == attempts - 1:
+        except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError) as exc:
+            refused = isinstance(exc, sa_exc.OperationalError) and any(
+                words in str(exc).lower() for words in ("refused", "could not connect", "can't connect",
+                                                       "name or service not known", "connection failed"))
+            if refused or attempt == attempts - 1:  # no server there: no race to wait out
                 raise
             time.sleep(0.2 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
@@ -157,12 +159,16 @@ class RetryingStorage(optuna.storages.BaseStorage, BaseHeartbeat):
         return getattr(self._inner, name)
 
     def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
+        return self._call_fn(lambda *a, **k: getattr(self._inner, name)(*a, **k), *args, _name=name, **kwargs)
+
+    def _call_fn(self, fn: Any, *args: Any, _name: str = "", **kwargs: Any) -> Any:
         from sqlalchemy import exc as sa_exc
 
+        name = _name or getattr(fn, "__name__", "")
         waited, delay, attempt = 0.0, 0.5, 0
         while True:
             try:
-                return getattr(self._inner, name)(*args, **kwargs)
+                return fn(*args, **kwargs)
             except optuna.exceptions.UpdateFinishedTrialError:
                 # A retried write whose first attempt did commit before the connection broke.
                 if attempt and name == "set_trial_state_values":
@@ -184,6 +190,25 @@ class RetryingStorage(optuna.storages.BaseStorage, BaseHeartbeat):
                 attempt += 1
 
 
+def _stale_without_heartbeat(storage: RetryingStorage, study_id: int) -> list[int]:
+    """RUNNING trials that never recorded a heartbeat and started longer ago than the grace
+    period. Optuna skips such trials, so a worker killed between creating a trial and its first
+    heartbeat would leave that trial RUNNING for ever."""
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    inner = storage._inner
+    interval = inner.heartbeat_interval or 0
+    limit = timedelta(seconds=(inner.grace_period or 2 * interval) + 2 * interval)
+    now = datetime.now()
+    running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    old = [t for t in running if t.datetime_start is not None and now - t.datetime_start > limit]
+    if not old:
+        return []
+    with _create_scoped_session(inner.scoped_session) as session:
+        return [t._trial_id for t in old if models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None]
+
+
 def _retrying(name: str) -> Any:
     def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
         return self._call(name, *args, **kwargs)
@@ -198,6 +223,14 @@ for _name in sorted(optuna.storages.BaseStorage.__abstractmethods__ | BaseHeartb
                        "check_trial_is_updatable", "get_trial_param"}):
     setattr(RetryingStorage, _name, _retrying(_name))
 RetryingStorage.__abstractmethods__ = frozenset()
+
+
+def _stale_trial_ids(self: RetryingStorage, study_id: int) -> list[int]:
+    stale = self._call("_get_stale_trial_ids", study_id)
+    return stale + [i for i in self._call_fn(_stale_without_heartbeat, self, study_id) if i not in stale]
+
+
+RetryingStorage._get_stale_trial_ids = _stale_trial_ids  # type: ignore[method-assign]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -36,20 +36,36 @@ def budget_left(study: Any, n_trials: int) -> bool:
     return waiting or used < n_trials
 
 
-def requeue(study: Any, number: int) -> None:
-    """Put a copy of trial ``number`` back in the queue (WAITING), keeping its parameters and
-    its pointer to the last epoch checkpoint, as Optuna's heartbeat retry does."""
-    import optuna
+def run_trials(study: Any, objective: Any, n_trials: int, *, deadline: float | None = None,
+               catch: tuple[type[Exception], ...] = ()) -> None:
+    """Run trials until the budget is spent and no other trial is still running.
+
+    A worker whose budget is spent stays while other workers' trials run: if one of those
+    workers died, its trial goes back to the queue (heartbeat) and someone must be there to
+    run it.
+    """
     from optuna.trial import TrialState
 
-    trial = next(t for t in study.get_trials(deepcopy=False) if t.number == number)
-    if trial.state != TrialState.FAIL:
-        return
-    history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
-    study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
-        user_attrs=trial.user_attrs, intermediate_values=trial.intermediate_values,
-        system_attrs={"failed_trial": trial.number, "retry_history": history}))
+    from search import recovery
+
+    while True:
+        if deadline and time.time() >= deadline:
+            _logger.info("timeout reached; no new trial")
+            return
+        recovery.recover(study)
+        if budget_left(study, n_trials):
+            if hasattr(objective, "current"):
+                objective.current = None
+            study.optimize(objective, n_trials=1, catch=catch)
+            continue
+        if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            return
+        time.sleep(_poll_seconds(study))
+
+
+def _poll_seconds(study: Any) -> float:
+    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
+    return float(min(interval or 5, 5))
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
@@ -133,15 +149,12 @@ def _run(args: argparse.Namespace) -> int:
     _logger.info("worker pid %d on %s joined study %r (%s)", os.getpid(), socket.gethostname(), spec.name,
                  st.mask(url))
     try:
-        while budget_left(study, spec.budget.n_trials):
-            if args.deadline and time.time() >= args.deadline:
-                _logger.info("timeout reached; no new trial")
-                break
-            objective.current = None
-            study.optimize(objective, n_trials=1, catch=(TrialFailure,))
+        run_trials(study, objective, spec.budget.n_trials, deadline=args.deadline, catch=(TrialFailure,))
     except Interrupted:
         if objective.current is not None:
-            requeue(study, objective.current.number)
+            from search import recovery
+
+            recovery.requeue(study, study._storage.get_trial(objective.current._trial_id))
             _logger.info("trial %d interrupted; queued again to resume from its last epoch",
                          objective.current.number)
         raise

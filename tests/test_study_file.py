@@ -110,7 +110,7 @@ def test_seed_baseline_is_scaled_by_depth() -> None:
 
 
 def test_infeasible_configs_are_named_and_the_baseline_is_exempt_from_size_caps(tmp_path: Path) -> None:
-    spec = _load(tmp_path, MINIMAL.replace("[space]", "[budget]\nmax_params = 100000\nmax_memory_gb = 0.5\n[space]"))
+    spec = _load(tmp_path, MINIMAL.replace("[space]", "[budget]\nmax_params = 100000\nmax_memory_gb = 2.0\n[space]"))
     base = cfg.Config(model=cfg.ModelConfig(image_width=64, image_height=64, num_classes=2, image_channels=1),
                       mask=cfg.MaskConfig(rgb_map=dict(cfg.BINARY_RGB_MAP)))
     big = sp.trial_config(base, spec, 64, {"base_filters": 32, "num_layers": 5})
