@@ -64,6 +64,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return runner.run(spec, options)
 
 
+def _cmd_create(args: argparse.Namespace) -> int:
+    from search import run as runner
+    from search import study_file
+    from search.status import summary_lines
+
+    spec = study_file.load(args.study_file).with_overrides(image_size=args.image_size)
+    study, _, _ = runner.setup(spec, runner.RunOptions(storage=args.storage, out=Path(args.out) if args.out else None))
+    for line in summary_lines(study):
+        print(line)
+    print("workers join with: flexunet search run " + str(args.study_file) + " --storage URL")
+    return 0
+
+
 def _cmd_status(args: argparse.Namespace) -> int:
     from search import storage as st
     from search.status import summary_lines
@@ -206,6 +219,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
     run.add_argument("--out", help="output folder (default: runs/<study name>)")
     run.set_defaults(func=_cmd_run)
+
+    create = sub.add_parser("create", help="prepare the data and create the study (with its baseline) "
+                                           "without running workers: do this before a batch launch")
+    create.add_argument("study_file", metavar="STUDY.toml")
+    create.add_argument("--storage", help="storage URL (as for run)")
+    create.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
+    create.add_argument("--out", help="output folder (default: runs/<study name>)")
+    create.set_defaults(func=_cmd_create)
 
     status = sub.add_parser("status", help="trials by state, the best so far, the running trials")
     _study_arguments(status)

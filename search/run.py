@@ -238,10 +238,9 @@ def _on_signal(signum: int, frame: object) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
-def run(spec: StudySpec, options: RunOptions) -> int:
-    """Run the study with ``options.workers`` local processes; returns the exit status."""
-    if options.workers < 1:
-        raise ConfigError(f"--workers {options.workers}: need at least 1")
+def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path]:
+    """Everything before the workers: the dataset, the study (created once, with its
+    baseline) and its dashboard note. ``flexunet search create`` stops here."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out_dir(spec, options.out)
     url = st.resolve_url(options.storage, spec.storage, out)
@@ -252,6 +251,14 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     study = create_study(spec, url, out, storage)
     dashboard.write_study_note(study, st.mask(url))
     print(f"study {spec.name!r} on {st.mask(url)}; output in {out}", flush=True)
+    return study, url, out
+
+
+def run(spec: StudySpec, options: RunOptions) -> int:
+    """Run the study with ``options.workers`` local processes; returns the exit status."""
+    if options.workers < 1:
+        raise ConfigError(f"--workers {options.workers}: need at least 1")
+    study, url, out = setup(spec, options)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
     command = [sys.executable, "-m", "search.worker", str(spec.path.absolute()), "--out", str(out),
                "--n-trials", str(spec.budget.n_trials), "--max-epochs", str(spec.budget.max_epochs)]

@@ -51,3 +51,31 @@ def test_mariadb(tmp_path: Path, mysql_url: str) -> None:
 
 def test_journal_on_redis(tmp_path: Path, redis_url: str) -> None:
     _two_launchers(tmp_path, redis_url)
+
+
+def test_slurm_array_script_runs_as_written(tmp_path: Path, postgres_url: str) -> None:
+    """The README's batch launch: `search create` once, then two array tasks of the shipped
+    sbatch script (run by bash, as SLURM would, with the variables SLURM sets)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT, run_cli
+
+    study_file = tiny_study(tmp_path / "study.toml", "slurm", n_trials=4)
+    created = run_cli("search", "create", study_file, "--storage", postgres_url, "--out", tmp_path / "shared")
+    assert created.returncode == 0, created.stdout + created.stderr
+    assert "1 waiting" in created.stdout  # the baseline, queued before any worker
+    env = {**os.environ, "FLEXUNET_STORAGE": postgres_url, "STUDY": str(study_file), "OUT": str(tmp_path / "shared"),
+           "SLURM_SUBMIT_DIR": str(ROOT), "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    tasks = [subprocess.Popen(["bash", str(ROOT / "examples" / "slurm" / "flexunet-array.sbatch")],
+                              env={**env, "SLURM_ARRAY_TASK_ID": str(i)}, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    outputs = [task.communicate(timeout=900)[0] for task in tasks]
+    assert [task.returncode for task in tasks] == [0, 0], outputs
+    from search import storage as st
+
+    study = optuna.load_study(study_name="slurm", storage=st.open_storage(postgres_url, heartbeat=False))
+    finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) >= 4 and not [t for t in study.trials if t.state == TrialState.RUNNING]
+    assert len({t.user_attrs["pid"] for t in study.trials}) == 2
