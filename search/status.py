@@ -13,7 +13,7 @@ from optuna.trial import FrozenTrial, TrialState
 def _value(trial: FrozenTrial) -> str:
     if trial.values is None:
         return "-"
-    return ", ".join(f"{v:.4f}" if abs(v) < 1e4 else f"{v:,.0f}" for v in trial.values)
+    return ", ".join(f"{v:,.0f}" if v == int(v) and abs(v) >= 100 else f"{v:.4f}" for v in trial.values)
 
 
 def _params(trial: FrozenTrial) -> str:
@@ -61,7 +61,7 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         lines.append(f"  {infeasible} of the pruned trials were infeasible (rejected before training)")
     best = best_trials(study)
     if best:
-        title = "best" if len(best) == 1 else f"Pareto front ({len(best)} trials)"
+        title = f"Pareto front ({len(best)} trials)" if len(study.directions) > 1 else "best"
         lines.append(f"{title}:")
         for t in best[:10]:
             lines.append(f"  {describe(t)}")

@@ -158,3 +158,23 @@ def test_the_pruner_really_stops_trials(tmp_path: Path, sample: Path) -> None:
     for t in trials:
         assert t.state == TrialState.PRUNED and t.user_attrs["stop_reason"] == "pruned"
         assert t.user_attrs["epochs_run"] == 2 < 4 and sorted(t.intermediate_values) == [0, 1]
+
+
+def test_a_second_objective_makes_a_pareto_study(tmp_path: Path) -> None:
+    from conftest import tiny_study
+
+    path = tiny_study(tmp_path / "pareto.toml", "pareto", n_trials=3, baseline=False)
+    path.write_text(path.read_text().replace('baseline = false', 'baseline = false\nsecond_objective = "params"'))
+    run = run_cli("search", "run", path, "--out", tmp_path / "run", timeout=600)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "Pareto front" in run.stdout
+    study = optuna.load_study(study_name="pareto", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}")
+    assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
+    for t in study.trials:
+        assert t.state == TrialState.COMPLETE and t.values[1] == t.user_attrs["params"]
+    exported = run_cli("search", "export", "--study", "pareto", "--storage",
+                       f"sqlite:///{tmp_path / 'run' / 'study.db'}", "--out", tmp_path / "export")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    best_dice = max(t.values[0] for t in study.best_trials)
+    assert json.loads((tmp_path / "export" / "metrics.json").read_text())["validation"]["foreground_dice"] == \
+        pytest.approx(best_dice, abs=1e-6)
