@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# GPU figures from a bare start, in at most 8 minutes (NOT YET RUN ON A GPU: see BENCHMARKS.md).
+#
+# On a fresh checkout of this repository on a machine with an NVIDIA GPU and Python 3.11+:
+#
+#     bash bench/gpu.sh
+#
+# 1. creates a virtual environment (.venv-gpu, or $VENV) and installs the project with the
+#    `export` and `gpu` extras (tensorflow[and-cuda]); an existing environment is reused;
+# 2. checks that TensorFlow sees the GPU (stops otherwise: CPU figures are bench/throughput.py's);
+# 3. bench/throughput.py on the GPU: training images/s of a search trial's loop against plain
+#    model.fit at 256 px, and inference images/s (Keras, SavedModel, onnxruntime on the CPU) at
+#    128 and 256 px;
+# 4. a real study at 256 px on the bundled sample, on GPU 0:
+#    flexunet search run studies/ct_ich_sample.toml --image-size 256 --n-trials N --max-epochs E --gpus 0
+#    (without --gpus a worker hides the GPUs and trains on the CPU), with GPU utilisation sampled
+#    every 2 s;
+# 5. prints what it measured; the last line is `gpu_trial_train_images_per_s_256px: X`.
+#
+# Every stage has a time limit so that the whole script ends within BUDGET seconds (default 480).
+# Environment: VENV, WORK (output folder, default a new temporary one), BUDGET, N_TRIALS (6),
+# MAX_EPOCHS (6), PIP_ARGS (extra pip arguments, e.g. a local wheel cache), SKIP_INSTALL=1 (use
+# VENV as it is), SIZE (256: training and study image side). ALLOW_CPU=1 goes on without a GPU
+# (to check the script itself on a CPU machine: SKIP_INSTALL=1 VENV=.venv ALLOW_CPU=1 SIZE=64
+# N_TRIALS=2 MAX_EPOCHS=2 bash bench/gpu.sh).
+set -euo pipefail
+
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+START=$(date +%s)
+BUDGET=${BUDGET:-480}
+VENV=${VENV:-.venv-gpu}
+WORK=${WORK:-$(mktemp -d -t flexunet-gpu-XXXXXX)}
+N_TRIALS=${N_TRIALS:-6}
+MAX_EPOCHS=${MAX_EPOCHS:-6}
+SIZE=${SIZE:-256}
+mkdir -p "$WORK"
+export TF_CPP_MIN_LOG_LEVEL=3
+
+elapsed() { echo $(( $(date +%s) - START )); }
+left() { echo $(( BUDGET - $(elapsed) )); }
+log() { printf '[gpu.sh %4ss] %s\n' "$(elapsed)" "$*"; }
+
+# --- 1. environment ---------------------------------------------------------------------------
+if [[ ! -x "$VENV/bin/python" ]]; then
+    log "creating $VENV"
+    python3 -m venv "$VENV"
+fi
+PY="$VENV/bin/python"
+if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
+    log "installing the project with the export and gpu extras"
+    # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
+    timeout "$(left)" "$PY" -m pip install -q --disable-pip-version-check ${PIP_ARGS:-} -e ".[export,gpu]" \
+        > "$WORK/pip.log" 2>&1 || { log "pip install failed or ran out of time; see $WORK/pip.log"; tail -5 "$WORK/pip.log"; exit 1; }
+fi
+log "installed: $("$PY" -c 'import tensorflow as tf, keras, optuna; print("tensorflow", tf.__version__, "keras", keras.__version__, "optuna", optuna.__version__)' 2>/dev/null)"
+
+# --- 2. the GPU -------------------------------------------------------------------------------
+if command -v nvidia-smi > /dev/null; then
+    log "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
+fi
+GPUS=$("$PY" -c 'import tensorflow as tf; print(len(tf.config.list_physical_devices("GPU")))' 2>/dev/null || echo 0)
+GPU_FLAG=(--gpus 0)
+if [[ "$GPUS" -lt 1 ]]; then
+    if [[ "${ALLOW_CPU:-0}" != 1 ]]; then
+        log "TensorFlow sees no GPU; stopping (CPU figures: python bench/throughput.py)"
+        exit 1
+    fi
+    log "TensorFlow sees no GPU; ALLOW_CPU=1: going on on the CPU (a check of this script, not GPU figures)"
+    GPU_FLAG=()
+else
+    log "TensorFlow sees $GPUS GPU(s)"
+fi
+
+# --- 3. throughput ----------------------------------------------------------------------------
+# Study time is kept for step 4: throughput gets at most 40% of what is left.
+THROUGHPUT_LIMIT=$(( $(left) * 40 / 100 ))
+log "throughput (limit ${THROUGHPUT_LIMIT}s)"
+if timeout "$THROUGHPUT_LIMIT" "$PY" bench/throughput.py --train-size "$SIZE" --levels 5 --batch 8 --steps 16 \
+        --epochs 4 --repeats 3 --no-augmented --infer-sizes 128 "$SIZE" --infer-images 64 --infer-batch 16 \
+        --infer-repeats 5 --json "$WORK/throughput.json" > "$WORK/throughput.log" 2>&1; then
+    grep -E 'img/s|ratio|^train_throughput_ratio' "$WORK/throughput.log" | sed 's/^/    /'
+else
+    log "throughput did not finish (status $?); last lines:"
+    tail -5 "$WORK/throughput.log"
+fi
+
+# --- 4. a real study at 256 px ----------------------------------------------------------------
+STUDY_LIMIT=$(( $(left) - 15 ))
+if [[ "$STUDY_LIMIT" -lt 60 ]]; then
+    log "no time left for the study (${STUDY_LIMIT}s)"
+else
+    log "study: $N_TRIALS trials of at most $MAX_EPOCHS epochs at $SIZE px ${GPU_FLAG[*]} (limit ${STUDY_LIMIT}s)"
+    UTIL_PID=""
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -l 2 \
+            > "$WORK/gpu-utilisation.csv" 2>/dev/null &
+        UTIL_PID=$!
+    fi
+    STUDY_START=$(date +%s)
+    # --timeout: no trial starts after it; `timeout` stops a trial that would overrun the budget.
+    set +e
+    timeout --signal=INT --kill-after=20 "$STUDY_LIMIT" "$VENV/bin/flexunet" search run studies/ct_ich_sample.toml \
+        --image-size "$SIZE" --n-trials "$N_TRIALS" --max-epochs "$MAX_EPOCHS" "${GPU_FLAG[@]}" \
+        --timeout $(( STUDY_LIMIT * 6 / 10 )) --out "$WORK/study" > "$WORK/study.log" 2>&1
+    STATUS=$?
+    set -e
+    STUDY_SECONDS=$(( $(date +%s) - STUDY_START ))
+    if [[ -n "$UTIL_PID" ]]; then kill "$UTIL_PID" 2>/dev/null || true; fi
+    log "study finished with status $STATUS in ${STUDY_SECONDS}s"
+    sed 's/^/    /' "$WORK/study.log" | tail -25
+    if [[ -s "$WORK/gpu-utilisation.csv" ]]; then
+        awk -F', *' '{u += $1; m = ($2 > m ? $2 : m); n++} END {if (n) printf "    GPU utilisation during the study: mean %.0f%% over %d samples, peak memory %d MiB\n", u / n, n, m}' \
+            "$WORK/gpu-utilisation.csv"
+    fi
+    "$PY" - "$WORK/study/study.db" "$SIZE" <<'PYEOF' || true
+import sys
+import optuna
+
+optuna.logging.set_verbosity(optuna.logging.ERROR)
+study = optuna.load_study(study_name="ct-ich-sample", storage=f"sqlite:///{sys.argv[1]}")
+rows = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("seconds_per_epoch")]
+for t in rows:
+    a = t.user_attrs
+    print(f"    trial {t.number}: {t.state.name:<8} {a.get('params') or 0:>11,} params  "
+          f"{a.get('epochs_run')} epochs x {a.get('seconds_per_epoch')} s  value {t.values[0] if t.values else None}")
+complete = [t for t in study.get_trials(deepcopy=False) if t.values]
+if complete:
+    print(f"study_best_val_foreground_dice_{sys.argv[2]}px: {max(t.values[0] for t in complete):.4f}")
+PYEOF
+fi
+
+# --- 5. summary -------------------------------------------------------------------------------
+log "done in $(elapsed)s; outputs in $WORK"
+"$PY" - "$WORK/throughput.json" "$SIZE" <<'PYEOF' || echo "gpu_trial_train_images_per_s_${SIZE}px: n/a"
+import json
+import statistics
+import sys
+
+data = json.load(open(sys.argv[1]))
+for size, r in data.get("inference", {}).items():
+    print("inference " + size + " px img/s: " + ", ".join(f"{k} {v:.1f}" for k, v in r["median"].items()))
+t = data["training"]
+print(f"train_throughput_ratio_gpu: {t['ratio_median']:.3f}")
+print(f"gpu_trial_train_images_per_s_{sys.argv[2]}px: {statistics.median(t['rates']['trial']):.1f}")
+PYEOF

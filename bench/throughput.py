@@ -1,0 +1,354 @@
+"""Training and inference throughput.
+
+Training: images per second of what a search trial really runs -- ``flexunet.train.fit`` with
+``Batches``, every callback of a trial (best checkpoint, per-epoch resume checkpoint uploaded to
+the artifact store, CSV log, learning-curve PNG, Optuna's ``PruningReporter`` reporting to a
+SQLite study inside ``study.optimize``, with NopPruner so that no timed run is cut short)
+-- against plain ``model.fit`` on in-memory numpy arrays, for the same model (built and compiled
+by flexunet), the same images per epoch and the same validation set. Runs alternate (plain,
+trial, trial, plain, ...); the first epoch of each run (tracing) is not timed; the ratio is the
+median over repeats of trial / plain.
+
+Inference: images per second of an exported model through Keras ``predict`` (the reloaded
+``.keras`` file), the TF SavedModel's ``serve`` and onnxruntime, at 128 and 256 px, interleaved,
+median over repeats; outputs are checked to agree.
+
+    python bench/throughput.py [--quick] [--json FILE]
+
+Last line: ``train_throughput_ratio: R`` (trial loop / plain model.fit, median).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import math
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import _common as c
+
+
+def prepared(size: int, root: Path):  # -> flexunet.config.Config
+    from flexunet import config as cfg
+    from flexunet.data import ct_ich
+
+    out = root / f"data-{size}"
+    if not out.exists():
+        ct_ich.prepare(c.SAMPLE, out, size=size, seed=0)
+    return cfg.load(out / "train_eval_infer.config")
+
+
+def bench_config(base, args: argparse.Namespace, augmentation: float):  # -> Config
+    """The data's own default model (flexunet prepare: base 16, 3x3, batch norm, CE+Dice) at the
+    benchmark's size, trained with fixed steps per epoch and no early stopping."""
+    from flexunet import config as cfg
+
+    config = cfg.override(base, "model", {"num_layers": args.levels, "base_filters": args.filters}, "bench")
+    return cfg.override(config, "train", {
+        "epochs": args.epochs, "batch_size": args.batch, "steps_per_epoch": args.steps, "patience": 0,
+        "learning_rate_reducer": False, "augmentation": augmentation > 0,
+        "augmentation_strength": augmentation, "epoch_change_infer": False, "seed": 1,
+    }, "bench")
+
+
+class EpochStarts:
+    """Records when each epoch begins; the run's end is taken after fit returns."""
+
+    def __init__(self) -> None:
+        import keras
+
+        class _CB(keras.callbacks.Callback):
+            def __init__(cb) -> None:
+                super().__init__()
+                cb.starts: list[float] = []
+
+            def on_epoch_begin(cb, epoch: int, logs: Any = None) -> None:
+                cb.starts.append(time.perf_counter())
+
+        self.callback = _CB()
+
+    def rate(self, end: float, images_per_epoch: int) -> tuple[float, list[float]]:
+        """Images/s over epochs 2..E (the first, with tracing, excluded) and every epoch's
+        seconds."""
+        starts = self.callback.starts
+        bounds = starts + [end]
+        seconds = [b - a for a, b in zip(bounds, bounds[1:])]
+        timed = seconds[1:]
+        return images_per_epoch * len(timed) / sum(timed), seconds
+
+
+def run_plain(config, train, valid) -> tuple[float, list[float]]:
+    """Plain Keras: model.fit on numpy arrays holding exactly the images a trial epoch sees."""
+    import keras
+    import numpy as np
+
+    from flexunet.data.dataset import one_hot
+    from flexunet.model import build
+    from flexunet.train import compile_model
+
+    m, t = config.model, config.train
+    keras.utils.set_random_seed(t.seed)
+    network = build(m)
+    compile_model(network, m)
+    per_epoch = t.steps_per_epoch * t.batch_size
+    order = np.resize(np.random.default_rng(0).permutation(len(train)), per_epoch)
+    x = train.images[order].astype(np.float32)
+    y = one_hot(train.masks[order], m.num_classes)
+    xv, yv = valid.images.astype(np.float32), one_hot(valid.masks, m.num_classes)
+    timer = EpochStarts()
+    network.fit(x, y, batch_size=t.batch_size, epochs=t.epochs, validation_data=(xv, yv),
+                validation_batch_size=t.batch_size, shuffle=True, verbose=0, callbacks=[timer.callback])
+    end = time.perf_counter()
+    return timer.rate(end, per_epoch)
+
+
+def run_trial(config, train, valid, work: Path, objective, study) -> tuple[float, list[float]]:
+    """What ``search.objective.Objective._train`` runs inside ``study.optimize`` (as the worker
+    calls it: heartbeat thread included), with a timer added to its callbacks."""
+    from flexunet.train import MODEL_FILE, TrainOutputs, fit
+    from search.objective import CURVES_FILE, LOG_FILE, PruningReporter
+
+    timed: dict[str, Any] = {}
+
+    def one_trial(trial) -> float:
+        reporter = PruningReporter(trial)
+        timer = EpochStarts()
+        folder = Path(tempfile.mkdtemp(prefix=f"trial-{trial.number}-", dir=work))
+        outputs = TrainOutputs(model_path=folder / MODEL_FILE, log_csv=folder / LOG_FILE,
+                               curves_png=folder / CURVES_FILE)
+        result = fit(config.model, config.train, train, valid, outputs=outputs,
+                     extra_callbacks=[reporter, timer.callback], verbose=0, checkpoint_dir=folder, resume=False,
+                     on_checkpoint=lambda f, epoch: objective._save_resume_point(trial, f, epoch))
+        end = time.perf_counter()
+        t = config.train
+        timed["rate"] = timer.rate(end, t.steps_per_epoch * t.batch_size)
+        shutil.rmtree(folder, ignore_errors=True)
+        return result.best_val_dice if math.isfinite(result.best_val_dice) else 0.0
+
+    study.optimize(one_trial, n_trials=1)
+    return timed["rate"]
+
+
+class CallbackClock:
+    """Seconds spent in each per-epoch hook of a trial (wraps the methods while active)."""
+
+    def __init__(self) -> None:
+        from flexunet import callbacks as cb
+        from flexunet.data.dataset import Batches
+        from search.objective import Objective, PruningReporter
+        import keras
+
+        self.targets = [(cb.BestCheckpoint, "on_epoch_end"), (cb.EpochCheckpoint, "on_epoch_end"),
+                        (cb.LearningCurves, "on_epoch_end"), (cb.LearningRateLog, "on_epoch_end"),
+                        (keras.callbacks.CSVLogger, "on_epoch_end"), (PruningReporter, "on_epoch_end"),
+                        (Objective, "_save_resume_point"), (Batches, "__getitem__")]
+        self.seconds: dict[str, float] = {}
+        self._saved: list[tuple[type, str, Any]] = []
+
+    def __enter__(self) -> CallbackClock:
+        for cls, name in self.targets:
+            original = cls.__dict__[name]
+            label = f"{cls.__name__}.{name}"
+
+            def wrapped(*a: Any, _orig: Any = original, _label: str = label, **k: Any) -> Any:
+                started = time.perf_counter()
+                try:
+                    return _orig(*a, **k)
+                finally:
+                    self.seconds[_label] = self.seconds.get(_label, 0.0) + time.perf_counter() - started
+
+            self._saved.append((cls, name, original))
+            setattr(cls, name, wrapped)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for cls, name, original in self._saved:
+            setattr(cls, name, original)
+        self._saved.clear()
+
+
+def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    import keras
+    import optuna
+
+    from flexunet.data.dataset import load_split
+    from flexunet.model import count_params
+    from search import storage as st
+    from search import study_file
+    from search.objective import Objective
+
+    base = prepared(args.train_size, root)
+    train, valid = load_split(base, "train"), load_split(base, "valid")
+    variants = {"plain": bench_config(base, args, 0.0), "trial": bench_config(base, args, 0.0)}
+    if args.augmented:
+        variants["trial+augmentation"] = bench_config(base, args, 0.5)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = st.open_storage(f"sqlite:///{root / 'study.db'}")
+    spec = study_file.load(c.SAMPLE_STUDY)
+    # NopPruner: the reporter still reports and asks every epoch, but no timed run is cut short.
+    study = optuna.create_study(storage=storage, study_name="throughput", pruner=optuna.pruners.NopPruner())
+    objective = Objective(spec=spec, base=base, image_size=args.train_size,
+                          artifacts=optuna.artifacts.FileSystemArtifactStore(str(root / "artifacts")))
+    (root / "artifacts").mkdir(exist_ok=True)
+    m = variants["plain"].model
+    images_per_epoch = args.steps * args.batch
+    c.log(f"training: {args.train_size} px, {m.num_layers} levels, base {m.base_filters}, "
+          f"{count_params(m):,} parameters; "
+          f"{len(train)} train / {len(valid)} valid slices; {args.steps} steps x batch {args.batch} "
+          f"= {args.steps * args.batch} images per epoch; {args.epochs} epochs per run (first not timed), "
+          f"{args.repeats} repeats")
+    rates: dict[str, list[float]] = {k: [] for k in variants}
+    epochs: dict[str, list[list[float]]] = {k: [] for k in variants}
+    hooks: dict[str, dict[str, list[float]]] = {}
+    names = list(variants)
+    for r in range(args.repeats):
+        order = names if r % 2 == 0 else names[::-1]
+        for name in order:
+            keras.backend.clear_session()
+            gc.collect()
+            if name == "plain":
+                rate, seconds = run_plain(variants[name], train, valid)
+            else:
+                with CallbackClock() as clock:
+                    rate, seconds = run_trial(variants[name], train, valid, root, objective, study)
+                for label, spent in clock.seconds.items():
+                    hooks.setdefault(name, {}).setdefault(label, []).append(spent / len(seconds))
+            rates[name].append(rate)
+            epochs[name].append([round(s, 3) for s in seconds])
+            c.log(f"  repeat {r + 1} {name:<20} {rate:7.2f} img/s  epochs (s): {', '.join(f'{s:.2f}' for s in seconds)}")
+    ratios = [t / p for t, p in zip(rates["trial"], rates["plain"])]
+    result = {"rates": rates, "epoch_seconds": epochs, "ratios_trial_over_plain": ratios,
+              "hook_seconds_per_epoch": {k: {h: c.median(v) for h, v in d.items()} for k, d in hooks.items()},
+              "ratio_median": c.median(ratios),
+              "setup": {"size": args.train_size, "levels": m.num_layers, "base_filters": m.base_filters,
+                        "batch": args.batch, "steps": args.steps, "epochs": args.epochs, "repeats": args.repeats}}
+    for name in variants:
+        c.log(f"training {name:<20} img/s {c.spread(rates[name])}")
+    c.log(f"training ratio trial/plain per repeat: {', '.join(f'{x:.3f}' for x in ratios)}")
+    plain_epoch = images_per_epoch / c.median(rates["plain"])
+    for name, per_hook in result["hook_seconds_per_epoch"].items():
+        c.log(f"per-epoch hooks of '{name}' (median s/epoch over repeats; EpochCheckpoint includes "
+              f"_save_resume_point; plain epoch {plain_epoch:.2f} s):")
+        for label, spent in sorted(per_hook.items(), key=lambda kv: -kv[1]):
+            c.log(f"    {label:<36} {spent:6.3f} s  ({100 * spent / plain_epoch:4.1f}% of a plain epoch)")
+    if "trial+augmentation" in rates:
+        aug = [a / p for a, p in zip(rates["trial+augmentation"], rates["plain"])]
+        result["ratios_augmented_over_plain"] = aug
+        c.log(f"training ratio trial+augmentation/plain: {c.spread(aug)}")
+    return result
+
+
+def inference(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+    import keras
+    import numpy as np
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    from flexunet.data.dataset import load_split
+    from flexunet.model import build
+
+    results: dict[str, Any] = {}
+    for size in args.infer_sizes:
+        base = prepared(size, root)
+        config = bench_config(base, args, 0.0)
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(0)
+        network = build(config.model)
+        folder = root / f"export-{size}"
+        folder.mkdir(exist_ok=True)
+        network.save(folder / "best_model.keras")
+        network.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
+        network.export(str(folder / "model.onnx"), format="onnx", verbose=False)
+        del network
+        keras.backend.clear_session()
+        test = load_split(base, "test")
+        images = np.resize(test.images.astype(np.float32), (args.infer_images, *test.images.shape[1:]))
+        batch = args.infer_batch
+        chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
+
+        model = keras.models.load_model(folder / "best_model.keras", compile=False)
+        served = tf.saved_model.load(str(folder / "saved_model"))
+        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+        input_name = session.get_inputs()[0].name
+
+        engines = {
+            "keras_predict": lambda: model.predict(images, batch_size=batch, verbose=0),
+            "saved_model": lambda: np.concatenate([served.serve(tf.constant(x)).numpy() for x in chunks]),
+            "onnxruntime": lambda: np.concatenate([session.run(None, {input_name: x})[0] for x in chunks]),
+        }
+        outputs = {name: run() for name, run in engines.items()}  # warm-up (tracing), not timed
+        agree = {name: float(np.max(np.abs(out - outputs["keras_predict"]))) for name, out in outputs.items()}
+        rates: dict[str, list[float]] = {k: [] for k in engines}
+        names = list(engines)
+        for r in range(args.infer_repeats):
+            order = names[r % len(names):] + names[:r % len(names)]
+            for name in order:
+                started = time.perf_counter()
+                engines[name]()
+                rates[name].append(len(images) / (time.perf_counter() - started))
+        medians = {k: c.median(v) for k, v in rates.items()}
+        results[str(size)] = {"rates": rates, "median": medians, "max_abs_diff_vs_keras": agree,
+                              "images": len(images), "batch": batch}
+        for name in names:
+            c.log(f"inference {size} px {name:<14} img/s {c.spread(rates[name])}  "
+                  f"max |diff| vs Keras {agree[name]:.2e}")
+        c.log(f"inference {size} px onnxruntime / keras_predict = "
+              f"{medians['onnxruntime'] / medians['keras_predict']:.2f}, saved_model / keras_predict = "
+              f"{medians['saved_model'] / medians['keras_predict']:.2f}")
+        del model, served, session
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a run of under two minutes")
+    parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--skip-training", action="store_true")
+    parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--train-size", type=int, help="training image side (default 128; --quick 64)")
+    parser.add_argument("--levels", type=int)
+    parser.add_argument("--filters", type=int)
+    parser.add_argument("--batch", type=int)
+    parser.add_argument("--steps", type=int, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, help="epochs per run, the first not timed")
+    parser.add_argument("--repeats", type=int)
+    parser.add_argument("--no-augmented", dest="augmented", action="store_false", default=None)
+    parser.add_argument("--infer-sizes", type=int, nargs="+")
+    parser.add_argument("--infer-images", type=int)
+    parser.add_argument("--infer-batch", type=int)
+    parser.add_argument("--infer-repeats", type=int)
+    args = parser.parse_args()
+    if args.quick:
+        defaults = dict(train_size=64, levels=4, filters=16, batch=4, steps=8, epochs=3, repeats=2, augmented=False,
+                        infer_sizes=[128], infer_images=16, infer_batch=8, infer_repeats=3)
+    else:
+        defaults = dict(train_size=128, levels=5, filters=16, batch=4, steps=16, epochs=5, repeats=4, augmented=True,
+                        infer_sizes=[128, 256], infer_images=32, infer_batch=8, infer_repeats=7)
+    for key, value in defaults.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    c.quiet_tf()
+    c.log("machine:", c.machine())
+    payload: dict[str, Any] = {"quick": args.quick, "machine": c.machine()}
+    root = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
+    try:
+        if not args.skip_inference:
+            payload["inference"] = inference(args, root)
+        if not args.skip_training:
+            payload["training"] = training(args, root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    c.write_json(args.json, payload)
+    if "training" in payload:
+        c.headline("train_throughput_ratio", payload["training"]["ratio_median"])
+    else:
+        size = str(args.infer_sizes[-1])
+        c.headline(f"onnx_images_per_s_{size}px", payload["inference"][size]["median"]["onnxruntime"], ".2f")
+
+
+if __name__ == "__main__":
+    main()
