@@ -51,11 +51,14 @@ def _load_config(path: str):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from flexunet.data.dataset import load_split
+
     config = _load_config(args.config)
+    data = load_split(config, "train"), load_split(config, "valid")  # bad input fails fast, before TensorFlow
     _tensorflow()
     from flexunet.train import MODEL_FILE, train
 
-    result = train(config)
+    result = train(config, data=data)
     print(f"best epoch {result.best_epoch} of {result.epochs_run} ({result.stop_reason}): "
           f"validation foreground Dice {result.best_val_dice:.4f}")
     print(f"model: {config.train.model_dir / MODEL_FILE}")

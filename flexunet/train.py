@@ -15,7 +15,8 @@ import keras
 from flexunet import callbacks as cb
 from flexunet import losses, metrics
 from flexunet.config import Config, ModelConfig, TrainConfig
-from flexunet.data.dataset import Batches, SliceSet, load_split
+from flexunet.data.batches import Batches
+from flexunet.data.dataset import SliceSet, load_split
 from flexunet.model import build
 
 _logger = logging.getLogger(__name__)
@@ -147,10 +148,11 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
     )
 
 
-def train(config: Config, *, verbose: int | str = "auto") -> TrainResult:
-    """``flexunet train``: read the train and valid folders, fit, write every output."""
-    train_data = load_split(config, "train")
-    valid_data = load_split(config, "valid")
+def train(config: Config, *, data: tuple[SliceSet, SliceSet] | None = None,
+          verbose: int | str = "auto") -> TrainResult:
+    """``flexunet train``: read the train and valid folders (unless given), fit, write every
+    output."""
+    train_data, valid_data = data or (load_split(config, "train"), load_split(config, "valid"))
     _logger.info("train %d slices, valid %d slices, input %s", len(train_data), len(valid_data),
                  config.model.input_shape)
     t = config.train

@@ -9,7 +9,8 @@ import pytest
 from conftest import assert_user_error, run_cli
 from flexunet.config import ImageConfig, MaskConfig, ModelConfig
 from flexunet.data import io as imio
-from flexunet.data.dataset import Batches, augment, load_pairs, pair_files
+from flexunet.data.batches import Batches
+from flexunet.data.dataset import augment, load_pairs, pair_files
 from flexunet.errors import DataError
 
 SEED_MAP = {(0, 0, 0): 0, (210, 80, 0): 1}

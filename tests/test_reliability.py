@@ -114,7 +114,7 @@ def _study_exists(url: str, name: str) -> bool:
 @pytest.mark.db
 def test_a_worker_killed_under_the_launcher_is_replaced_and_its_trial_resumes(tmp_path: Path,
                                                                              postgres_url: str) -> None:
-    study_file = tiny_study(tmp_path / "study.toml", "reaped", n_trials=3, **SLOW_TRIALS)
+    study_file = tiny_study(tmp_path / "study.toml", "reaped", n_trials=2, **SLOW_TRIALS)
     log = tmp_path / "launcher.log"
     launcher = start_cli("search", "run", study_file, "--storage", postgres_url, "--workers", "2",
                          "--out", tmp_path / "run", log=log, env=FAST_HEARTBEAT)
@@ -122,7 +122,7 @@ def test_a_worker_killed_under_the_launcher_is_replaced_and_its_trial_resumes(tm
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     assert launcher.wait(timeout=600) == 0, log.read_text()
     assert "died (SIGKILL); starting another" in log.read_text()
-    trials = _check_complete(_study(postgres_url, "reaped"), 3)
+    trials = _check_complete(_study(postgres_url, "reaped"), 2)
     killed = next(t for t in trials if t.number == victim.number)
     assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "worker killed (SIGKILL)"
     retry = _retry_of(trials, killed.number)
@@ -170,7 +170,7 @@ def throwaway_postgres() -> Iterator[tuple[str, Callable[[], None]]]:
 
 def test_a_database_restart_is_survived(tmp_path: Path, throwaway_postgres) -> None:  # type: ignore[no-untyped-def]
     url, restart = throwaway_postgres
-    study_file = tiny_study(tmp_path / "study.toml", "restart", n_trials=3, **SLOW_TRIALS)
+    study_file = tiny_study(tmp_path / "study.toml", "restart", n_trials=2, **SLOW_TRIALS)
     log = tmp_path / "launcher.log"
     launcher = start_cli("search", "run", study_file, "--storage", url, "--workers", "2", "--out", tmp_path / "run",
                          log=log)
@@ -179,7 +179,7 @@ def test_a_database_restart_is_survived(tmp_path: Path, throwaway_postgres) -> N
     assert launcher.wait(timeout=600) == 0, log.read_text()
     worker_logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.log"))
     assert "unreachable" in worker_logs + log.read_text()  # they noticed, waited, and went on
-    trials = _check_complete(_study(url, "restart"), 3)
+    trials = _check_complete(_study(url, "restart"), 2)
     assert not [t for t in trials if t.state == TrialState.FAIL]
 
 
@@ -214,7 +214,7 @@ def test_an_interrupted_run_fails_its_trials_and_resumes(tmp_path: Path, signum:
 def test_a_non_finite_loss_fails_the_trial_and_the_worker_goes_on(tmp_path: Path) -> None:
     # Decoupled weight decay of lr * wd = 10 multiplies every weight by -9 at each step: the
     # loss overflows to inf within a few dozen batches, every time. The other choice is sane.
-    study_file = tiny_study(tmp_path / "study.toml", "nan", n_trials=4, baseline=False,
+    study_file = tiny_study(tmp_path / "study.toml", "nan", n_trials=2, baseline=False,
                             steps_per_epoch=30, fixed='optimizer = "AdamW"\nweight_decay = 1.0',
                             space='learning_rate = { type = "categorical", choices = [10.0, 0.001] }')
     log = tmp_path / "run.log"
