@@ -131,6 +131,10 @@ fi
 
 # --- 5. summary -------------------------------------------------------------------------------
 log "done in $(elapsed)s; outputs in $WORK"
+if [[ ! -s "$WORK/throughput.json" ]]; then
+    echo "gpu_trial_train_images_per_s_${SIZE}px: n/a (throughput did not finish)"
+    exit 0
+fi
 "$PY" - "$WORK/throughput.json" "$SIZE" <<'PYEOF' || echo "gpu_trial_train_images_per_s_${SIZE}px: n/a"
 import json
 import statistics

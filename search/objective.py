@@ -117,6 +117,7 @@ class Objective:
             trial.set_user_attr("stop_reason", "infeasible")
             trial.set_user_attr("infeasible_reason", reason)
             raise optuna.TrialPruned(f"infeasible: {reason}")
+        custom_gradients = _custom_gradient_names()
         try:
             return self._train(trial, config, cost.params)
         except Interrupted:
@@ -133,6 +134,7 @@ class Objective:
         finally:
             # Keras keeps every model built in this process unless the session is cleared.
             keras.backend.clear_session()
+            _forget_custom_gradients(custom_gradients)
             gc.collect()
 
     @staticmethod
@@ -221,6 +223,36 @@ class Objective:
         from flexunet.data.io import write_png
 
         write_png(path, strip)
+
+
+def _gradient_registry() -> dict[str, Any] | None:
+    try:
+        from tensorflow.python.framework import ops
+
+        return ops._gradient_registry._registry
+    except (ImportError, AttributeError):  # another TensorFlow: nothing to clean up
+        return None
+
+
+def _custom_gradient_names() -> set[str]:
+    registry = _gradient_registry()
+    return set() if registry is None else {k for k in registry if k.startswith("CustomGradient-")}
+
+
+def _forget_custom_gradients(before: set[str]) -> None:
+    """Drop the gradient functions TensorFlow registered during a trial.
+
+    Every trace of a ``tf.custom_gradient`` function in a graph (Keras' TensorFlow trainer
+    traces two per ``fit``, through ``ReplicaContext.all_reduce``) adds a ``CustomGradient-N``
+    entry to a process-wide registry that is never emptied, and each entry keeps its whole
+    training graph alive: about 45-60 MB per trial of a U-Net, which ``clear_session`` does not
+    release (bench/memory.py). Once the trial's model is gone nothing uses them.
+    """
+    registry = _gradient_registry()
+    if registry is None:
+        return
+    for name in [k for k in registry if k.startswith("CustomGradient-") and k not in before]:
+        del registry[name]
 
 
 def _settings(config: cfg.Config) -> dict[str, Any]:
