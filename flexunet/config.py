@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flexunet.errors import ConfigError
+from flexunet.textfiles import read_text
 
 _logger = logging.getLogger(__name__)
 
@@ -427,19 +428,7 @@ def _warn_once(source: str, section: str, key: str, message: str) -> None:
 def load(path: str | os.PathLike[str]) -> Config:
     """Read a ``train_eval_infer.config`` file into a :class:`Config`."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a config file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if "\x00" in text:
-        # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL in every other byte.
-        raise ConfigError(f"{path}: not UTF-8 text (it holds NUL characters; UTF-16?)")
+    text = read_text(path, "config file", ConfigError)
     return loads(text, source=str(path), base_dir=path.resolve().parent, path=path)
 
 

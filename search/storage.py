@@ -174,13 +174,10 @@ class RetryingStorage(optuna.storages.BaseStorage, BaseHeartbeat):
                 if attempt and name == "set_trial_state_values":
                     return True
                 raise
-            except (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.DisconnectionError,
-                    optuna.exceptions.StorageInternalError) as exc:
+            except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ConnectionError) as exc:
                 # Optuna wraps SQLAlchemy's errors in StorageInternalError; only a lost
                 # connection is worth waiting for, not a bad write.
-                cause = exc.__cause__ if isinstance(exc, optuna.exceptions.StorageInternalError) else exc
-                lost = isinstance(cause, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError)
-                if not lost or waited >= self._max_wait:
+                if not _connection_lost(exc) or waited >= self._max_wait:
                     raise
                 _logger.warning("storage %s unreachable (%s); retrying in %.1fs", self._masked_url,
                                 _first_line(exc), delay)
@@ -188,6 +185,26 @@ class RetryingStorage(optuna.storages.BaseStorage, BaseHeartbeat):
                 waited += delay
                 delay = min(delay * 2, 15.0)
                 attempt += 1
+
+
+def _connection_lost(exc: BaseException) -> bool:
+    """Whether an error (or what caused it: Optuna wraps SQLAlchemy's errors, which wrap the
+    driver's) means the database went away, rather than that a statement was wrong."""
+    from sqlalchemy import exc as sa_exc
+
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
+            return True
+        if isinstance(current, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError
+                      | sa_exc.PendingRollbackError | ConnectionError | TimeoutError):
+            return True
+        if type(current).__name__ in ("OperationalError", "InterfaceError"):  # psycopg, pymysql
+            return True
+        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
+    return False
 
 
 def _stale_without_heartbeat(storage: RetryingStorage, study_id: int) -> list[int]:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from flexunet.errors import ConfigError
+from flexunet.textfiles import read_text
 
 SETTABLE: dict[str, str] = {
     # name -> the train_eval_infer.config section it sets
@@ -112,19 +113,7 @@ class StudySpec:
 def load(path: str | Path) -> StudySpec:
     """Read and check a study file."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")  # -sig: a byte-order mark, as Windows editors write
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: study file not found") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a folder, not a study file") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
-    if "\x00" in text:
-        # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL in every other byte.
-        raise ConfigError(f"{path}: not UTF-8 text (it holds NUL characters; UTF-16?)")
+    text = read_text(path, "study file", ConfigError)
     return loads(text, path)
 
 

@@ -30,6 +30,7 @@ from flexunet import config as cfg
 from flexunet.data import io as imio
 from flexunet.data.split import PARTS, PatientInfo, check_disjoint, fold_patients, split_patients
 from flexunet.errors import DataError
+from flexunet.textfiles import read_text
 from flexunet.outputs import staged_dir
 
 _logger = logging.getLogger(__name__)
@@ -118,19 +119,7 @@ def _is_number(text: str) -> bool:
 def _read_csv(path: Path, columns: tuple[str, ...], missing: str = "") -> list[tuple[int, dict[str, str | None]]]:
     """(line number, row) of a UTF-8 CSV file that has ``columns``; whatever is wrong with the
     file (absent, a folder, another encoding, not CSV) is a DataError naming it."""
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found{missing}") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not a CSV file") from None
-    except UnicodeDecodeError:
-        raise DataError(f"{path}: not UTF-8 text") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
-    if "\x00" in text:
-        # UTF-16 without a byte-order mark decodes as "UTF-8" with a NUL in every other byte.
-        raise DataError(f"{path}: not UTF-8 text (it holds NUL characters; UTF-16?)")
+    text = read_text(path, "CSV file", DataError, missing)
     reader = csv.DictReader(io.StringIO(text))
     try:
         absent = [c for c in columns if c not in (reader.fieldnames or [])]
