@@ -138,7 +138,7 @@ class CallbackClock:
 
     def __init__(self) -> None:
         from flexunet import callbacks as cb
-        from flexunet.data.dataset import Batches
+        from flexunet.data.batches import Batches
         from search.objective import Objective, PruningReporter
         import keras
 
