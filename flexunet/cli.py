@@ -126,7 +126,9 @@ def _cmd_summary(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flexunet", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="flexunet", description="FlexUNet segmentation: prepare data, train, evaluate, infer, and search "
+                                     "architectures and training settings with Optuna (flexunet search).")
     parser.add_argument("-v", "--verbose", action="store_true", help="log debugging detail")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
