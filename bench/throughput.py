@@ -7,7 +7,8 @@ SQLite study inside ``study.optimize``, with NopPruner so that no timed run is c
 -- against plain ``model.fit`` on in-memory numpy arrays, for the same model (built and compiled
 by flexunet), the same images per epoch and the same validation set. Runs alternate (plain,
 trial, trial, plain, ...); the first epoch of each run (tracing) is not timed; the ratio is the
-median over repeats of trial / plain.
+median over repeats of trial / plain. Images per CPU second of this process (all threads) are
+reported beside images per wall-clock second: on a shared machine they drift less.
 
 Inference: images per second of an exported model through Keras ``predict`` (the reloaded
 ``.keras`` file), the TF SavedModel's ``serve`` and onnxruntime, at 128 and 256 px, interleaved,
@@ -56,7 +57,8 @@ def bench_config(base, args: argparse.Namespace, augmentation: float):  # -> Con
 
 
 class EpochStarts:
-    """Records when each epoch begins; the run's end is taken after fit returns."""
+    """Records when each epoch begins (wall clock and this process's CPU time, all threads); the
+    run's end is taken after fit returns."""
 
     def __init__(self) -> None:
         import keras
@@ -64,24 +66,27 @@ class EpochStarts:
         class _CB(keras.callbacks.Callback):
             def __init__(cb) -> None:
                 super().__init__()
-                cb.starts: list[float] = []
+                cb.starts: list[tuple[float, float]] = []
 
             def on_epoch_begin(cb, epoch: int, logs: Any = None) -> None:
-                cb.starts.append(time.perf_counter())
+                cb.starts.append((time.perf_counter(), time.process_time()))
 
         self.callback = _CB()
 
-    def rate(self, end: float, images_per_epoch: int) -> tuple[float, list[float]]:
-        """Images/s over epochs 2..E (the first, with tracing, excluded) and every epoch's
-        seconds."""
-        starts = self.callback.starts
-        bounds = starts + [end]
-        seconds = [b - a for a, b in zip(bounds, bounds[1:])]
-        timed = seconds[1:]
-        return images_per_epoch * len(timed) / sum(timed), seconds
+    def rate(self, images_per_epoch: int) -> tuple[float, float, list[float]]:
+        """Images per wall-clock second and per CPU second over epochs 2..E (the first, with
+        tracing, excluded), and every epoch's wall-clock seconds. Call right after fit returns.
+
+        On a shared machine the wall clock also counts other processes' use of the cores; CPU
+        seconds count only this process's work (all its threads), so their ratio drifts less."""
+        bounds = self.callback.starts + [(time.perf_counter(), time.process_time())]
+        seconds = [b[0] - a[0] for a, b in zip(bounds, bounds[1:])]
+        cpu = [b[1] - a[1] for a, b in zip(bounds, bounds[1:])]
+        n = images_per_epoch * (len(seconds) - 1)
+        return n / sum(seconds[1:]), n / sum(cpu[1:]), seconds
 
 
-def run_plain(config, train, valid) -> tuple[float, list[float]]:
+def run_plain(config, train, valid) -> tuple[float, float, list[float]]:
     """Plain Keras: model.fit on numpy arrays holding exactly the images a trial epoch sees."""
     import keras
     import numpy as np
@@ -102,11 +107,10 @@ def run_plain(config, train, valid) -> tuple[float, list[float]]:
     timer = EpochStarts()
     network.fit(x, y, batch_size=t.batch_size, epochs=t.epochs, validation_data=(xv, yv),
                 validation_batch_size=t.batch_size, shuffle=True, verbose=0, callbacks=[timer.callback])
-    end = time.perf_counter()
-    return timer.rate(end, per_epoch)
+    return timer.rate(per_epoch)
 
 
-def run_trial(config, train, valid, work: Path, objective, study) -> tuple[float, list[float]]:
+def run_trial(config, train, valid, work: Path, objective, study) -> tuple[float, float, list[float]]:
     """What ``search.objective.Objective._train`` runs inside ``study.optimize`` (as the worker
     calls it: heartbeat thread included), with a timer added to its callbacks."""
     from flexunet.train import MODEL_FILE, TrainOutputs, fit
@@ -123,9 +127,8 @@ def run_trial(config, train, valid, work: Path, objective, study) -> tuple[float
         result = fit(config.model, config.train, train, valid, outputs=outputs,
                      extra_callbacks=[reporter, timer.callback], verbose=0, checkpoint_dir=folder, resume=False,
                      on_checkpoint=lambda f, epoch: objective._save_resume_point(trial, f, epoch))
-        end = time.perf_counter()
         t = config.train
-        timed["rate"] = timer.rate(end, t.steps_per_epoch * t.batch_size)
+        timed["rate"] = timer.rate(t.steps_per_epoch * t.batch_size)
         shutil.rmtree(folder, ignore_errors=True)
         return result.best_val_dice if math.isfinite(result.best_val_dice) else 0.0
 
@@ -202,6 +205,7 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
           f"= {args.steps * args.batch} images per epoch; {args.epochs} epochs per run (first not timed), "
           f"{args.repeats} repeats")
     rates: dict[str, list[float]] = {k: [] for k in variants}
+    cpu_rates: dict[str, list[float]] = {k: [] for k in variants}
     epochs: dict[str, list[list[float]]] = {k: [] for k in variants}
     hooks: dict[str, dict[str, list[float]]] = {}
     names = list(variants)
@@ -211,34 +215,42 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             keras.backend.clear_session()
             gc.collect()
             if name == "plain":
-                rate, seconds = run_plain(variants[name], train, valid)
+                rate, cpu_rate, seconds = run_plain(variants[name], train, valid)
             else:
                 with CallbackClock() as clock:
-                    rate, seconds = run_trial(variants[name], train, valid, root, objective, study)
+                    rate, cpu_rate, seconds = run_trial(variants[name], train, valid, root, objective, study)
                 for label, spent in clock.seconds.items():
                     hooks.setdefault(name, {}).setdefault(label, []).append(spent / len(seconds))
             rates[name].append(rate)
+            cpu_rates[name].append(cpu_rate)
             epochs[name].append([round(s, 3) for s in seconds])
-            c.log(f"  repeat {r + 1} {name:<20} {rate:7.2f} img/s  epochs (s): {', '.join(f'{s:.2f}' for s in seconds)}")
+            c.log(f"  repeat {r + 1} {name:<20} {rate:7.2f} img/s, {cpu_rate:6.2f} img/CPU-s  "
+                  f"epochs (s): {', '.join(f'{s:.2f}' for s in seconds)}")
     ratios = [t / p for t, p in zip(rates["trial"], rates["plain"])]
-    result = {"rates": rates, "epoch_seconds": epochs, "ratios_trial_over_plain": ratios,
+    cpu_ratios = [t / p for t, p in zip(cpu_rates["trial"], cpu_rates["plain"])]
+    result = {"rates": rates, "cpu_rates": cpu_rates, "epoch_seconds": epochs, "ratios_trial_over_plain": ratios,
+              "cpu_ratios_trial_over_plain": cpu_ratios, "cpu_ratio_median": c.median(cpu_ratios),
               "hook_seconds_per_epoch": {k: {h: c.median(v) for h, v in d.items()} for k, d in hooks.items()},
               "ratio_median": c.median(ratios),
               "setup": {"size": args.train_size, "levels": m.num_layers, "base_filters": m.base_filters,
                         "batch": args.batch, "steps": args.steps, "epochs": args.epochs, "repeats": args.repeats}}
     for name in variants:
-        c.log(f"training {name:<20} img/s {c.spread(rates[name])}")
-    c.log(f"training ratio trial/plain per repeat: {', '.join(f'{x:.3f}' for x in ratios)}")
+        c.log(f"training {name:<20} img/s {c.spread(rates[name])}; img/CPU-s {c.spread(cpu_rates[name])}")
+    c.log(f"training ratio trial/plain per repeat, wall clock: {', '.join(f'{x:.3f}' for x in ratios)} "
+          f"(median {c.median(ratios):.3f}); CPU time: {', '.join(f'{x:.3f}' for x in cpu_ratios)} "
+          f"(median {c.median(cpu_ratios):.3f})")
     plain_epoch = images_per_epoch / c.median(rates["plain"])
+    result["plain_epoch_seconds_median"] = plain_epoch
     for name, per_hook in result["hook_seconds_per_epoch"].items():
-        c.log(f"per-epoch hooks of '{name}' (median s/epoch over repeats; EpochCheckpoint includes "
+        c.log(f"per-epoch hooks of '{name}' (mean s per epoch, median over repeats; EpochCheckpoint includes "
               f"_save_resume_point; plain epoch {plain_epoch:.2f} s):")
         for label, spent in sorted(per_hook.items(), key=lambda kv: -kv[1]):
             c.log(f"    {label:<36} {spent:6.3f} s  ({100 * spent / plain_epoch:4.1f}% of a plain epoch)")
     if "trial+augmentation" in rates:
         aug = [a / p for a, p in zip(rates["trial+augmentation"], rates["plain"])]
-        result["ratios_augmented_over_plain"] = aug
-        c.log(f"training ratio trial+augmentation/plain: {c.spread(aug)}")
+        aug_cpu = [a / p for a, p in zip(cpu_rates["trial+augmentation"], cpu_rates["plain"])]
+        result["ratios_augmented_over_plain"], result["cpu_ratios_augmented_over_plain"] = aug, aug_cpu
+        c.log(f"training ratio trial+augmentation/plain: wall clock {c.spread(aug)}; CPU time {c.spread(aug_cpu)}")
     return result
 
 
@@ -283,18 +295,23 @@ def inference(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         outputs = {name: run() for name, run in engines.items()}  # warm-up (tracing), not timed
         agree = {name: float(np.max(np.abs(out - outputs["keras_predict"]))) for name, out in outputs.items()}
         rates: dict[str, list[float]] = {k: [] for k in engines}
+        cpu_rates: dict[str, list[float]] = {k: [] for k in engines}
         names = list(engines)
         for r in range(args.infer_repeats):
             order = names[r % len(names):] + names[:r % len(names)]
             for name in order:
-                started = time.perf_counter()
+                started, cpu = time.perf_counter(), time.process_time()
                 engines[name]()
                 rates[name].append(len(images) / (time.perf_counter() - started))
+                cpu_rates[name].append(len(images) / (time.process_time() - cpu))
         medians = {k: c.median(v) for k, v in rates.items()}
-        results[str(size)] = {"rates": rates, "median": medians, "max_abs_diff_vs_keras": agree,
+        results[str(size)] = {"rates": rates, "median": medians, "cpu_rates": cpu_rates,
+                              "cpu_median": {k: c.median(v) for k, v in cpu_rates.items()},
+                              "max_abs_diff_vs_keras": agree,
                               "images": len(images), "batch": batch}
         for name in names:
-            c.log(f"inference {size} px {name:<14} img/s {c.spread(rates[name])}  "
+            c.log(f"inference {size} px {name:<14} img/s {c.spread(rates[name])}; img/CPU-s "
+                  f"{c.spread(cpu_rates[name])}  "
                   f"max |diff| vs Keras {agree[name]:.2e}")
         c.log(f"inference {size} px onnxruntime / keras_predict = "
               f"{medians['onnxruntime'] / medians['keras_predict']:.2f}, saved_model / keras_predict = "
@@ -323,7 +340,7 @@ def main() -> None:
     parser.add_argument("--infer-repeats", type=int)
     args = parser.parse_args()
     if args.quick:
-        defaults = dict(train_size=64, levels=4, filters=16, batch=4, steps=8, epochs=3, repeats=2, augmented=False,
+        defaults = dict(train_size=64, levels=3, filters=16, batch=4, steps=6, epochs=3, repeats=2, augmented=False,
                         infer_sizes=[128], infer_images=16, infer_batch=8, infer_repeats=3)
     else:
         defaults = dict(train_size=128, levels=5, filters=16, batch=4, steps=16, epochs=5, repeats=4, augmented=True,
