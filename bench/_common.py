@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
 def quiet_tf() -> None:
-    """Import TensorFlow and Keras without their start-up chatter."""
+    """Import Keras and its backend without their start-up chatter."""
     from flexunet._tf import quiet_import
 
     quiet_import()
@@ -52,12 +52,16 @@ def machine() -> dict[str, Any]:
         info["memory_gib"] = round(int(mem) / 2**20, 1)
     except OSError:
         pass
-    for module in ("tensorflow", "keras", "optuna", "onnxruntime"):
+    for module in ("tensorflow", "jax", "keras", "optuna", "onnxruntime"):
         mod = sys.modules.get(module)
         if mod is not None:
             info[module] = getattr(mod, "__version__", "?")
+    if "keras" in sys.modules:
+        info["keras_backend"] = sys.modules["keras"].backend.backend()
     if "tensorflow" in sys.modules:
         info["gpus"] = [d.name for d in sys.modules["tensorflow"].config.list_physical_devices("GPU")]
+    elif "jax" in sys.modules:
+        info["gpus"] = [str(d) for d in sys.modules["jax"].devices() if d.platform == "gpu"]
     return info
 
 

@@ -19,8 +19,11 @@
 #
 # Every stage has a time limit so that the whole script ends within BUDGET seconds (default 480).
 # Environment: VENV, WORK (output folder, default a new temporary one), BUDGET, N_TRIALS (6),
-# MAX_EPOCHS (6), PIP_ARGS (extra pip arguments, e.g. a local wheel cache), SKIP_INSTALL=1 (use
-# VENV as it is), SIZE (256: training and study image side). ALLOW_CPU=1 goes on without a GPU
+# MAX_EPOCHS (6), REPEATS (3: interleaved throughput repeats), PIP_ARGS (extra pip arguments, e.g. a local wheel cache), SKIP_INSTALL=1 (use
+# VENV as it is), PYTHON (an interpreter that already has the project and its dependencies: no
+# venv, no install), KERAS_BACKEND=jax (where TensorFlow cannot be installed: training and the
+# study run on Keras' JAX backend; inference is then timed through Keras alone), SIZE (256:
+# training and study image side). ALLOW_CPU=1 goes on without a GPU
 # (to check the script itself on a CPU machine: SKIP_INSTALL=1 VENV=.venv ALLOW_CPU=1 SIZE=64
 # N_TRIALS=2 MAX_EPOCHS=2 bash bench/gpu.sh).
 set -euo pipefail
@@ -41,34 +44,48 @@ left() { echo $(( BUDGET - $(elapsed) )); }
 log() { printf '[gpu.sh %4ss] %s\n' "$(elapsed)" "$*"; }
 
 # --- 1. environment ---------------------------------------------------------------------------
-if [[ ! -x "$VENV/bin/python" ]]; then
-    log "creating $VENV"
-    python3 -m venv "$VENV"
+if [[ -n "${PYTHON:-}" ]]; then
+    # An interpreter that already has the project and its dependencies (no venv, no install).
+    PY="$PYTHON"
+    SKIP_INSTALL=1
+else
+    if [[ ! -x "$VENV/bin/python" ]]; then
+        log "creating $VENV"
+        python3 -m venv "$VENV"
+    fi
+    PY="$VENV/bin/python"
 fi
-PY="$VENV/bin/python"
+BACKEND=${KERAS_BACKEND:-tensorflow}
 if [[ "${SKIP_INSTALL:-0}" != 1 ]]; then
     log "installing the project with the export and gpu extras"
     # shellcheck disable=SC2086  # PIP_ARGS is a list of words on purpose
     timeout "$(left)" "$PY" -m pip install -q --disable-pip-version-check ${PIP_ARGS:-} -e ".[export,gpu]" \
         > "$WORK/pip.log" 2>&1 || { log "pip install failed or ran out of time; see $WORK/pip.log"; tail -5 "$WORK/pip.log"; exit 1; }
 fi
-log "installed: $("$PY" -c 'import tensorflow as tf, keras, optuna; print("tensorflow", tf.__version__, "keras", keras.__version__, "optuna", optuna.__version__)' 2>/dev/null)"
+log "installed: $("$PY" -c 'import keras, optuna; print("keras", keras.__version__, "backend", keras.backend.backend(), "optuna", optuna.__version__)' 2>/dev/null)"
 
 # --- 2. the GPU -------------------------------------------------------------------------------
 if command -v nvidia-smi > /dev/null; then
     log "GPU: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | head -1)"
 fi
-GPUS=$("$PY" -c 'import tensorflow as tf; print(len(tf.config.list_physical_devices("GPU")))' 2>/dev/null || echo 0)
+if [[ "$BACKEND" == jax ]]; then
+    # Several processes share the GPU (this script, then the study's worker): no preallocation.
+    export XLA_PYTHON_CLIENT_PREALLOCATE=false
+    GPUS=$("$PY" -c 'import jax; print(sum(d.platform == "gpu" for d in jax.devices()))' 2>/dev/null || echo 0)
+    log "Keras backend: JAX $("$PY" -c 'import jax; print(jax.__version__)' 2>/dev/null) (the SavedModel and ONNX figures need TensorFlow and are skipped)"
+else
+    GPUS=$("$PY" -c 'import tensorflow as tf; print(len(tf.config.list_physical_devices("GPU")))' 2>/dev/null || echo 0)
+fi
 GPU_FLAG=(--gpus 0)
 if [[ "$GPUS" -lt 1 ]]; then
     if [[ "${ALLOW_CPU:-0}" != 1 ]]; then
-        log "TensorFlow sees no GPU; stopping (CPU figures: python bench/throughput.py)"
+        log "Keras ($BACKEND) sees no GPU; stopping (CPU figures: python bench/throughput.py)"
         exit 1
     fi
-    log "TensorFlow sees no GPU; ALLOW_CPU=1: going on on the CPU (a check of this script, not GPU figures)"
+    log "Keras ($BACKEND) sees no GPU; ALLOW_CPU=1: going on on the CPU (a check of this script, not GPU figures)"
     GPU_FLAG=()
 else
-    log "TensorFlow sees $GPUS GPU(s)"
+    log "Keras ($BACKEND) sees $GPUS GPU(s)"
 fi
 
 # --- 3. throughput ----------------------------------------------------------------------------
@@ -76,7 +93,7 @@ fi
 THROUGHPUT_LIMIT=$(( $(left) * 40 / 100 ))
 log "throughput (limit ${THROUGHPUT_LIMIT}s)"
 if timeout "$THROUGHPUT_LIMIT" "$PY" bench/throughput.py --train-size "$SIZE" --levels 5 --batch 8 --steps 16 \
-        --epochs 4 --repeats 3 --no-augmented --infer-sizes 128 "$SIZE" --infer-images 64 --infer-batch 16 \
+        --epochs 4 --repeats "${REPEATS:-3}" --no-augmented --infer-sizes 128 "$SIZE" --infer-images 64 --infer-batch 16 \
         --infer-repeats 5 --json "$WORK/throughput.json" > "$WORK/throughput.log" 2>&1; then
     grep -E 'img/s|ratio|^train_throughput_ratio' "$WORK/throughput.log" | sed 's/^/    /'
 else
@@ -99,7 +116,7 @@ else
     STUDY_START=$(date +%s)
     # --timeout: no trial starts after it; `timeout` stops a trial that would overrun the budget.
     set +e
-    timeout --signal=INT --kill-after=20 "$STUDY_LIMIT" "$VENV/bin/flexunet" search run studies/ct_ich_sample.toml \
+    timeout --signal=INT --kill-after=20 "$STUDY_LIMIT" "$PY" -m flexunet.cli search run studies/ct_ich_sample.toml \
         --image-size "$SIZE" --n-trials "$N_TRIALS" --max-epochs "$MAX_EPOCHS" "${GPU_FLAG[@]}" \
         --timeout $(( STUDY_LIMIT * 6 / 10 )) --out "$WORK/study" > "$WORK/study.log" 2>&1
     STATUS=$?

@@ -10,6 +10,13 @@ best validation foreground Dice, trials by state.
 
     python bench/pruning.py [--quick] [--seeds 0 1 2] [--image-size 64] [--n-trials 10]
                             [--max-epochs 10] [--keep DIR] [--json FILE]
+    python bench/pruning.py --analyse DIR     # only the early-vs-final analysis of kept runs
+    python bench/pruning.py --keep DIR --reuse --pruner-set min_resource=4   # a what-if pruner,
+                                              # against the unpruned runs kept in DIR
+
+It also reports, over the unpruned studies' trials, the Spearman rank correlation between a
+trial's validation Dice at epochs 3, 5 and 7 and its final Dice: what a pruner deciding there
+has to go on.
 
 Last line: ``epochs_saved_pct: P`` (median over seeds of 1 - pruned epochs / unpruned epochs).
 """
@@ -17,6 +24,7 @@ Last line: ``epochs_saved_pct: P`` (median over seeds of 1 - pruned epochs / unp
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import subprocess
@@ -39,7 +47,8 @@ def run_study(folder: Path, seed: int, pruned: bool, args: argparse.Namespace) -
     import optuna
 
     kind = "pruned" if pruned else "unpruned"
-    work = folder / f"seed{seed}-{kind}"
+    tag = "".join(f"-{k}{v}" for k, v in sorted(args.pruner_set.items())) if pruned else ""
+    work = folder / f"seed{seed}-{kind}{tag}"
     work.mkdir(parents=True, exist_ok=True)
     study_file = work / "study.toml"
     changes: dict[str, dict[str, Any]] = {"sampler": {"seed": seed},
@@ -48,7 +57,15 @@ def run_study(folder: Path, seed: int, pruned: bool, args: argparse.Namespace) -
         changes["fixed"] = {"steps_per_epoch": args.steps}
     if not pruned:
         changes["pruner"] = {"name": "NopPruner"}
-    c.study_copy(study_file, changes, drop={"budget": ["timeout"]})
+    elif args.pruner_set:
+        changes["pruner"] = dict(args.pruner_set)
+    text = c.study_copy(study_file, changes, drop={"budget": ["timeout"]})
+    stored = work / "result.json"
+    if args.reuse and stored.exists():
+        result = json.loads(stored.read_text(encoding="utf-8"))
+        if result.get("study_file") == text and result.get("overrides") == [args.n_trials, args.max_epochs, args.image_size]:
+            c.log(f"seed {seed} {kind}: reusing the run kept in {work}")
+            return result
     command = [sys.executable, "-m", "flexunet.cli", "search", "run", str(study_file), "--out", str(work / "run"),
                "--n-trials", str(args.n_trials), "--max-epochs", str(args.max_epochs),
                "--image-size", str(args.image_size)]
@@ -70,15 +87,50 @@ def run_study(folder: Path, seed: int, pruned: bool, args: argparse.Namespace) -
     best = max((t.values[0] for t in complete), default=float("nan"))
     baseline = next((t for t in trials if t.user_attrs.get("baseline")), None)
     train_seconds = sum(float(t.user_attrs.get("train_seconds") or 0) for t in trials)
-    return {
-        "seed": seed, "pruner": study_pruner() if pruned else "NopPruner", "wall_s": round(wall, 1),
+    result = {
+        "seed": seed, "pruner": (study_pruner() + tag) if pruned else "NopPruner", "wall_s": round(wall, 1),
         "epochs": epochs, "best_dice": best, "trials": len(trials), "states": states, "infeasible": infeasible,
         "train_seconds": round(train_seconds, 1),
         "baseline_dice": baseline.values[0] if baseline is not None and baseline.values else None,
         "per_trial": [(t.number, t.state.name, t.user_attrs.get("epochs_run"), t.user_attrs.get("stop_reason"),
                        None if t.values is None else round(t.values[0], 4)) for t in trials],
-        "command": " ".join(command),
+        "command": " ".join(command), "study_file": text,
+        "overrides": [args.n_trials, args.max_epochs, args.image_size],
     }
+    stored.write_text(json.dumps(result, indent=2), encoding="utf-8")
+    return result
+
+
+def early_vs_final(folder: Path, epochs: tuple[int, ...] = (3, 5, 7)) -> dict[str, Any]:
+    """In the unpruned studies: how well a trial's validation Dice at an early epoch predicts its
+    final (best) Dice -- Spearman rank correlation over every trained trial, per epoch. A pruner
+    that decides at epoch k is only as good as this ranking."""
+    import optuna
+    from scipy.stats import spearmanr
+
+    result: dict[str, Any] = {}
+    trials = []
+    for db in sorted(folder.glob("seed*-unpruned/run/study.db")):
+        storage = f"sqlite:///{db}"
+        for summary in optuna.get_all_study_summaries(storage):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            trials += [t for t in study.get_trials(deepcopy=False) if t.values and t.intermediate_values]
+    for k in epochs:
+        pairs = [(t.intermediate_values[k - 1], t.values[0]) for t in trials if (k - 1) in t.intermediate_values]
+        if len(pairs) >= 3:
+            rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
+            result[str(k)] = {"trials": len(pairs), "spearman": float(rho)}
+            c.log(f"unpruned trials: Dice at epoch {k} against final Dice, Spearman {rho:+.2f} over {len(pairs)} trials")
+    return result
+
+
+def _number(text: str) -> Any:
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def main() -> None:
@@ -91,7 +143,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, help="override the study's fixed steps_per_epoch")
     parser.add_argument("--keep", help="keep the runs (study copies, databases, logs) in this folder")
     parser.add_argument("--json", help="write every figure to this file")
+    parser.add_argument("--analyse", metavar="DIR", help="only analyse the runs kept in DIR by --keep")
+    parser.add_argument("--pruner-set", nargs="+", default=[], metavar="KEY=VALUE",
+                        help="change the study pruner's arguments, e.g. min_resource=4 (a what-if)")
+    parser.add_argument("--reuse", action="store_true",
+                        help="with --keep: reuse a kept run of the same study copy and overrides instead of running it")
     args = parser.parse_args()
+    args.pruner_set = {k: _number(v) for k, v in (item.split("=", 1) for item in args.pruner_set)}
+    if args.analyse:
+        result = early_vs_final(Path(args.analyse))
+        c.write_json(args.json, {"early_vs_final": result})
+        first = min(result, key=int) if result else None
+        c.headline(f"spearman_epoch{first}_vs_final", result[first]["spearman"] if first else float("nan"), ".2f")
+        return
     defaults = (dict(seeds=[0], image_size=32, n_trials=2, max_epochs=3, steps=2) if args.quick else
                 dict(seeds=[0, 1, 2], image_size=64, n_trials=10, max_epochs=10, steps=None))
     for key, value in defaults.items():
@@ -114,6 +178,7 @@ def main() -> None:
                 c.log(f"seed {seed} {result['pruner']:<22} epochs {result['epochs']:4d}  wall {result['wall_s']:7.1f} s  "
                       f"best Dice {result['best_dice']:.4f}  states {result['states']}")
                 c.log(f"    {result['command']}")
+        correlation = early_vs_final(folder)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -143,6 +208,7 @@ def main() -> None:
     c.log(f"target (>= 40% fewer epochs, best Dice within 0.02): "
           f"{'met' if c.median(saved) >= 0.40 and all(x <= 0.02 for x in dice_gap) else 'NOT met'}")
     c.write_json(args.json, {"quick": args.quick, "machine": c.machine(), "args": vars(args), "runs": runs,
+                             "early_vs_final": correlation,
                              "epochs_saved": saved, "wall_saved": wall_saved, "dice_gap_unpruned_minus_pruned": dice_gap})
     c.headline("epochs_saved_pct", 100 * c.median(saved), ".1f")
 

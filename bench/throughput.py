@@ -257,12 +257,13 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 def inference(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     import keras
     import numpy as np
-    import onnxruntime as ort
-    import tensorflow as tf
 
     from flexunet.data.dataset import load_split
     from flexunet.model import build
 
+    # The SavedModel and the ONNX export go through TensorFlow; on another Keras backend (JAX in
+    # bench/gpu.sh where TensorFlow is not installed) only Keras predict is timed.
+    exports = keras.backend.backend() == "tensorflow"
     results: dict[str, Any] = {}
     for size in args.infer_sizes:
         base = prepared(size, root)
@@ -273,8 +274,9 @@ def inference(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         folder = root / f"export-{size}"
         folder.mkdir(exist_ok=True)
         network.save(folder / "best_model.keras")
-        network.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
-        network.export(str(folder / "model.onnx"), format="onnx", verbose=False)
+        if exports:
+            network.export(str(folder / "saved_model"), format="tf_saved_model", verbose=False)
+            network.export(str(folder / "model.onnx"), format="onnx", verbose=False)
         del network
         keras.backend.clear_session()
         test = load_split(base, "test")
@@ -283,15 +285,16 @@ def inference(args: argparse.Namespace, root: Path) -> dict[str, Any]:
         chunks = [images[i:i + batch] for i in range(0, len(images), batch)]
 
         model = keras.models.load_model(folder / "best_model.keras", compile=False)
-        served = tf.saved_model.load(str(folder / "saved_model"))
-        session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
-        input_name = session.get_inputs()[0].name
+        engines = {"keras_predict": lambda: model.predict(images, batch_size=batch, verbose=0)}
+        if exports:
+            import onnxruntime as ort
+            import tensorflow as tf
 
-        engines = {
-            "keras_predict": lambda: model.predict(images, batch_size=batch, verbose=0),
-            "saved_model": lambda: np.concatenate([served.serve(tf.constant(x)).numpy() for x in chunks]),
-            "onnxruntime": lambda: np.concatenate([session.run(None, {input_name: x})[0] for x in chunks]),
-        }
+            served = tf.saved_model.load(str(folder / "saved_model"))
+            session = ort.InferenceSession(str(folder / "model.onnx"), providers=["CPUExecutionProvider"])
+            input_name = session.get_inputs()[0].name
+            engines["saved_model"] = lambda: np.concatenate([served.serve(tf.constant(x)).numpy() for x in chunks])
+            engines["onnxruntime"] = lambda: np.concatenate([session.run(None, {input_name: x})[0] for x in chunks])
         outputs = {name: run() for name, run in engines.items()}  # warm-up (tracing), not timed
         agree = {name: float(np.max(np.abs(out - outputs["keras_predict"]))) for name, out in outputs.items()}
         rates: dict[str, list[float]] = {k: [] for k in engines}
@@ -313,10 +316,12 @@ def inference(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             c.log(f"inference {size} px {name:<14} img/s {c.spread(rates[name])}; img/CPU-s "
                   f"{c.spread(cpu_rates[name])}  "
                   f"max |diff| vs Keras {agree[name]:.2e}")
-        c.log(f"inference {size} px onnxruntime / keras_predict = "
-              f"{medians['onnxruntime'] / medians['keras_predict']:.2f}, saved_model / keras_predict = "
-              f"{medians['saved_model'] / medians['keras_predict']:.2f}")
-        del model, served, session
+        if exports:
+            c.log(f"inference {size} px onnxruntime / keras_predict = "
+                  f"{medians['onnxruntime'] / medians['keras_predict']:.2f}, saved_model / keras_predict = "
+                  f"{medians['saved_model'] / medians['keras_predict']:.2f}")
+        engines.clear()
+        del model
     return results
 
 

@@ -1,4 +1,4 @@
-"""Import TensorFlow without its start-up chatter on the terminal."""
+"""Import Keras and its backend (TensorFlow) without their start-up chatter on the terminal."""
 
 from __future__ import annotations
 
@@ -8,13 +8,15 @@ import tempfile
 
 
 def quiet_import() -> None:
-    """Import TensorFlow once with file descriptor 2 sent to a temporary file.
+    """Import Keras, and with it its backend, once with file descriptor 2 sent to a temporary file.
 
     TensorFlow's C++ runtime prints informational lines (oneDNN, CUDA probing) to stderr at
     import, before any log level applies, which buries the one-line errors of the CLI. What it
-    printed is replayed if the import fails.
+    printed is replayed if the import fails. Keras imports TensorFlow itself when that is its
+    backend; with ``KERAS_BACKEND=jax`` (how bench/gpu.sh trains where no TensorFlow is
+    installed) TensorFlow is not needed to train or search.
     """
-    if "tensorflow" in sys.modules:
+    if "keras" in sys.modules:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     sys.stderr.flush()
@@ -22,7 +24,6 @@ def quiet_import() -> None:
     with tempfile.TemporaryFile() as captured:
         os.dup2(captured.fileno(), 2)
         try:
-            import tensorflow  # noqa: F401
             import keras  # noqa: F401
         except BaseException:
             os.dup2(saved, 2)

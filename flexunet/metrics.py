@@ -105,7 +105,7 @@ class ForegroundDice(keras.metrics.Metric):
 
     def reset_state(self) -> None:
         for variable in (self.tp, self.fp, self.fn):
-            variable.assign(ops.zeros_like(variable))
+            variable.assign(ops.zeros(variable.shape, dtype=variable.dtype))
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "num_classes": self.num_classes}

@@ -126,10 +126,8 @@ class Objective:
         except MemoryError as exc:
             raise self._fail(trial, f"out of memory: {exc}") from None
         except Exception as exc:
-            import tensorflow as tf
-
-            if isinstance(exc, tf.errors.ResourceExhaustedError):
-                raise self._fail(trial, f"out of memory: {exc.message.splitlines()[0]}") from None
+            if _out_of_device_memory(exc):
+                raise self._fail(trial, f"out of memory: {(str(exc).strip().splitlines() or [''])[0]}") from None
             raise
         finally:
             # Keras keeps every model built in this process unless the session is cleared.
@@ -223,6 +221,11 @@ class Objective:
         from flexunet.data.io import write_png
 
         write_png(path, strip)
+
+
+def _out_of_device_memory(exc: BaseException) -> bool:
+    # TensorFlow raises ResourceExhaustedError; JAX an XlaRuntimeError whose message starts so.
+    return type(exc).__name__ == "ResourceExhaustedError" or str(exc).lstrip().startswith("RESOURCE_EXHAUSTED")
 
 
 def _gradient_registry() -> dict[str, Any] | None:

@@ -111,8 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _limit_threads() -> None:
     # Several workers on one CPU each get an even share of its cores (set by the launcher).
+    import keras
+
     threads = os.environ.get("FLEXUNET_THREADS")
-    if threads:
+    if threads and keras.backend.backend() == "tensorflow":
         import tensorflow as tf
 
         tf.config.threading.set_intra_op_parallelism_threads(int(threads))
