@@ -3,10 +3,11 @@ can say why a run ended (early stopping, a pruner, a non-finite loss...)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,43 @@ from flexunet.metrics import to_classes
 MONITOR = "val_foreground_dice"
 
 
+class SaveThrottle:
+    """When a periodic save is due, so that saving takes at most ``share`` of the wall time.
+
+    After a save that took ``c`` seconds the next one is due ``c * (1 - share) / share`` seconds
+    later: on a GPU, where an epoch of a small data set takes a fraction of a second, saving the
+    model after every epoch would cost more than the training. ``share`` 0 saves every time.
+    """
+
+    def __init__(self, share: float, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.share, self.clock = share, clock
+        self._next = -math.inf
+
+    def due(self) -> bool:
+        return self.share <= 0 or self.clock() >= self._next
+
+    @contextlib.contextmanager
+    def saving(self) -> Iterator[None]:
+        """Time a save and schedule the next one from its cost."""
+        start = self.clock()
+        yield
+        end = self.clock()
+        if self.share > 0:
+            self._next = end + (end - start) * (1 - self.share) / self.share
+
+
 class BestCheckpoint(keras.callbacks.Callback):
     """Early stopping and checkpointing on validation foreground Dice.
 
     Ties are broken by validation loss: a model that predicts no foreground yet scores Dice 0
     epoch after epoch, and without the tie-break early stopping would end the run (and keep
     epoch 1) before the loss has had time to bring the lesions out. At the end of training the
-    best epoch's weights are restored.
+    best epoch's weights are restored and written to ``path``; during training the best model is
+    written as often as ``save_share`` allows (see :class:`SaveThrottle`), and whenever
+    :meth:`flush` is called.
     """
 
-    def __init__(self, path: Path | None, patience: int, monitor: str = MONITOR) -> None:
+    def __init__(self, path: Path | None, patience: int, monitor: str = MONITOR, save_share: float = 0.0) -> None:
         super().__init__()
         self.path, self.patience, self.monitor = path, patience, monitor
         self.best_epoch = -1
@@ -40,6 +68,8 @@ class BestCheckpoint(keras.callbacks.Callback):
         self.wait = 0
         self.stop_reason: str | None = None
         self._best_weights: list[np.ndarray] | None = None
+        self._unsaved = False  # the best weights are newer than the file at path
+        self._throttle = SaveThrottle(save_share)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
@@ -52,8 +82,9 @@ class BestCheckpoint(keras.callbacks.Callback):
         if dice > self.best_dice or (dice == self.best_dice and loss < self.best_loss):
             self.best_epoch, self.best_dice, self.best_loss, self.wait = epoch, dice, loss, 0
             self._best_weights = self.model.get_weights()
-            if self.path is not None:
-                self.model.save(self.path)
+            self._unsaved = self.path is not None
+            if self._unsaved and self._throttle.due():
+                self._save()
             return
         self.wait += 1
         if self.patience and self.wait >= self.patience:
@@ -63,6 +94,25 @@ class BestCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._best_weights is not None:
             self.model.set_weights(self._best_weights)
+            if self._unsaved:
+                self._save()
+
+    def flush(self) -> None:
+        """Write the best model now if the file is behind (a resume checkpoint must match it)."""
+        if not self._unsaved or self._best_weights is None:
+            return
+        current = self.model.get_weights()
+        self.model.set_weights(self._best_weights)
+        try:
+            self._save()
+        finally:
+            self.model.set_weights(current)
+
+    def _save(self) -> None:
+        assert self.path is not None
+        with self._throttle.saving():
+            self.model.save(self.path)
+        self._unsaved = False
 
     def restore(self, state: dict[str, Any], best_weights: list[np.ndarray] | None) -> None:
         """Take up the state an :class:`EpochCheckpoint` saved."""
@@ -72,40 +122,52 @@ class BestCheckpoint(keras.callbacks.Callback):
 
 
 class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch, save what a restarted run needs to carry on where this one stopped:
-    the model with its optimizer state (``last.keras``) and the early-stopping state and
-    history so far (``state.json``). ``on_saved`` is called with the folder and the epoch."""
+    """After the first epoch, and then as often as ``save_share`` allows (see
+    :class:`SaveThrottle`; 0: after every epoch), save what a restarted run needs to carry on
+    where this one stopped: the model with its optimizer state (``last.keras``), the best model
+    so far, and the early-stopping state and history (``state.json``). ``on_saved`` is called
+    with the folder and the epoch, and its time counts as part of the save."""
 
     LAST, STATE = "last.keras", "state.json"
 
     def __init__(self, folder: Path, best: BestCheckpoint, history: dict[str, list[float]],
-                 on_saved: Callable[[Path, int], None] | None = None) -> None:
+                 on_saved: Callable[[Path, int], None] | None = None, save_share: float = 0.0) -> None:
         super().__init__()
         self.folder, self.best, self.history, self.on_saved = folder, best, history, on_saved
+        self._throttle = SaveThrottle(save_share)
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
-        self.model.save(self.folder / self.LAST)
-        state = {"epoch": epoch, "best_epoch": self.best.best_epoch, "best_dice": self.best.best_dice,
-                 "best_loss": self.best.best_loss, "wait": self.best.wait, "history": self.history}
-        (self.folder / self.STATE).write_text(json.dumps(state), encoding="utf-8")
-        if self.on_saved is not None:
-            self.on_saved(self.folder, epoch)
+        if not self._throttle.due():
+            return
+        with self._throttle.saving():
+            self.best.flush()
+            self.model.save(self.folder / self.LAST)
+            state = {"epoch": epoch, "best_epoch": self.best.best_epoch, "best_dice": self.best.best_dice,
+                     "best_loss": self.best.best_loss, "wait": self.best.wait, "history": self.history}
+            (self.folder / self.STATE).write_text(json.dumps(state), encoding="utf-8")
+            if self.on_saved is not None:
+                self.on_saved(self.folder, epoch)
 
 
 class StopOnNonFinite(keras.callbacks.Callback):
-    """Stop at the first batch whose loss is NaN or infinite."""
+    """Stop after the first epoch whose mean training loss is NaN or infinite.
+
+    Checked per epoch, not per batch: a batch-level hook makes Keras fetch the loss from the
+    device after every step, which stalls a GPU; one non-finite batch already makes the
+    epoch's mean non-finite.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self.stop_reason: str | None = None
 
-    def on_train_batch_end(self, batch: int, logs: dict[str, Any] | None = None) -> None:
+    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(float(loss)):
             self.model.stop_training = True
-            self.stop_reason = f"non-finite loss ({float(loss)}) at batch {batch}"
+            self.stop_reason = f"non-finite loss ({float(loss)}) in epoch {epoch + 1}"
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -132,17 +194,30 @@ class LearningRateLog(keras.callbacks.Callback):
 
 
 class LearningCurves(keras.callbacks.Callback):
-    """Redraw the learning-curve PNG after every epoch."""
+    """Redraw the learning-curve PNG after an epoch, as often as ``save_share`` allows (see
+    :class:`SaveThrottle`; 0: after every epoch), and at the end of training."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, save_share: float = 0.0) -> None:
         super().__init__()
         self.path = path
         self.history: dict[str, list[float]] = {}
+        self._throttle = SaveThrottle(save_share)
+        self._drawn = -1  # epochs in the PNG
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         for key, value in (logs or {}).items():
             self.history.setdefault(key, []).append(float(value))
-        plots.learning_curves(self.history, self.path)
+        if self._throttle.due():
+            self._draw()
+
+    def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
+        if self.history and self._drawn != len(self.history.get("loss", [])):
+            self._draw()
+
+    def _draw(self) -> None:
+        with self._throttle.saving():
+            plots.learning_curves(self.history, self.path)
+        self._drawn = len(self.history.get("loss", []))
 
 
 class EpochChangeInfer(keras.callbacks.Callback):

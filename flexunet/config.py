@@ -100,6 +100,9 @@ class TrainConfig:
     seed: int = 137
     augmentation: bool = True
     augmentation_strength: float = 0.5
+    # The most of the training time that each periodic save (best model, resume checkpoint,
+    # learning curves) may take; 0 saves after every epoch. Final outputs are always written.
+    save_overhead: float = 0.02
 
 
 @dataclass(frozen=True)
@@ -386,6 +389,7 @@ _TRAIN: _Spec = {
     "seed": _int(0, 2**32 - 1),
     "augmentation": _bool,
     "augmentation_strength": _float(0.0, 1.0),
+    "save_overhead": _float(0.0, 0.5),
 }
 _DIRS: _Spec = {"images_dir": _path, "masks_dir": _path}
 _EVAL: _Spec = {"output_dir": _path}

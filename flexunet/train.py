@@ -79,8 +79,9 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
     """Train one model on in-memory data; the core that ``flexunet train`` and every search
     trial share.
 
-    With ``checkpoint_dir``, the state after every epoch is saved there (and handed to
-    ``on_checkpoint``); with ``resume``, training carries on from the state found there.
+    With ``checkpoint_dir``, the state after an epoch is saved there (and handed to
+    ``on_checkpoint``): after the first epoch, then as often as ``train.save_overhead`` allows;
+    with ``resume``, training carries on from the last state saved there.
     """
     keras.utils.set_random_seed(train.seed)
     state: dict[str, Any] = {}
@@ -100,7 +101,7 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
                             seed=train.seed, steps=train.steps_per_epoch)
     valid_batches = Batches(valid_data, model.num_classes, train.batch_size)
 
-    best = cb.BestCheckpoint(outputs.model_path, train.patience)
+    best = cb.BestCheckpoint(outputs.model_path, train.patience, save_share=train.save_overhead)
     if state:
         best_weights = None
         if outputs.model_path is not None and outputs.model_path.exists():
@@ -116,7 +117,7 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
     if outputs.log_csv is not None:
         callbacks.append(keras.callbacks.CSVLogger(str(outputs.log_csv), append=bool(state)))
     if outputs.curves_png is not None:
-        curves = cb.LearningCurves(outputs.curves_png)
+        curves = cb.LearningCurves(outputs.curves_png, save_share=train.save_overhead)
         curves.history = {k: list(v) for k, v in state.get("history", {}).items()}
         callbacks.append(curves)
     if outputs.infer_dir is not None and outputs.num_infer_images > 0:
@@ -125,7 +126,8 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
     callbacks.extend(extra_callbacks)
     history_so_far: dict[str, list[float]] = {k: list(v) for k, v in state.get("history", {}).items()}
     if checkpoint_dir is not None:
-        callbacks.append(cb.EpochCheckpoint(checkpoint_dir, best, history_so_far, on_checkpoint))
+        callbacks.append(cb.EpochCheckpoint(checkpoint_dir, best, history_so_far, on_checkpoint,
+                                            save_share=train.save_overhead))
     initial_epoch = int(state["epoch"]) + 1 if state else 0
     if state:
         train_batches.epoch = initial_epoch

@@ -25,7 +25,7 @@ SETTABLE: dict[str, str] = {
     "optimizer": "model", "weight_decay": "model", "loss": "model", "clipvalue": "model",
     "batch_size": "train", "steps_per_epoch": "train", "augmentation": "train", "augmentation_strength": "train",
     "patience": "train", "learning_rate_reducer": "train", "reducer_factor": "train",
-    "reducer_patience": "train", "seed": "train",
+    "reducer_patience": "train", "seed": "train", "save_overhead": "train",
 }
 SECOND_OBJECTIVES = ("params", "latency")
 SAMPLERS = ("TPESampler", "RandomSampler", "GPSampler", "NSGAIISampler", "QMCSampler")

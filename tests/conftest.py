@@ -147,7 +147,8 @@ def redis_url():  # type: ignore[no-untyped-def]
 def tiny_study(path: Path, name: str, *, n_trials: int = 6, max_epochs: int = 1, baseline: bool = True,
                pruner: str = 'name = "NopPruner"', fixed: str = "", space: str = "",
                steps_per_epoch: int = 2) -> Path:
-    """A study file that trains in seconds: 32 px, two batches per epoch."""
+    """A study file that trains in seconds: 32 px, two batches per epoch, a resume checkpoint
+    after every epoch (so that what a retried trial resumes from does not depend on timing)."""
     path.write_text(f"""
 [study]
 name = "{name}"
@@ -158,6 +159,7 @@ prepare = {{ dataset = "ct-ich", source = "{SAMPLE}", size = 32 }}
 [fixed]
 steps_per_epoch = {steps_per_epoch}
 patience = 0
+save_overhead = 0
 {fixed}
 [budget]
 n_trials = {n_trials}

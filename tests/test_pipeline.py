@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SEED_CONFIG, run_cli, set_keys
 from flexunet import config as cfg
-from flexunet.callbacks import BestCheckpoint
+from flexunet.callbacks import BestCheckpoint, SaveThrottle
 from flexunet.data.dataset import load_split
 from flexunet.train import fit
 
@@ -144,7 +144,7 @@ def test_training_resumes_from_its_last_epoch(tiny_config: Path, tmp_path: Path)
     process carry on at the next epoch, with the log and early-stopping state intact."""
     from flexunet.train import TrainOutputs
 
-    set_keys(tiny_config, epochs="4", epoch_change_infer="False")
+    set_keys(tiny_config, epochs="4", epoch_change_infer="False", save_overhead="0")
     config = cfg.load(tiny_config)
     train, valid = load_split(config, "train"), load_split(config, "valid")
     work = tmp_path / "checkpoints"
@@ -164,3 +164,43 @@ def test_training_resumes_from_its_last_epoch(tiny_config: Path, tmp_path: Path)
     with (work / "log.csv").open() as handle:
         assert [row["epoch"] for row in csv.DictReader(handle)] == ["0", "1", "2", "3"]
     assert 1 <= resumed.best_epoch <= 4
+
+
+def test_save_throttle_keeps_saving_within_its_share() -> None:
+    """After a save of c seconds the next is due c * (1 - share) / share later; share 0: always."""
+    now = [0.0]
+    throttle = SaveThrottle(0.2, clock=lambda: now[0])
+    assert throttle.due()
+    with throttle.saving():
+        now[0] += 1.0  # a save of one second: the next is due 4 s after it ends
+    now[0] += 3.9
+    assert not throttle.due()
+    now[0] += 0.2
+    assert throttle.due()
+    always = SaveThrottle(0.0, clock=lambda: now[0])
+    with always.saving():
+        now[0] += 10.0
+    assert always.due()
+
+
+def test_throttled_saves_still_leave_the_best_model_and_curves(tiny_config: Path, tmp_path: Path) -> None:
+    """With saves throttled as far as they go, the files written at the end are those of the
+    best epoch, and the resume checkpoint (taken after the first epoch) matches its best model."""
+    from flexunet.train import TrainOutputs
+
+    set_keys(tiny_config, epochs="4", epoch_change_infer="False", patience="0", save_overhead="0.5")
+    config = cfg.load(tiny_config)
+    train, valid = load_split(config, "train"), load_split(config, "valid")
+    work = tmp_path / "checkpoints"
+    work.mkdir()
+    outputs = TrainOutputs(model_path=work / "best_model.keras", curves_png=work / "curves.png")
+    saved: list[int] = []
+    result = fit(config.model, config.train, train, valid, outputs=outputs, verbose=0, checkpoint_dir=work,
+                 on_checkpoint=lambda folder, epoch: saved.append(epoch))
+    assert result.epochs_run == 4 and saved[0] == 0
+    best = keras.models.load_model(work / "best_model.keras", compile=False)
+    for ours, theirs in zip(result.model.get_weights(), best.get_weights(), strict=True):
+        np.testing.assert_array_equal(ours, theirs)
+    assert (work / "curves.png").stat().st_size > 5000
+    state = json.loads((work / "state.json").read_text())
+    assert state["epoch"] == saved[-1] and len(state["history"]["loss"]) == saved[-1] + 1

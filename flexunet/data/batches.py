@@ -16,7 +16,9 @@ class Batches(keras.utils.PyDataset):
 
     def __init__(self, data: SliceSet, num_classes: int, batch_size: int, *, shuffle: bool = False,
                  augment_strength: float = 0.0, seed: int = 0, steps: int | None = None) -> None:
-        super().__init__(workers=1, use_multiprocessing=False)
+        # Two threads prepare the next batches while the model trains on this one (a GPU would
+        # otherwise wait on them); each batch depends only on its index, so the order is kept.
+        super().__init__(workers=2, use_multiprocessing=False)
         if data.masks is None:
             raise ValueError("Batches needs masks")
         self.data, self.num_classes, self.batch_size = data, num_classes, batch_size
