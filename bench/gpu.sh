@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# GPU figures from a bare start, in at most 8 minutes (NOT YET RUN ON A GPU: see BENCHMARKS.md).
+# GPU figures from a bare start, in at most 8 minutes (results, and how they were taken:
+# BENCHMARKS.md, section 6).
 #
 # On a fresh checkout of this repository on a machine with an NVIDIA GPU and Python 3.11+:
 #
@@ -7,7 +8,7 @@
 #
 # 1. creates a virtual environment (.venv-gpu, or $VENV) and installs the project with the
 #    `export` and `gpu` extras (tensorflow[and-cuda]); an existing environment is reused;
-# 2. checks that TensorFlow sees the GPU (stops otherwise: CPU figures are bench/throughput.py's);
+# 2. checks that Keras sees the GPU (stops otherwise: CPU figures are bench/throughput.py's);
 # 3. bench/throughput.py on the GPU: training images/s of a search trial's loop against plain
 #    model.fit at 256 px, and inference images/s (Keras, SavedModel, onnxruntime on the CPU) at
 #    128 and 256 px;
@@ -18,14 +19,18 @@
 # 5. prints what it measured; the last line is `gpu_trial_train_images_per_s_256px: X`.
 #
 # Every stage has a time limit so that the whole script ends within BUDGET seconds (default 480).
-# Environment: VENV, WORK (output folder, default a new temporary one), BUDGET, N_TRIALS (6),
-# MAX_EPOCHS (6), REPEATS (3: interleaved throughput repeats), PIP_ARGS (extra pip arguments, e.g. a local wheel cache), SKIP_INSTALL=1 (use
-# VENV as it is), PYTHON (an interpreter that already has the project and its dependencies: no
-# venv, no install), KERAS_BACKEND=jax (where TensorFlow cannot be installed: training and the
-# study run on Keras' JAX backend; inference is then timed through Keras alone), SIZE (256:
-# training and study image side). ALLOW_CPU=1 goes on without a GPU
-# (to check the script itself on a CPU machine: SKIP_INSTALL=1 VENV=.venv ALLOW_CPU=1 SIZE=64
-# N_TRIALS=2 MAX_EPOCHS=2 bash bench/gpu.sh).
+# Environment:
+#   VENV           the virtual environment to create or reuse (.venv-gpu)
+#   PYTHON         instead: an interpreter that already has the project and its dependencies
+#                  (no venv, no install)
+#   SKIP_INSTALL=1 use VENV as it is;  PIP_ARGS: extra pip arguments (e.g. a local wheel cache)
+#   KERAS_BACKEND  jax where TensorFlow cannot be installed: training and the study run on
+#                  Keras' JAX backend, and inference is timed through Keras alone
+#   WORK           output folder (a new temporary one);  BUDGET (480 s)
+#   SIZE (256)     training and study image side;  N_TRIALS (6), MAX_EPOCHS (6): the study;
+#   REPEATS (3)    interleaved throughput repeats
+#   ALLOW_CPU=1    go on without a GPU, to check the script itself on a CPU machine:
+#                  SKIP_INSTALL=1 VENV=.venv ALLOW_CPU=1 SIZE=64 N_TRIALS=2 MAX_EPOCHS=2 bash bench/gpu.sh
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -109,14 +109,22 @@ def _study_files(args: argparse.Namespace, target: _Target, study: optuna.Study)
     return cfg.load(data_config), artifacts
 
 
-def _cmd_export(args: argparse.Namespace) -> int:
+def _open_with_files(args: argparse.Namespace):  # -> (target, storage, study, base config, artifacts)
+    """The study a command names, its dataset config and artifact folder, with Keras imported
+    (export and report both train nothing but load models)."""
     from flexunet._tf import quiet_import
-    from search import storage as st
 
     target = _target(args)
     storage, study = _open(target)
     base, artifacts = _study_files(args, target, study)
     quiet_import()
+    return target, storage, study, base, artifacts
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from search import storage as st
+
+    target, storage, study, base, artifacts = _open_with_files(args)
     from flexunet.evaluate import format_table
     from search.export import export
 
@@ -175,15 +183,11 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from flexunet._tf import quiet_import
     from search import storage as st
 
     if args.slices < 1:
         raise FlexUNetError(f"--slices {args.slices}: need at least 1")
-    target = _target(args)
-    storage, study = _open(target)
-    base, artifacts = _study_files(args, target, study)
-    quiet_import()
+    target, storage, study, base, artifacts = _open_with_files(args)
     from search.report import REPORT_FILE, write_report
 
     result = write_report(study, storage, Path(args.out), base=base, artifacts=artifacts,

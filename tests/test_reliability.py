@@ -260,3 +260,17 @@ def test_out_of_memory_fails_the_trial_and_the_worker_slot_goes_on(tmp_path: Pat
     assert crashed[0].user_attrs["fail_reason"] == "worker crashed (SIGSEGV), most likely out of memory"
     assert "died (SIGSEGV); starting another" in log.read_text()
     assert [(t.number, t.state) for t in trials] == [(0, TrialState.FAIL), (1, TrialState.COMPLETE)]
+
+
+def test_device_out_of_memory_is_recognised_on_both_backends() -> None:
+    """A GPU running out of memory raises (unlike a CPU): TensorFlow's ResourceExhaustedError, or
+    JAX's runtime error whose message starts with RESOURCE_EXHAUSTED. Either fails the trial with
+    an out-of-memory reason; any other error is left to propagate."""
+    import tensorflow as tf
+
+    from search.objective import _out_of_device_memory
+
+    assert _out_of_device_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
+    assert _out_of_device_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0GiB"))
+    assert not _out_of_device_memory(ValueError("RESOURCE_EXHAUSTED appears later in this message"))
+    assert not _out_of_device_memory(MemoryError())
