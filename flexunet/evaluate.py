@@ -36,7 +36,7 @@ class Evaluation:
         return buffer.getvalue()
 
     def json_text(self) -> str:
-        return json.dumps(_clean(self.summary), indent=2) + "\n"
+        return json.dumps(json_ready(self.summary), indent=2) + "\n"
 
 
 def _cell(value: Any) -> Any:
@@ -45,14 +45,15 @@ def _cell(value: Any) -> Any:
     return "" if value is None else value
 
 
-def _clean(value: Any) -> Any:
-    """JSON has no NaN: undefined figures become null."""
+def json_ready(value: Any) -> Any:
+    """Figures as JSON holds them: NaN (undefined) and infinities become null, numpy scalars Python numbers,
+    floats keep 6 significant digits (not 6 decimals: a learning rate of 1e-7 stays 1e-7)."""
     if isinstance(value, dict):
-        return {str(k): _clean(v) for k, v in value.items()}
+        return {str(k): json_ready(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_clean(v) for v in value]
+        return [json_ready(v) for v in value]
     if isinstance(value, float | np.floating):
-        return None if math.isnan(value) else round(float(value), 6)
+        return float(f"{float(value):.6g}") if math.isfinite(value) else None
     if isinstance(value, np.integer):
         return int(value)
     return value

@@ -48,7 +48,7 @@ def _target(args: argparse.Namespace) -> _Target:
 def _open(target: _Target):  # -> (storage, study)
     from search import storage as st
 
-    storage = st.open_storage(target.url, heartbeat=False)
+    storage = st.open_storage(target.url, heartbeat=False, create=False)
     return storage, st.load_study(storage, target.name)
 
 
@@ -158,7 +158,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         if not url:
             raise FlexUNetError("name the study: give STUDY.toml, --study NAME or --storage URL")
         url = st.normalize(url)
-        storage = st.open_storage(url, heartbeat=False)
+        storage = st.open_storage(url, heartbeat=False, create=False)
         studies = [st.load_study(storage, name) for name in optuna.study.get_all_study_names(storage)]
         target, first = None, (studies[0] if len(studies) == 1 else None)
     if args.artifacts:

@@ -153,12 +153,12 @@ def _onnx_available() -> bool:
 def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], masked_storage: str) -> dict[str, Any]:
     from collections import Counter
 
-    from flexunet.evaluate import _clean
+    from flexunet.evaluate import json_ready
 
     states = Counter(t.state.name.lower() for t in study.get_trials(deepcopy=False))
     base = baseline_trial(study)
     attrs = trial.user_attrs
-    return _clean({
+    return json_ready({
         "study": study.study_name,
         "storage": masked_storage,
         "trial": trial.number,

@@ -84,9 +84,18 @@ def _journal_path(url: str) -> Path:
     return Path(path)
 
 
-def open_storage(url: str, *, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``; RDB storages get heartbeats and the retry of stale trials."""
+def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; RDB storages get heartbeats and the retry of stale trials.
+
+    With ``create=False`` (commands that only read a study) a SQLite or journal file that does
+    not exist is an error, rather than an empty database left behind.
+    """
     what = kind(url)
+    if not create and what in ("sqlite", "journal-file"):
+        path = _journal_path(url) if what == "journal-file" else Path(url.split("///", 1)[-1])
+        if not path.is_file():
+            raise ConfigError(f"{path}: no study database there (has the study run? its folder may be "
+                              "elsewhere: pass --run-dir DIR or --storage URL)")
     try:
         if what == "journal-file":
             from optuna.storages.journal import JournalFileBackend

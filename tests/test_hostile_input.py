@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import Run, assert_user_error, run_cli
+from conftest import ROOT, Run, assert_user_error, run_cli
 from flexunet.errors import ConfigError
 from search import study_file
 
@@ -608,7 +608,10 @@ STORAGE_FAULTS: dict[str, tuple[Callable[[Path], str], tuple[str, ...]]] = {
     "unreachable postgresql": (lambda t: "postgresql://user:s3cret@127.0.0.1:1/db",
                                ("postgresql+psycopg://user:***@127.0.0.1:1/db", "cannot connect")),
     "sqlite file that is not a database": (_not_a_database, ("notes.db", "cannot connect")),
-    "sqlite under a plain file": (_under_a_file, ("plain-file", "cannot connect")),
+    "sqlite under a plain file": (_under_a_file, ("plain-file", "no study database there")),
+    "sqlite file that does not exist": (lambda t: f"sqlite:///{t}/elsewhere/study.db",
+                                        ("elsewhere/study.db", "no study database there")),
+    "journal file that does not exist": (lambda t: f"journal:{t}/study.log", ("study.log", "no study database there")),
 }
 
 
@@ -623,6 +626,16 @@ def test_storage_url_faults(tmp_path: Path, fault: str) -> None:
         assert "cannot connect" not in line, line  # a missing path is not a connection problem
     # Nothing was created or changed: a file that is not a database stays as it was.
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+
+def test_reading_a_study_that_never_ran_creates_nothing(tmp_path: Path) -> None:
+    """status/export/report/dashboard with a study file whose run folder does not exist (run
+    elsewhere, or not yet) say so, instead of leaving an empty database behind."""
+    for command in ("status", "export", "report"):
+        extra = ("--out", tmp_path / "out") if command in ("export", "report") else ()
+        run = run_cli("search", command, ROOT / "studies" / "ct_ich_sample.toml", *extra, cwd=tmp_path)
+        assert_user_error(run, "study.db", "no study database there", "--run-dir")
+    assert not list(tmp_path.iterdir())
 
 
 def test_storage_from_the_environment_is_named_too(tmp_path: Path) -> None:

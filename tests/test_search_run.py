@@ -85,7 +85,10 @@ def test_export_writes_everything_and_models_agree(sample_run: Path, tmp_path: P
         assert (out / name).exists(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert 0.0 <= metrics["test"]["foreground_dice_global"] <= 1.0
-    assert metrics["trial"] == _study(sample_run).best_trial.number
+    best = _study(sample_run).best_trial
+    assert metrics["trial"] == best.number
+    # The settings are those the trial trained with, small numbers included (not rounded away).
+    assert metrics["settings"]["reducer_min_lr"] == best.user_attrs["settings"]["reducer_min_lr"] > 0
     for path in out.rglob("*"):
         if path.is_file() and path.suffix in (".json", ".md", ".config", ".csv", ".pbtxt", ".txt"):
             text = path.read_text(errors="replace")
