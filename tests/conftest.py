@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -177,8 +178,16 @@ num_layers = {{ type = "int", low = 2, high = 3 }}
     return path
 
 
+def ctrl_c_as_from_a_terminal() -> None:
+    """``preexec_fn`` for commands a test stops with SIGINT. A shell that starts a job in the
+    background (``./.ci/run &``) makes it ignore SIGINT, and every child inherits that: a test
+    that presses Ctrl-C must not depend on how the test run itself was started."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_cli(*args: str | Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
     """Start ``flexunet ARGS`` in the background, output to ``log``."""
     handle = log.open("w", encoding="utf-8")
     return subprocess.Popen([sys.executable, "-m", "flexunet.cli", *map(str, args)], stdout=handle,
-                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+                            stderr=subprocess.STDOUT, env={**os.environ, **(env or {})},
+                            preexec_fn=ctrl_c_as_from_a_terminal)

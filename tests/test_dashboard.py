@@ -25,7 +25,7 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from browser import dump_dom, screenshot
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, ctrl_c_as_from_a_terminal, run_cli
 from search import dashboard as db
 
 STUDY = "dash-check"
@@ -125,6 +125,7 @@ def test_non_loopback_hosts_are_warned_about(host: str, loopback: bool) -> None:
 
 def test_the_command_warns_before_listening_everywhere(tmp_path: Path) -> None:
     # The study does not exist, so the command stops before it listens: only the warning matters.
+    optuna.create_study(study_name="other", storage=f"sqlite:///{tmp_path / 'x.db'}")
     run = run_cli("search", "dashboard", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'x.db'}",
                   "--host", "0.0.0.0", "--port", "0")
     assert_user_error(run, "no study named 'nope'")
@@ -143,7 +144,8 @@ class _Dashboard:
     def __init__(self, *args: str) -> None:
         self.proc = subprocess.Popen([sys.executable, "-m", "flexunet.cli", "search", "dashboard", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                                     preexec_fn=ctrl_c_as_from_a_terminal)
         self.lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
         self.url = self._wait_for_url(timeout=60)

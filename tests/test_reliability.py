@@ -272,5 +272,5 @@ def test_device_out_of_memory_is_recognised_on_both_backends() -> None:
 
     assert _out_of_device_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
     assert _out_of_device_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0GiB"))
-    assert not _out_of_device_memory(ValueError("RESOURCE_EXHAUSTED appears later in this message"))
+    assert not _out_of_device_memory(ValueError("a shape mismatch, not RESOURCE_EXHAUSTED"))
     assert not _out_of_device_memory(MemoryError())

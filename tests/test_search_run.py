@@ -108,8 +108,10 @@ loaded = tf.saved_model.load(sys.argv[3])  # keep a reference: its variables die
 served = loaded.serve(tf.constant(x)).numpy()
 session = onnxruntime.InferenceSession(sys.argv[4])
 onnx = session.run(None, {{session.get_inputs()[0].name: x}})[0]
+decided = np.abs(probs.max(-1) - 0.5) > 1e-2  # pixels not on a class boundary (2 classes)
 print(json.dumps({{"names": [p.stem for p in images], "classes": probs.argmax(-1).tolist(),
-                  "saved": float(np.abs(served - probs).max()), "onnx": float(np.abs(onnx - probs).max())}}))
+                  "saved": float(np.abs(served - probs).max()), "onnx": float(np.abs(onnx - probs).max()),
+                  "onnx_same_classes": bool((onnx.argmax(-1) == probs.argmax(-1))[decided].all())}}))
 """
     config_text = (out / "train_eval_infer.config").read_text()
     test_dir = (out / next(line.split("=", 1)[1].strip().strip('"') for line in config_text.splitlines()
@@ -119,7 +121,10 @@ print(json.dumps({{"names": [p.stem for p in images], "classes": probs.argmax(-1
                           capture_output=True, text=True, env={"TF_CPP_MIN_LOG_LEVEL": "3", "PATH": "/usr/bin:/bin"})
     assert done.returncode == 0, done.stderr[-3000:]
     fresh = json.loads(done.stdout.strip().splitlines()[-1])
-    assert fresh["saved"] < 1e-5 and fresh["onnx"] < 1e-4
+    # SavedModel runs TensorFlow's own kernels: the same numbers. onnxruntime sums in another
+    # order; through several 11x11 convolutions float32 rounding reaches ~1e-3 of a probability
+    # (8.4e-4 seen), never enough to change a pixel's class away from a class boundary.
+    assert fresh["saved"] < 1e-5 and fresh["onnx"] < 2e-3 and fresh["onnx_same_classes"]
     for name, classes in zip(fresh["names"], fresh["classes"]):
         mask = cv2.imread(str(tmp_path / "infer" / "masks" / f"{name}.png"), cv2.IMREAD_UNCHANGED)
         # infer writes masks at the original size (128 px here): the prediction, nearest-resized.
