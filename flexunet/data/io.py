@@ -11,20 +11,14 @@ import numpy as np
 
 from flexunet.config import Color
 from flexunet.errors import DataError
+from flexunet.textfiles import read_bytes
 
 _JPEG_SUFFIXES = (".jpg", ".jpeg")
 _MAX_SIDE = 16384
 
 
 def _read_bytes(path: Path) -> bytes:
-    try:
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except IsADirectoryError:
-        raise DataError(f"{path}: is a folder, not an image") from None
-    except OSError as exc:
-        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    data = read_bytes(path, "image file", DataError)
     if not data:
         raise DataError(f"{path}: empty file")
     return data
