@@ -69,10 +69,14 @@ def public(url: str) -> str:
     absolute path of the machine that made the file says nothing useful elsewhere)."""
     what = kind(url)
     if what == "sqlite":
-        return "sqlite:///" + Path(url.split("///", 1)[-1]).name
+        return "sqlite:///" + _sqlite_path(url).name
     if what == "journal-file":
         return "journal:" + _journal_path(url).name
     return mask(url)
+
+
+def _sqlite_path(url: str) -> Path:
+    return Path(url.split("///", 1)[-1])
 
 
 def _journal_path(url: str) -> Path:
@@ -91,24 +95,21 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> op
     not exist is an error, rather than an empty database left behind.
     """
     what = kind(url)
-    if not create and what in ("sqlite", "journal-file"):
-        path = _journal_path(url) if what == "journal-file" else Path(url.split("///", 1)[-1])
-        if not path.is_file():
-            raise ConfigError(f"{path}: no study database there (has the study run? its folder may be "
-                              "elsewhere: pass --run-dir DIR or --storage URL)")
+    path = _sqlite_path(url) if what == "sqlite" else _journal_path(url) if what == "journal-file" else None
+    if path is not None and not create and not path.is_file():
+        raise ConfigError(f"{path}: no study database there (has the study run? its folder may be "
+                          "elsewhere: pass --run-dir DIR or --storage URL)")
     try:
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
         if what == "journal-file":
             from optuna.storages.journal import JournalFileBackend
 
-            path = _journal_path(url)
-            path.parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.JournalStorage(JournalFileBackend(str(path)))
         if what == "journal-redis":
             from optuna.storages.journal import JournalRedisBackend
 
             return optuna.storages.JournalStorage(JournalRedisBackend(url))
-        if what == "sqlite":
-            Path(url.split("///", 1)[-1]).parent.mkdir(parents=True, exist_ok=True)
         kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}} if what != "sqlite" else {}
         if heartbeat:
             kwargs.update(
