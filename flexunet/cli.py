@@ -94,6 +94,7 @@ def _cmd_infer(args: argparse.Namespace) -> int:
     _tensorflow()
     from flexunet.evaluate import _check_shapes, load_model
     from flexunet.infer import infer_folder, model_config_of
+    from flexunet.postprocess import PostProcessing
     from flexunet.train import MODEL_FILE
 
     if config is not None:
@@ -104,7 +105,9 @@ def _cmd_infer(args: argparse.Namespace) -> int:
         network = load_model(model_path)
         model, image = model_config_of(network), ImageConfig()
         mask = MaskConfig(rgb_map=dict(BINARY_RGB_MAP))
-    result = infer_folder(network, images, out, model, image, mask.palette(max(2, model.num_classes)))
+    postprocessing = config.postprocess if config is not None else PostProcessing()
+    result = infer_folder(network, images, out, model, image, mask.palette(max(2, model.num_classes)),
+                          postprocessing=postprocessing)
     print(f"{result.images} images, {result.foreground_images} with predicted foreground")
     print(f"written: {out}/masks (class index per pixel), {out}/colorized, {out}/overlays")
     return 0

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from flexunet.errors import ConfigError
+from flexunet.postprocess import PostProcessing, check_classes
 from flexunet.textfiles import read_text
 
 _logger = logging.getLogger(__name__)
@@ -171,6 +172,8 @@ class Config:
     infer: InferConfig = field(default_factory=InferConfig)
     image: ImageConfig = field(default_factory=ImageConfig)
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    # Rules chosen on out-of-fold predictions (flexunet.postprocess); none by default.
+    postprocess: PostProcessing = field(default_factory=PostProcessing)
     path: Path | None = None
 
     def replace(self, **sections: Any) -> Config:
@@ -343,6 +346,21 @@ def _pattern(value: Any, where: str) -> str:
     return text
 
 
+def _threshold(value: Any, where: str) -> float | None:
+    return _float(0.0, 1.0, open_lo=True, open_hi=True, optional=True)(value, where)
+
+
+def _component_sizes(value: Any, where: str) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    if (not isinstance(value, tuple | list) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)):
+        raise ConfigError(f"{where}: expected one size >= 0 per foreground class like (0, 12), got {_describe(value)}")
+    return tuple(value)
+
+
 def _range(lo: float | None, hi: float | None) -> str:
     return f"[{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}]"
 
@@ -397,6 +415,7 @@ _INFER: _Spec = {"images_dir": _path, "output_dir": _path}
 _IMAGE: _Spec = {"color_order": _str(("RGB", "BGR"))}
 _MASK: _Spec = {"rgb_map": _rgb_map, "mask_file_format": _suffix}
 _DATASET: _Spec = {"patient_pattern": _pattern}
+_POSTPROCESS: _Spec = {"threshold": _threshold, "min_component_size": _component_sizes}
 
 _SECTIONS: dict[str, tuple[_Spec, type]] = {
     "model": (_MODEL, ModelConfig),
@@ -408,6 +427,7 @@ _SECTIONS: dict[str, tuple[_Spec, type]] = {
     "image": (_IMAGE, ImageConfig),
     "mask": (_MASK, MaskConfig),
     "dataset": (_DATASET, DatasetConfig),
+    "postprocess": (_POSTPROCESS, PostProcessing),
 }
 # Keys the seed's configs carry that this project reads but has no use for.
 _SEED_ONLY = {
@@ -502,7 +522,7 @@ def loads(text: str, *, source: str = "<config>", base_dir: Path | None = None,
     config = Config(
         model=build("model"), mask=build("mask"), train=build("train"), valid=build("valid"),
         test=build("test"), eval=build("eval"), infer=build("infer"), image=build("image"),
-        dataset=build("dataset"), path=path,
+        dataset=build("dataset"), postprocess=build("postprocess"), path=path,
     )
     _check_classes(config, source)
     return config
@@ -535,6 +555,10 @@ def _check_classes(config: Config, source: str) -> None:
                           f"{config.model.num_classes}")
     if 0 not in classes:
         raise ConfigError(f"{source}: [mask] rgb_map: no colour maps to the background class 0")
+    try:
+        check_classes(config.postprocess, config.model.num_classes)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
 
 
 def override(config: Config, section: str, values: Mapping[str, Any], source: str) -> Config:
@@ -572,7 +596,7 @@ def dumps(config: Config, relative_to: Path | None = None) -> str:
     sections = {
         "model": config.model, "dataset": config.dataset, "train": config.train,
         "valid": config.valid, "test": config.test, "eval": config.eval, "infer": config.infer,
-        "image": config.image, "mask": config.mask,
+        "image": config.image, "mask": config.mask, "postprocess": config.postprocess,
     }
     for name, obj in sections.items():
         lines.append(f"[{name}]")

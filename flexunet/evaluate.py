@@ -18,6 +18,7 @@ from flexunet.config import Config
 from flexunet.data.dataset import SliceSet, load_split, patient_of
 from flexunet.errors import FlexUNetError
 from flexunet.outputs import write_text_atomic
+from flexunet.postprocess import PostProcessing, apply
 
 SEED_DICE_LABEL = "seed_dice_coef_multiclass (background-inclusive, not comparable)"
 
@@ -157,9 +158,11 @@ def _per_patient(rows: list[dict[str, Any]], pred: np.ndarray, true: np.ndarray,
     return result
 
 
-def predict_classes(network: Any, data: SliceSet, batch_size: int = 4) -> np.ndarray:
+def predict_classes(network: Any, data: SliceSet, batch_size: int = 4,
+                    postprocessing: PostProcessing = PostProcessing()) -> np.ndarray:
+    """Class maps of the model's predictions, with the config's post-processing rules."""
     probabilities = network.predict(data.images.astype(np.float32), batch_size=batch_size, verbose=0)
-    return m.to_classes(probabilities)
+    return apply(probabilities, postprocessing)
 
 
 def load_model(path: Path) -> Any:
@@ -175,13 +178,14 @@ def load_model(path: Path) -> Any:
 
 
 def evaluate(config: Config, model_path: Path | None = None) -> Evaluation:
-    """``flexunet evaluate``: score the model on [test] and write evaluation.csv/.json."""
+    """``flexunet evaluate``: score the model on [test], after the [postprocess] rules, and write
+    evaluation.csv/.json."""
     from flexunet.train import MODEL_FILE
 
     data = load_split(config, "test")
     network = load_model(model_path or config.train.model_dir / MODEL_FILE)
     _check_shapes(network, config)
-    pred = predict_classes(network, data, config.train.batch_size)
+    pred = predict_classes(network, data, config.train.batch_size, config.postprocess)
     result = score(pred, data.masks, data.names, config.model.num_classes, config.dataset.patient_pattern)
     out = config.eval.output_dir
     write_text_atomic(out / "evaluation.csv", result.csv_text())

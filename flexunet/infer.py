@@ -13,6 +13,7 @@ from flexunet.data.dataset import load_images
 from flexunet.evaluate import predict_classes
 from flexunet.outputs import staged_dir
 from flexunet.plots import vivid
+from flexunet.postprocess import PostProcessing
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,14 @@ def model_config_of(network: Any) -> ModelConfig:
 
 
 def infer_folder(network: Any, images_dir: Path, out_dir: Path, model: ModelConfig, image: ImageConfig,
-                 palette: list[Color], batch_size: int = 4) -> InferResult:
-    """Predict every image of ``images_dir``; write ``masks/`` (class index per pixel, PNG),
+                 palette: list[Color], batch_size: int = 4,
+                 postprocessing: PostProcessing = PostProcessing()) -> InferResult:
+    """Predict every image of ``images_dir`` (post-processed at the model's size, then resized
+    back); write ``masks/`` (class index per pixel, PNG),
     ``colorized/`` (classes in their rgb_map colour) and ``overlays/`` under ``out_dir``."""
     data = load_images(images_dir, model, image)
     files = imio.image_files(images_dir, IMAGE_SUFFIXES)
-    classes = predict_classes(network, data, batch_size)
+    classes = predict_classes(network, data, batch_size, postprocessing)
     foreground = 0
     overlay_palette = vivid(palette)
     with staged_dir(out_dir, replace=True) as stage:
