@@ -129,9 +129,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from search.export import export
 
     result = export(study, storage, Path(args.out), base=base, artifacts=artifacts,
-                    masked_storage=st.public(target.url), trial_number=args.trial, force=args.force)
+                    masked_storage=st.public(target.url), trial_number=args.trial, force=args.force,
+                    tta=args.tta)
     print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
           f"to {result.out}")
+    package = result.package
+    if package.members > 1:
+        print(f"ensemble of {package.members} fold models, horizontal-flip TTA {'on' if package.tta else 'off'}; "
+              f"post-processing: {package.postprocessing.describe()}")
     print("test split:")
     print(format_table(result.test_summary))
     print("files: " + ", ".join(result.files))
@@ -243,6 +248,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     export.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
     export.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     export.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
+    export.add_argument("--no-tta", dest="tta", action="store_false",
+                        help="a cross-validated trial's ensemble without horizontal-flip test-time augmentation")
     export.set_defaults(func=_cmd_export)
 
     dashboard = sub.add_parser("dashboard", help="watch studies in optuna-dashboard, with every trial's artifacts")

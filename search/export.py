@@ -4,6 +4,11 @@ It holds the model as ``best_model.keras`` (loads with plain ``keras.models.load
 SavedModel, ONNX when the ``export`` extra is installed, a seed-format
 ``train_eval_infer.config`` that ``flexunet evaluate``/``infer`` accept, ``metrics.json`` and
 ``model_card.md``, and the test-split evaluation. No file holds an absolute path.
+
+A cross-validated trial exports as one ensemble model (:mod:`flexunet.ensemble`: the mean of its
+fold models, with horizontal-flip test-time augmentation unless ``tta=False``) and the
+post-processing chosen on its out-of-fold predictions (:mod:`flexunet.postprocess`), written to
+the config's ``[postprocess]`` section. A single-split trial exports its one model.
 """
 
 from __future__ import annotations
@@ -20,15 +25,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import optuna
 from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial, TrialState
 
 from flexunet import config as cfg
+from flexunet import postprocess
+from flexunet.ensemble import build_ensemble, forward_passes
 from flexunet.errors import FlexUNetError
 from flexunet.evaluate import evaluate, load_model
+from flexunet.model import estimate_cost
 from flexunet.outputs import staged_dir, write_text_atomic
+from flexunet.postprocess import PostProcessing
 from flexunet.train import MODEL_FILE
+from search import keys, paths
+from search.objective import latency_ms
 from search.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
@@ -40,6 +52,20 @@ class ExportResult:
     out: Path
     files: list[str]
     test_summary: dict[str, Any]
+    package: Package
+
+
+@dataclass(frozen=True)
+class Package:
+    """What is exported besides the files: how many models it averages, with or without the
+    flip, and the post-processing with the out-of-fold Dice it was chosen on."""
+
+    network: Any
+    members: int = 1
+    tta: bool = False
+    postprocessing: PostProcessing = PostProcessing()
+    oof_dice: float | None = None  # pooled out-of-fold foreground Dice, no post-processing
+    oof_dice_postprocessed: float | None = None
 
 
 def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -57,19 +83,61 @@ def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     return best[0]
 
 
-def _download_model(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path) -> Path:
-    metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == MODEL_FILE]
+def _download_artifact(trial: FrozenTrial, storage: Any, artifacts: Path, filename: str, into: Path) -> Path:
+    """The trial's last artifact called ``filename``, copied into ``into`` (the one reader of
+    artifacts here)."""
+    metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == filename]
     if not metas:
-        raise FlexUNetError(f"trial {trial.number} has no {MODEL_FILE} artifact")
+        raise FlexUNetError(f"trial {trial.number} has no {filename} artifact")
     if not artifacts.is_dir():
         raise FlexUNetError(f"{artifacts}: artifact folder not found (pass --artifacts)")
-    path = into / MODEL_FILE
+    path = into / filename
     try:
         download_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
                           artifact_id=metas[-1].artifact_id)
     except Exception as exc:  # ArtifactNotFound and I/O errors
-        raise FlexUNetError(f"{artifacts}: cannot read trial {trial.number}'s model ({exc})") from None
+        raise FlexUNetError(f"{artifacts}: cannot read trial {trial.number}'s {filename} ({exc})") from None
     return path
+
+
+def fold_count(trial: FrozenTrial) -> int:
+    """K for a cross-validated trial, 1 for a single-split one."""
+    folds = trial.user_attrs.get(keys.FOLDS)
+    return folds if isinstance(folds, int) and not isinstance(folds, bool) and folds >= 2 else 1
+
+
+def _package(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path, tta: bool) -> Package:
+    folds = fold_count(trial)
+    if folds == 1:
+        return Package(load_model(_download_artifact(trial, storage, artifacts, MODEL_FILE, into)))
+    members = [load_model(_download_artifact(trial, storage, artifacts, paths.fold_model_file(k), into))
+               for k in range(folds)]
+    probabilities, masks = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, into))
+    return ensemble_package(members, probabilities, masks, tta)
+
+
+def ensemble_package(members: list[Any], probabilities: np.ndarray, masks: np.ndarray, tta: bool) -> Package:
+    """The fold models as one ensemble, with post-processing chosen on their out-of-fold outputs."""
+    classes = members[0].output_shape[-1]
+    if probabilities.shape[-1] != classes:
+        raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: {probabilities.shape[-1]} probability channels, but the "
+                            f"fold models predict {classes}")
+    rules = postprocess.choose(probabilities, masks)
+    return Package(build_ensemble(members, tta=tta), len(members), tta, rules,
+                   postprocess.pooled_dice(probabilities, masks, PostProcessing()),
+                   postprocess.pooled_dice(probabilities, masks, rules))
+
+
+def _read_oof(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with np.load(path, allow_pickle=False) as arrays:
+            probabilities, masks = arrays["probabilities"], arrays["masks"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise FlexUNetError(f"{path.name}: not readable out-of-fold predictions ({exc})") from None
+    if probabilities.ndim != 4 or masks.shape != probabilities.shape[:3]:
+        raise FlexUNetError(f"{path.name}: probabilities {probabilities.shape} and masks {masks.shape} "
+                            "are not (N,H,W,C) and (N,H,W)")
+    return probabilities, masks
 
 
 def trial_config(base: cfg.Config, trial: FrozenTrial, out: Path) -> cfg.Config:
@@ -94,12 +162,13 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 
 def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Path, masked_storage: str,
-           trial_number: int | None = None, force: bool = False) -> ExportResult:
-    """Write the export folder (all or nothing) and evaluate the model on the test split."""
+           trial_number: int | None = None, force: bool = False, tta: bool = True) -> ExportResult:
+    """Write the export folder (all or nothing) and evaluate the model on the test split; a
+    cross-validated trial exports as the ensemble of its folds (flip TTA unless ``tta`` is False)."""
     trial = choose_trial(study, trial_number)
     with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = _download_model(trial, storage, artifacts, Path(tmp))
-        network = load_model(checkpoint)
+        package = _package(trial, storage, artifacts, Path(tmp), tta)
+    network = package.network
     with staged_dir(out, replace=force) as stage, _quiet_exporters():
         # Saved again uncompiled: no training objects, so plain Keras loads it with no imports.
         network.save(stage / MODEL_FILE)
@@ -111,16 +180,40 @@ def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, ar
             files.append("model.onnx")
         else:
             _logger.info("ONNX skipped: install the 'export' extra (tf2onnx, onnxruntime)")
-        config = trial_config(base, trial, stage)
+        config = trial_config(base, trial, stage).replace(postprocess=package.postprocessing)
         cfg.dump(config, stage / "train_eval_infer.config")
         files.append("train_eval_infer.config")
         evaluation = evaluate(config, stage / MODEL_FILE)
         files += ["evaluation.csv", "evaluation.json"]
         metrics = _metrics(study, trial, evaluation.summary, masked_storage)
+        metrics.update(_package_metrics(package, trial, config))
         write_text_atomic(stage / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_text_atomic(stage / "model_card.md", _model_card(study, trial, config, metrics, files))
         files += ["metrics.json", "model_card.md"]
-    return ExportResult(trial, out, files, evaluation.summary)
+    return ExportResult(trial, out, files, evaluation.summary, package)
+
+
+def _package_metrics(package: Package, trial: FrozenTrial, config: cfg.Config) -> dict[str, Any]:
+    from flexunet.evaluate import json_ready
+
+    passes = forward_passes(package.members, package.tta)
+    pp = package.postprocessing
+    return json_ready({
+        "inference": {
+            "models": package.members, "flip_tta": package.tta, "forward_passes": passes,
+            "gflops_per_image": estimate_cost(config.model).flops * passes / 1e9,
+            # Median of single-image predictions on this machine's CPU, measured at export.
+            "ms_per_image": latency_ms(package.network, config),
+        },
+        "cross_validation": None if package.members == 1 else {
+            "folds": package.members,
+            "fold_val_foreground_dice": trial.user_attrs.get(keys.FOLD_VAL_FOREGROUND_DICE),
+            "oof_foreground_dice_pooled": package.oof_dice,
+            "oof_foreground_dice_pooled_postprocessed": package.oof_dice_postprocessed,
+        },
+        "postprocess": {"threshold": pp.threshold, "min_component_size": pp.min_component_size,
+                        "rule": pp.describe()},
+    })
 
 
 @contextlib.contextmanager
@@ -191,6 +284,34 @@ def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], mask
     })
 
 
+def _validation_label(metrics: dict[str, Any]) -> str:
+    cv = metrics.get("cross_validation")
+    return f"validation, out-of-fold over {cv['folds']} folds (search objective)" if cv else \
+        "validation (search objective)"
+
+
+def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
+    """The card's lines on the ensemble, its inference cost and the post-processing."""
+    run, cv, pp = metrics["inference"], metrics.get("cross_validation"), metrics["postprocess"]
+    lines = []
+    if cv:
+        folds = ", ".join(f(d) for d in cv.get("fold_val_foreground_dice") or [])
+        lines.append(f"- Ensemble: the mean of the {cv['folds']} fold models' outputs"
+                     + (", each also on the horizontally flipped image (flipped back)" if run["flip_tta"] else "")
+                     + f"; fold validation foreground Dice {folds or 'n/a'}.")
+    lines.append(f"- Inference cost per image: {run['forward_passes']} forward pass(es), "
+                 f"{f(run['gflops_per_image'])} GFLOPs, {f(run['ms_per_image'])} ms (median on one CPU "
+                 "image at export, this machine).")
+    if cv:
+        lines.append(f"- Post-processing ([postprocess] in train_eval_infer.config): {pp['rule']}; out-of-fold "
+                     f"pooled foreground Dice {f(cv['oof_foreground_dice_pooled'])} without, "
+                     f"{f(cv['oof_foreground_dice_pooled_postprocessed'])} with it.")
+    else:
+        lines.append("- Post-processing: none (it is chosen on out-of-fold predictions, which only "
+                     "cross-validated trials have).")
+    return lines
+
+
 def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, metrics: dict[str, Any],
                 files: list[str]) -> str:
     def f(value: Any) -> str:
@@ -212,7 +333,8 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
         f"- {m.num_layers} levels, base {m.base_filters} filters, first kernel {m.base_kernels[0]}, "
         f"dilation {m.dilation[0]}, dropout {m.dropout_rate:g}, batch norm {m.normalization}, "
         f"activation {m.activation}.",
-        f"- {f(metrics.get('parameters'))} parameters, {f(metrics.get('gflops_per_image'))} GFLOPs per image.",
+        f"- {f(metrics.get('parameters'))} parameters, {f(metrics.get('gflops_per_image'))} GFLOPs per forward pass.",
+        *_package_lines(metrics, f),
         f"- Trained with {m.optimizer} (learning rate {m.learning_rate:.3g}), loss {m.loss}, batch "
         f"{config.train.batch_size}, augmentation {config.train.augmentation_strength if config.train.augmentation else 0:g}.",
         "",
@@ -222,7 +344,7 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
         "",
         "| split | foreground Dice (global) | mean per image | patients: mean over hemorrhage slices |",
         "|---|---|---|---|",
-        f"| validation (search objective) | {f(metrics['validation']['foreground_dice'])} | | |",
+        f"| {_validation_label(metrics)} | {f(metrics['validation']['foreground_dice'])} | | |",
         f"| test ({test['images']} slices) | {f(test['foreground_dice_global'])} | "
         f"{f(test['foreground_dice_mean_per_image'])} | {f(test.get('patient_mean_dice_over_positive_slices'))} |",
         "",

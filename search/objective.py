@@ -208,7 +208,7 @@ class Objective:
                 raise self._fail(trial, result.stop_reason)
             if not multi:
                 return best
-            second = params if self.spec.second_objective == "params" else _latency_ms(result.model, config)
+            second = params if self.spec.second_objective == "params" else latency_ms(result.model, config)
             trial.set_user_attr(self.spec.second_objective, second)
             return best, float(second)
 
@@ -269,7 +269,7 @@ def _settings(config: cfg.Config) -> dict[str, Any]:
     return out
 
 
-def _latency_ms(network: Any, config: cfg.Config, repeats: int = 10) -> float:
+def latency_ms(network: Any, config: cfg.Config, repeats: int = 10) -> float:
     """Median CPU milliseconds to segment one image."""
     image = np.zeros((1, *config.model.input_shape), np.float32)
     network.predict_on_batch(image)
