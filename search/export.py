@@ -300,8 +300,8 @@ def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
                      + (", each also on the horizontally flipped image (flipped back)" if run["flip_tta"] else "")
                      + f"; fold validation foreground Dice {folds or 'n/a'}.")
     lines.append(f"- Inference cost per image: {run['forward_passes']} forward pass(es), "
-                 f"{f(run['gflops_per_image'])} GFLOPs, {f(run['ms_per_image'])} ms (median on one CPU "
-                 "image at export, this machine).")
+                 f"{f(run['gflops_per_image'])} GFLOPs, {f(run['ms_per_image'])} ms (median of 10 single-image "
+                 "predictions, measured at export on the exporting machine).")
     if cv:
         lines.append(f"- Post-processing ([postprocess] in train_eval_infer.config): {pp['rule']}; out-of-fold "
                      f"pooled foreground Dice {f(cv['oof_foreground_dice_pooled'])} without, "

@@ -91,6 +91,7 @@ def cv_study(tmp_path_factory: pytest.TempPathFactory) -> CVStudy:
     single = study.ask()  # a single-split trial in the same study: --trial exports it as one model
     for trial in (cv_trial, single):
         trial.set_user_attr("settings", settings)
+        trial.set_user_attr("params", estimate_cost(config.model).params)
         trial.set_user_attr("gflops", round(estimate_cost(config.model).flops / 1e9, 3))
     cv_trial.set_user_attr(keys.FOLDS, FOLDS)
     cv_trial.set_user_attr(keys.FOLD_VAL_FOREGROUND_DICE, fold_dice)
@@ -192,7 +193,7 @@ def test_cv_export_is_one_ensemble_of_the_folds_with_flip_tta(cv_study: CVStudy,
         metrics["cross_validation"]["oof_foreground_dice_pooled"]
     card = (out / "model_card.md").read_text()
     assert f"Ensemble: the mean of the {FOLDS} fold models' outputs, each also on the horizontally flipped" in card
-    assert f"{2 * FOLDS} forward pass(es)" in card and "ms (median" in card
+    assert f"{2 * FOLDS} forward pass(es)" in card and "ms (median of 10 single-image predictions" in card
     assert f"Post-processing ([postprocess] in train_eval_infer.config): {chosen.describe()}" in card
     assert f"out-of-fold over {FOLDS} folds" in card
 
