@@ -113,10 +113,10 @@ def _package(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path, tta:
     members = [load_model(_download_artifact(trial, storage, artifacts, paths.fold_model_file(k), into))
                for k in range(folds)]
     probabilities, masks = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, into))
-    return ensemble_package(members, probabilities, masks, tta)
+    return _ensemble_package(members, probabilities, masks, tta)
 
 
-def ensemble_package(members: list[Any], probabilities: np.ndarray, masks: np.ndarray, tta: bool) -> Package:
+def _ensemble_package(members: list[Any], probabilities: np.ndarray, masks: np.ndarray, tta: bool) -> Package:
     """The fold models as one ensemble, with post-processing chosen on their out-of-fold outputs."""
     classes = members[0].output_shape[-1]
     if probabilities.shape[-1] != classes:

@@ -145,3 +145,9 @@ def test_bad_postprocess_value_on_the_command_line(tmp_path: Path) -> None:
     run = run_cli("evaluate", config)
     assert run.returncode == 2 and run.stderr.count("flexunet: error:") == 1
     assert "[postprocess] threshold: 0.0 is out of range" in run.stderr and "Traceback" not in run.stderr
+
+
+def test_docstring_example_runs() -> None:
+    import doctest
+
+    assert doctest.testmod(postprocess).failed == 0

@@ -263,3 +263,12 @@ def test_missing_fold_model_is_one_error_line(cv_study: CVStudy, tmp_path: Path)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert f"cannot read trial 0's {paths.fold_model_file(1)}" in run.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ensemble_docstring_example_runs() -> None:
+    import doctest
+
+    from flexunet import ensemble
+
+    result = doctest.testmod(ensemble)
+    assert result.attempted > 0 and result.failed == 0
