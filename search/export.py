@@ -122,8 +122,12 @@ def _ensemble_package(members: list[Any], probabilities: np.ndarray, masks: np.n
     if probabilities.shape[-1] != classes:
         raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: {probabilities.shape[-1]} probability channels, but the "
                             f"fold models predict {classes}")
+    try:
+        network = build_ensemble(members, tta=tta)
+    except ValueError as exc:  # fold models of different shapes
+        raise FlexUNetError(f"cannot ensemble the fold models: {exc}") from None
     rules = postprocess.choose(probabilities, masks)
-    return Package(build_ensemble(members, tta=tta), len(members), tta, rules,
+    return Package(network, len(members), tta, rules,
                    postprocess.pooled_dice(probabilities, masks, PostProcessing()),
                    postprocess.pooled_dice(probabilities, masks, rules))
 

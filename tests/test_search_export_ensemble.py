@@ -202,6 +202,15 @@ def test_cv_export_is_one_ensemble_of_the_folds_with_flip_tta(cv_study: CVStudy,
     assert fresh["mean"] < 1e-5 and fresh["saved"] < 1e-5
     assert fresh["onnx"] < 2e-3 and fresh["onnx_same_classes"]
 
+    # The export's evaluation scored the post-processed ensemble.
+    from flexunet.data.dataset import load_split
+
+    test = load_split(config, "test")
+    assert test.names == data.names
+    evaluation = json.loads((out / "evaluation.json").read_text())
+    assert evaluation["foreground_dice_global"] == pytest.approx(
+        postprocess.pooled_dice(probabilities, test.masks, chosen), abs=1e-5)
+
     # infer applies the exported post-processing...
     masks = _infer_masks(out / "train_eval_infer.config", tmp_path / "infer")
     expected = _expected_masks(data, postprocess.apply(probabilities, chosen))
