@@ -123,8 +123,8 @@ def test_a_seed_configs_depth_never_blocks_a_study_at_another_size(tmp_path: Pat
     assert sp.trial_config(seed, spec, 512, {}).model.num_layers == 8  # its own size: kept
     shallow = seed.replace(model=dataclasses.replace(seed.model, num_layers=4))
     assert sp.trial_config(shallow, spec, 64, {}).model.num_layers == 4  # fits: kept
-    with pytest.raises(ConfigError, match="not divisible by 2\\*\\*\\(num_layers-1\\) = 64"):
-        sp.trial_config(seed, spec, 64, {"num_layers": 7})  # the trial's own depth is still checked
+    with pytest.raises(ConfigError, match="not divisible by 2\\*\\*\\(num_layers-1\\) = 128"):
+        sp.trial_config(seed, spec, 64, {"num_layers": 8})  # the trial's own depth is still checked
 
 
 def test_infeasible_configs_are_named_and_the_baseline_is_exempt_from_size_caps(tmp_path: Path) -> None:
