@@ -42,8 +42,9 @@ MODEL_NAMES = ("TensorFlowFlexUNet", "FlexUNet")  # [model] model: the one archi
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 Color = tuple[int, int, int]
-# JPEG at the usual qualities (75-95) moves edge pixels of flat colour masks by up to ~40 in
-# RGB distance; distinct class colours of real palettes are 100+ apart.
+# JPEG keeps flat colour within a few units; farther colours (mixes at class edges) are read
+# as the nearest class only at an edge (flexunet.data.io.snap_colors). Class colours of real
+# palettes are 100+ apart.
 DEFAULT_COLOUR_TOLERANCE = 48.0
 
 

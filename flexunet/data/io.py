@@ -119,6 +119,12 @@ def snap_colors(rgb: np.ndarray, rgb_map: Mapping[Color, int], path: Path | str,
     """Map an HxWx3 RGB mask to class indices: each colour of the map exactly, any other colour
     to the nearest map colour if it lies within ``tolerance``; beyond it, a DataError.
 
+    With a tolerance (lossy files), a pixel farther than that from every map colour is still
+    read as the nearest one where it lies at an edge: where pixels of two classes (within the
+    tolerance) occur within :data:`EDGE_RADIUS` pixels of it. JPEG's chroma subsampling mixes
+    the colours on either side of every class edge into colours often 100+ away from both; a
+    region of a colour the map lacks has no such edge inside it.
+
     >>> mask = np.array([[[0, 0, 0], [250, 3, 1]]], np.uint8)
     >>> result = snap_colors(mask, {(0, 0, 0): 0, (255, 0, 0): 1}, "m.jpg", tolerance=10.0)
     >>> result.labels.tolist(), result.snapped
@@ -131,35 +137,57 @@ def snap_colors(rgb: np.ndarray, rgb_map: Mapping[Color, int], path: Path | str,
     keys, classes = keys[order], classes[order]
     pos = np.clip(np.searchsorted(keys, packed), 0, len(keys) - 1)
     known = keys[pos] == packed
-    labels = classes[pos]
     if known.all():
-        return MaskFile(labels)
+        return MaskFile(classes[pos])
     # Distances are computed once per distinct colour: a JPEG edge has thousands of pixels
-    # but rarely more than a few hundred colours.
+    # but rarely more than a few thousand colours.
     others, inverse, counts = np.unique(packed[~known], return_inverse=True, return_counts=True)
-    other_rgb = np.stack([others >> 16, (others >> 8) & 255, others & 255], axis=-1).astype(np.float64)
+    inverse = inverse.ravel()
     palette = np.array([_unpack(int(k)) for k in keys], dtype=np.float64)
+    other_rgb = np.stack([others >> 16, (others >> 8) & 255, others & 255], axis=-1).astype(np.float64)
     distances = np.sqrt(((other_rgb[:, None, :] - palette[None, :, :]) ** 2).sum(axis=-1))
     nearest = distances.argmin(axis=1)
-    near = distances[np.arange(len(others)), nearest] <= tolerance
-    if not near.all():
-        worst = int(np.argmax(np.where(near, -1, counts)))  # the most frequent foreign colour
+    pos = pos.copy()
+    pos[~known] = nearest[inverse]
+    accepted = np.zeros(packed.shape, bool)
+    accepted[known] = True
+    accepted[~known] = distances.min(axis=1)[inverse] <= tolerance
+    if tolerance > 0 and not accepted.all() and len(keys) > 1:
+        accepted |= _edge_blends(classes, pos, accepted, ~known)
+    if not accepted.all():
+        bad = np.bincount(inverse[~accepted[~known]], minlength=len(others))
+        worst = int(bad.argmax())  # the most frequent colour that is neither near nor a blend
         color, closest = _unpack(int(others[worst])), _unpack(int(keys[nearest[worst]]))
-        rest, rest_pixels = int((~near).sum()) - 1, int(counts[~near].sum() - counts[worst])
-        detail = f"colour {color} ({int(counts[worst])} pixels) is not in [mask] rgb_map"
+        distance = float(distances[worst, nearest[worst]])
+        rest, rest_pixels = int((bad > 0).sum()) - 1, int(bad.sum() - bad[worst])
+        detail = f"colour {color} ({int(bad[worst])} pixels) is not in [mask] rgb_map"
         if rest:
             detail += f" (nor are {rest} other colours, {rest_pixels} pixels)"
         if tolerance > 0:
             raise DataError(
                 f"{path}: {detail} nor within colour_tolerance = {tolerance:g} of a colour of it (nearest: "
-                f"{closest}, {distances[worst, nearest[worst]]:.1f} away); add the colour to [mask] rgb_map, "
-                f"or set [mask] colour_tolerance above {distances[worst, nearest[worst]]:.0f}")
+                f"{closest}, {distance:.1f} away); add the colour to [mask] rgb_map, or set [mask] "
+                f"colour_tolerance above {distance:.0f}")
         raise DataError(
             f"{path}: {detail}; add the colour to [mask] rgb_map (lossless masks must match exactly; "
             f"[mask] colour_tolerance applies to JPEG masks)")
-    labels = labels.copy()
-    labels[~known] = classes[nearest][inverse.ravel()]
-    return MaskFile(labels, int((~known).sum()))
+    return MaskFile(classes[pos], int((~known).sum()))
+
+
+EDGE_RADIUS = 15  # JPEG (4:2:0) codes colour in 16x16 blocks: its blends and ringing stay within one
+
+
+def _edge_blends(classes: np.ndarray, pos: np.ndarray, accepted: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """Which far pixels lie at an edge: two classes of accepted pixels within EDGE_RADIUS."""
+    far = unknown & ~accepted
+    kernel = np.ones((2 * EDGE_RADIUS + 1, 2 * EDGE_RADIUS + 1), np.uint8)
+    labels = classes[pos]
+    near_classes = np.zeros(int(far.sum()), np.int64)
+    for c in np.unique(classes):
+        near_classes += cv2.dilate(((labels == c) & accepted).astype(np.uint8), kernel)[far] > 0
+    out = np.zeros(accepted.shape, bool)
+    out[far] = near_classes >= 2
+    return out
 
 
 def classes_to_colors(classes: np.ndarray, palette: list[Color]) -> np.ndarray:
