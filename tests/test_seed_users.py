@@ -87,10 +87,12 @@ rgb_map = {{(0,0,0):0, (210,80,0):1, (0,200,0):2, (0,90,255):3}}
 
 
 def _classes(image: np.ndarray, hemorrhage: np.ndarray) -> np.ndarray:
-    """Four classes of a real CT slice: hemorrhage, bright bone, soft tissue, background."""
+    """Four classes of a real CT slice: hemorrhage, bright bone, soft tissue, background (the
+    thresholds smoothed into regions, as drawn label masks are)."""
     classes = np.zeros(image.shape, np.uint8)
     classes[image > 40] = 3
     classes[image > 200] = 2
+    classes = cv2.medianBlur(classes, 5)
     classes[hemorrhage > 0] = 1
     return classes
 

@@ -120,10 +120,10 @@ def snap_colors(rgb: np.ndarray, rgb_map: Mapping[Color, int], path: Path | str,
     to the nearest map colour if it lies within ``tolerance``; beyond it, a DataError.
 
     With a tolerance (lossy files), a pixel farther than that from every map colour is still
-    read as the nearest one where it lies at an edge: where pixels of two classes (within the
-    tolerance) occur within :data:`EDGE_RADIUS` pixels of it. JPEG's chroma subsampling mixes
-    the colours on either side of every class edge into colours often 100+ away from both; a
-    region of a colour the map lacks has no such edge inside it.
+    read as the nearest one (as the seed reads every pixel) unless it belongs to a region of
+    such pixels at least :data:`REGION` px across. JPEG's chroma subsampling and ringing mix the
+    colours either side of every class edge into colours often 100+ away from both, but in
+    thin bands and specks; a colour the map lacks, painted as a region, is refused.
 
     >>> mask = np.array([[[0, 0, 0], [250, 3, 1]]], np.uint8)
     >>> result = snap_colors(mask, {(0, 0, 0): 0, (255, 0, 0): 1}, "m.jpg", tolerance=10.0)
@@ -153,7 +153,7 @@ def snap_colors(rgb: np.ndarray, rgb_map: Mapping[Color, int], path: Path | str,
     accepted[known] = True
     accepted[~known] = distances.min(axis=1)[inverse] <= tolerance
     if tolerance > 0 and not accepted.all() and len(keys) > 1:
-        accepted |= _edge_blends(classes, pos, accepted, ~known)
+        accepted |= _edge_artefacts(accepted)
     if not accepted.all():
         bad = np.bincount(inverse[~accepted[~known]], minlength=len(others))
         worst = int(bad.argmax())  # the most frequent colour that is neither near nor a blend
@@ -174,20 +174,16 @@ def snap_colors(rgb: np.ndarray, rgb_map: Mapping[Color, int], path: Path | str,
     return MaskFile(classes[pos], int((~known).sum()))
 
 
-EDGE_RADIUS = 15  # JPEG (4:2:0) codes colour in 16x16 blocks: its blends and ringing stay within one
+REGION = 7  # px: a far colour filling a 7x7 square is a region, not a JPEG edge artefact
 
 
-def _edge_blends(classes: np.ndarray, pos: np.ndarray, accepted: np.ndarray, unknown: np.ndarray) -> np.ndarray:
-    """Which far pixels lie at an edge: two classes of accepted pixels within EDGE_RADIUS."""
-    far = unknown & ~accepted
-    kernel = np.ones((2 * EDGE_RADIUS + 1, 2 * EDGE_RADIUS + 1), np.uint8)
-    labels = classes[pos]
-    near_classes = np.zeros(int(far.sum()), np.int64)
-    for c in np.unique(classes):
-        near_classes += cv2.dilate(((labels == c) & accepted).astype(np.uint8), kernel)[far] > 0
-    out = np.zeros(accepted.shape, bool)
-    out[far] = near_classes >= 2
-    return out
+def _edge_artefacts(accepted: np.ndarray) -> np.ndarray:
+    """Far pixels that are JPEG edge artefacts: all but those of regions at least REGION px
+    across (a morphological opening of the far pixels)."""
+    far = (~accepted).astype(np.uint8)
+    kernel = np.ones((REGION, REGION), np.uint8)
+    regions = cv2.dilate(cv2.erode(far, kernel, borderType=cv2.BORDER_REPLICATE), kernel) > 0
+    return ~accepted & ~regions
 
 
 def classes_to_colors(classes: np.ndarray, palette: list[Color]) -> np.ndarray:
