@@ -139,39 +139,51 @@ def snap_colors(rgb: np.ndarray, rgb_map: Mapping[Color, int], path: Path | str,
     known = keys[pos] == packed
     if known.all():
         return MaskFile(classes[pos])
-    # Distances are computed once per distinct colour: a JPEG edge has thousands of pixels
-    # but rarely more than a few thousand colours.
-    others, inverse, counts = np.unique(packed[~known], return_inverse=True, return_counts=True)
+    others, inverse = np.unique(packed[~known], return_inverse=True)
     inverse = inverse.ravel()
-    palette = np.array([_unpack(int(k)) for k in keys], dtype=np.float64)
-    other_rgb = np.stack([others >> 16, (others >> 8) & 255, others & 255], axis=-1).astype(np.float64)
-    distances = np.sqrt(((other_rgb[:, None, :] - palette[None, :, :]) ** 2).sum(axis=-1))
-    nearest = distances.argmin(axis=1)
+    if tolerance <= 0:
+        bad = np.bincount(inverse, minlength=len(others))
+        raise DataError(f"{path}: {_foreign(others, bad)}; add the colour to [mask] rgb_map (lossless masks "
+                        f"must match exactly; [mask] colour_tolerance applies to JPEG masks)")
+    nearest, distance = _nearest(others, np.array([_unpack(int(k)) for k in keys], dtype=np.float64))
     pos = pos.copy()
     pos[~known] = nearest[inverse]
-    accepted = np.zeros(packed.shape, bool)
-    accepted[known] = True
-    accepted[~known] = distances.min(axis=1)[inverse] <= tolerance
-    if tolerance > 0 and not accepted.all() and len(keys) > 1:
+    accepted = np.ones(packed.shape, bool)
+    accepted[~known] = distance[inverse] <= tolerance
+    if not accepted.all():
         accepted |= _edge_artefacts(accepted)
     if not accepted.all():
         bad = np.bincount(inverse[~accepted[~known]], minlength=len(others))
-        worst = int(bad.argmax())  # the most frequent colour that is neither near nor a blend
-        color, closest = _unpack(int(others[worst])), _unpack(int(keys[nearest[worst]]))
-        distance = float(distances[worst, nearest[worst]])
-        rest, rest_pixels = int((bad > 0).sum()) - 1, int(bad.sum() - bad[worst])
-        detail = f"colour {color} ({int(bad[worst])} pixels) is not in [mask] rgb_map"
-        if rest:
-            detail += f" (nor are {rest} other colours, {rest_pixels} pixels)"
-        if tolerance > 0:
-            raise DataError(
-                f"{path}: {detail} nor within colour_tolerance = {tolerance:g} of a colour of it (nearest: "
-                f"{closest}, {distance:.1f} away); add the colour to [mask] rgb_map, or set [mask] "
-                f"colour_tolerance above {distance:.0f}")
+        worst = int(bad.argmax())
         raise DataError(
-            f"{path}: {detail}; add the colour to [mask] rgb_map (lossless masks must match exactly; "
-            f"[mask] colour_tolerance applies to JPEG masks)")
+            f"{path}: {_foreign(others, bad)} nor within [mask] colour_tolerance = {tolerance:g} of one of its "
+            f"colours (nearest: {_unpack(int(keys[nearest[worst]]))}, {distance[worst]:.1f} away); add the "
+            f"colour to [mask] rgb_map, or set [mask] colour_tolerance above {distance[worst]:.0f}")
     return MaskFile(classes[pos], int((~known).sum()))
+
+
+def _foreign(others: np.ndarray, bad: np.ndarray) -> str:
+    """The most frequent refused colour, with its count (``bad``: pixels per colour)."""
+    worst = int(bad.argmax())
+    text = f"colour {_unpack(int(others[worst]))} ({int(bad[worst])} pixels) is not in [mask] rgb_map"
+    rest = int((bad > 0).sum()) - 1
+    if rest:
+        text += f" (nor are {rest} other colours, {int(bad.sum() - bad[worst])} pixels)"
+    return text
+
+
+def _nearest(packed_colours: np.ndarray, palette: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Index of, and Euclidean RGB distance to, the nearest palette colour of each colour;
+    in blocks, so that a mask of millions of colours does not need gigabytes."""
+    nearest = np.empty(len(packed_colours), np.int64)
+    distance = np.empty(len(packed_colours), np.float64)
+    for start in range(0, len(packed_colours), 1 << 16):
+        block = packed_colours[start:start + (1 << 16)]
+        rgb = np.stack([block >> 16, (block >> 8) & 255, block & 255], axis=-1).astype(np.float64)
+        d = ((rgb[:, None, :] - palette[None, :, :]) ** 2).sum(axis=-1)
+        nearest[start:start + len(block)] = d.argmin(axis=1)
+        distance[start:start + len(block)] = np.sqrt(d.min(axis=1))
+    return nearest, distance
 
 
 REGION = 7  # px: a far colour filling a 7x7 square is a region, not a JPEG edge artefact
