@@ -127,7 +127,8 @@ def test_non_utf8_and_missing_files(tmp_path: Path) -> None:
         cfg.load(tmp_path / "absent.config")
 
 
-def test_every_key_of_the_seed_configs_works_or_is_listed_as_ignored_in_the_readme(caplog: pytest.LogCaptureFixture) -> None:
+def test_every_key_of_the_seed_configs_works_or_is_listed_as_ignored_in_the_readme(
+        caplog: pytest.LogCaptureFixture) -> None:
     import configparser
 
     from flexunet.config import _SECTIONS, _SEED_ONLY
@@ -179,7 +180,8 @@ colour_tolerance = 30
     with pytest.raises(ConfigError, match=r"\[model\] model: 'TensorFlowFlexAttentionUNet' is not supported; "
                                           r"flexunet builds TensorFlowFlexUNet only"):
         cfg.loads(text.replace('"TensorFlowFlexUNet"', '"TensorFlowFlexAttentionUNet"'))
-    one = text.replace("num_classes = 3", "num_classes = 1").replace("rgb_map = {(0,0,0):0, (255,0,0):1, (0,255,0):2}", "")
+    one = text.replace("num_classes = 3", "num_classes = 1")
+    one = one.replace("rgb_map = {(0,0,0):0, (255,0,0):1, (0,255,0):2}", "")
     assert cfg.loads(one).model.final_activation == "sigmoid"
     with pytest.raises(ConfigError, match="final_activation: 'softmax' cannot train a one-class model"):
         cfg.loads(one.replace('final_activation = "sigmoid"', 'final_activation = "softmax"'))

@@ -183,7 +183,8 @@ def test_another_seed_architecture_is_refused_in_one_line(jpeg_dataset: Path, tm
 
 
 def test_one_class_trains_as_the_seed_sigmoid_and_binary_crossentropy(tiny_config: Path) -> None:
-    set_keys(tiny_config, final_activation='"sigmoid"', num_classes="1", loss='"binary_crossentropy"', epochs="1", rgb_map="{(0,0,0):0, (255,255,255):1}")
+    set_keys(tiny_config, final_activation='"sigmoid"', num_classes="1", loss='"binary_crossentropy"', epochs="1",
+             rgb_map="{(0,0,0):0, (255,255,255):1}")
     run = run_cli("train", tiny_config)
     assert run.returncode == 0, run.stderr
     work = tiny_config.parent
@@ -201,7 +202,8 @@ def test_one_class_trains_as_the_seed_sigmoid_and_binary_crossentropy(tiny_confi
     assert float(log[0]["val_loss"]) == pytest.approx(bce, rel=2e-3)  # the loss trained on is BCE
 
     set_keys(tiny_config, final_activation='"relu"')
-    assert_user_error(run_cli("train", tiny_config), "[model] final_activation", "'relu'", 'final_activation = "sigmoid"')
+    assert_user_error(run_cli("train", tiny_config), "[model] final_activation", "'relu'",
+                      'final_activation = "sigmoid"')
 
 
 def test_dropout_seed_fixing_repeats_the_dropout_masks() -> None:
