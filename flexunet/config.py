@@ -42,9 +42,9 @@ MODEL_NAMES = ("TensorFlowFlexUNet", "FlexUNet")  # [model] model: the one archi
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 Color = tuple[int, int, int]
-# JPEG keeps flat colour within a few units; farther colours (mixes at class edges) are read
-# as the nearest class only at an edge (flexunet.data.io.snap_colors). Class colours of real
-# palettes are 100+ apart.
+# JPEG keeps flat colour within a few units of RGB distance, and class colours of real palettes
+# are 100+ apart; the far mixes JPEG makes at class edges are handled apart (see
+# flexunet.data.io.snap_colors).
 DEFAULT_COLOUR_TOLERANCE = 48.0
 
 
@@ -152,7 +152,8 @@ class MaskConfig:
     rgb_map: Mapping[Color, int]
     mask_file_format: str = ".png"
     # Lossy (JPEG) masks only: a colour within this Euclidean RGB distance of one rgb_map
-    # colour is read as that colour; lossless masks must match exactly.
+    # colour is read as that colour (farther ones too, outside regions 7 px across: edge
+    # artefacts); lossless masks must match exactly.
     colour_tolerance: float = DEFAULT_COLOUR_TOLERANCE
 
     def palette(self, num_classes: int) -> list[Color]:
