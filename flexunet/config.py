@@ -39,10 +39,14 @@ _LOSS_ALIASES = {
 METRICS = ("foreground_dice", "dice_coef_multiclass")
 OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop")
 ACTIVATIONS = ("relu", "elu", "gelu", "selu", "silu", "swish", "mish", "leaky_relu")
-MODEL_NAMES = ("TensorFlowFlexUNet", "FlexUNet")
+MODEL_NAMES = ("TensorFlowFlexUNet", "FlexUNet")  # [model] model: the one architecture built here
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 
 Color = tuple[int, int, int]
+# JPEG keeps flat colour within a few units of RGB distance, and class colours of real palettes
+# are 100+ apart; the far mixes JPEG makes at class edges are handled apart (see
+# flexunet.data.io.snap_colors).
+DEFAULT_COLOUR_TOLERANCE = 48.0
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,9 @@ class ModelConfig:
     base_kernels: tuple[int, int] = (3, 3)
     num_layers: int = 6
     dropout_rate: float = 0.0
+    # The seed's option: every Dropout layer gets [train] seed, so its masks repeat run to run
+    # even without a global seed.
+    dropout_seed_fixing: bool = False
     dilation: tuple[int, int] = (1, 1)
     activation: str = "relu"
     optimizer: str = "Adam"
@@ -68,6 +75,9 @@ class ModelConfig:
     loss: str = "categorical_crossentropy"
     metrics: tuple[str, ...] = ("dice_coef_multiclass",)
     show_summary: bool = False
+    # The seed's head of a one-class model (sigmoid, trained with binary cross-entropy); models
+    # of more classes end in softmax whatever it says, as in the seed.
+    final_activation: str = "sigmoid"
 
     def __post_init__(self) -> None:
         _check_model(self)
@@ -142,6 +152,10 @@ class MaskConfig:
 
     rgb_map: Mapping[Color, int]
     mask_file_format: str = ".png"
+    # Lossy (JPEG) masks only: a colour within this Euclidean RGB distance of one rgb_map
+    # colour is read as that colour (farther ones too, outside regions 7 px across: edge
+    # artefacts); lossless masks must match exactly.
+    colour_tolerance: float = DEFAULT_COLOUR_TOLERANCE
 
     def palette(self, num_classes: int) -> list[Color]:
         """One display colour per class: the first colour the map gives it, else a default."""
@@ -387,6 +401,8 @@ _MODEL: _Spec = {
     "loss": _str(LOSSES, _LOSS_ALIASES),
     "metrics": _metrics,
     "show_summary": _bool,
+    "dropout_seed_fixing": _bool,
+    "final_activation": _str(),
 }
 _TRAIN: _Spec = {
     "epochs": _int(1, 100_000),
@@ -413,7 +429,7 @@ _DIRS: _Spec = {"images_dir": _path, "masks_dir": _path}
 _EVAL: _Spec = {"output_dir": _path}
 _INFER: _Spec = {"images_dir": _path, "output_dir": _path}
 _IMAGE: _Spec = {"color_order": _str(("RGB", "BGR"))}
-_MASK: _Spec = {"rgb_map": _rgb_map, "mask_file_format": _suffix}
+_MASK: _Spec = {"rgb_map": _rgb_map, "mask_file_format": _suffix, "colour_tolerance": _float(0.0, 442.0)}
 _DATASET: _Spec = {"patient_pattern": _pattern}
 _POSTPROCESS: _Spec = {"threshold": _threshold, "min_component_size": _component_sizes}
 
@@ -431,7 +447,7 @@ _SECTIONS: dict[str, tuple[_Spec, type]] = {
 }
 # Keys the seed's configs carry that this project reads but has no use for.
 _SEED_ONLY = {
-    "model": {"model", "generator"},
+    "model": {"generator"},
     "train": {"metrics", "create_backup", "save_weights_only", "validation_steps",
               "epoch_changeinfer", "epoch_changeinfer_dir"},
     "dataset": {"class_name"},
@@ -478,14 +494,13 @@ def loads(text: str, *, source: str = "<config>", base_dir: Path | None = None,
         parsed: dict[str, Any] = {}
         for key, raw in parser.items(section):
             where = f"{source}: [{name}] {key}"
+            if name == "model" and key == "model":
+                _architecture(_literal(raw), where)
+                continue
             if key not in spec:
                 known = key in _SEED_ONLY.get(name, set())
                 reason = "a seed setting flexunet does not use" if known else "unknown key"
                 _warn_once(source, name, key, f"[{name}] {key}: {reason}; ignored")
-                if name == "model" and key == "model":
-                    model_name = _literal(raw)
-                    if model_name not in MODEL_NAMES:
-                        raise ConfigError(f"{where}: flexunet builds FlexUNet only, not {_describe(model_name)}")
                 continue
             value = _literal(raw)
             if key in _PATH_KEYS:
@@ -528,6 +543,13 @@ def loads(text: str, *, source: str = "<config>", base_dir: Path | None = None,
     return config
 
 
+def _architecture(value: Any, where: str) -> None:
+    """[model] model names the seed's architecture; only TensorFlowFlexUNet is built here."""
+    if value not in MODEL_NAMES:
+        raise ConfigError(f"{where}: {_describe(value)} is not supported; flexunet builds "
+                          f"TensorFlowFlexUNet only: set model = \"TensorFlowFlexUNet\" (or remove the key)")
+
+
 def _raw_text(value: Any) -> Any:
     # Paths are strings; the seed quotes them but unquoted text is just as clear.
     return str(value) if isinstance(value, _Raw) else value
@@ -541,6 +563,11 @@ def _check_model(model: ModelConfig) -> None:
             raise ConfigError(
                 f"[model] {key}: {side} is not divisible by 2**(num_layers-1) = {factor} "
                 f"(num_layers = {model.num_layers}); use a multiple of {factor} or fewer layers")
+    if model.num_classes == 1 and model.final_activation != "sigmoid":
+        raise ConfigError(
+            f"[model] final_activation: {model.final_activation!r} cannot train a one-class model; flexunet "
+            f"trains it as the seed does, with \"sigmoid\" and binary cross-entropy: set final_activation = "
+            f"\"sigmoid\", or num_classes = 2 for softmax")
     if model.dropout_rate * levels >= 1.0:
         raise ConfigError(
             f"[model] dropout_rate: {model.dropout_rate} * {levels} (the deepest level) must stay below 1")

@@ -79,7 +79,7 @@ def score(pred: np.ndarray, true: np.ndarray, names: list[str], num_classes: int
             acc += value
         dice, iou = m.dice_score(tp, fp, fn), m.iou_score(tp, fp, fn)
         precision, recall = m.precision_score(tp, fp), m.recall_score(tp, fn)
-        seed_dice.append(float(np.mean(dice)))
+        seed_dice.append(m.seed_dice_of_classes(pred[i], true[i], num_classes))
         patient, slice_id = patient_of(name, patient_pattern)
         row: dict[str, Any] = {"image": name, "patient": patient, "slice": slice_id}
         for c in classes:

@@ -80,8 +80,9 @@ def count_params(model: ModelConfig) -> int:
     return estimate_cost(model).params
 
 
-def build(model: ModelConfig):  # -> keras.Model; Keras is imported here, not at module import
-    """Build FlexUNet as the config defines it (uncompiled)."""
+def build(model: ModelConfig, seed: int | None = None):  # -> keras.Model; Keras imported here
+    """Build FlexUNet as the config defines it (uncompiled). With ``dropout_seed_fixing``,
+    every Dropout layer is seeded with ``seed``, as the seed project does."""
     import keras
     from keras import layers
 
@@ -94,7 +95,8 @@ def build(model: ModelConfig):  # -> keras.Model; Keras is imported here, not at
             x = layers.BatchNormalization(name=f"{name}_bn1")(x)
         rate = model.dropout_rate * level
         if rate > 0:
-            x = layers.Dropout(rate, name=f"{name}_dropout")(x)
+            dropout_seed = seed if model.dropout_seed_fixing else None
+            x = layers.Dropout(rate, seed=dropout_seed, name=f"{name}_dropout")(x)
         x = layers.Conv2D(f, name=f"{name}_conv2", **conv)(x)
         if model.normalization:
             x = layers.BatchNormalization(name=f"{name}_bn2")(x)

@@ -92,7 +92,7 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
         # Compiled: the optimizer's moments and learning rate come back with the weights.
         network = keras.models.load_model(checkpoint_dir / cb.EpochCheckpoint.LAST, safe_mode=True)
     if network is None:
-        network = build(model)
+        network = build(model, seed=train.seed)
         compile_model(network, model)
     if model.show_summary:
         network.summary(print_fn=lambda line, **_: _logger.info(line))

@@ -13,6 +13,7 @@ import math
 import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import TextIO
 
 import optuna
@@ -39,15 +40,47 @@ def worker_line(trial: FrozenTrial, max_epochs: int) -> str:
     return f"  worker {who:<22} trial {trial.number:<4} epoch {a.get('epoch', 0):>3}/{max_epochs:<4} val Dice {dice_text}{base}"
 
 
-def study_line(trials: list[FrozenTrial], n_trials: int, elapsed: float, best: float | None) -> str:
+@dataclass(frozen=True)
+class Estimate:
+    """Time left in a study, and whether its timeout (not its trial count) is what ends it."""
+
+    seconds: float
+    by_timeout: bool
+
+    def text(self) -> str:
+        if self.by_timeout:
+            return f"at most {_duration(self.seconds)} left (the timeout ends the study first)"
+        return f"about {_duration(self.seconds)} left"
+
+
+def estimate_left(finished: int, trials_left: int, elapsed: float, timeout_left: float | None) -> Estimate | None:
+    """Time left from the pace of this run (``finished`` trials in ``elapsed`` seconds, all
+    workers together), never beyond the study's timeout; None while nothing is known.
+
+    >>> estimate_left(2, 18, 600.0, timeout_left=None).text()
+    'about 1h30m left'
+    >>> estimate_left(2, 18, 600.0, timeout_left=180.0).text()
+    'at most 3m00s left (the timeout ends the study first)'
+    """
+    by_trials = max(0, trials_left) * elapsed / finished if finished > 0 else None
+    if timeout_left is not None and (by_trials is None or by_trials > timeout_left):
+        return Estimate(max(0.0, timeout_left), by_timeout=True)
+    return None if by_trials is None else Estimate(by_trials, by_timeout=False)
+
+
+def study_line(trials: list[FrozenTrial], n_trials: int, elapsed: float, best: float | None, *,
+               finished_before: int = 0, timeout_left: float | None = None) -> str:
+    """The study's summary line; the pace counts only trials finished since this launcher
+    started (``finished_before`` were done already), so a resumed study is not timed by work
+    done in an earlier run."""
     counts = Counter(t.state for t in trials)
     finished = sum(counts[s] for s in _FINISHED)
     text = (f"  study: {finished}/{n_trials} finished ({counts[TrialState.COMPLETE]} complete, "
             f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed), "
             f"best {'-' if best is None else f'{best:.4f}'}, elapsed {_duration(elapsed)}")
-    if finished:
-        left = max(0, n_trials - finished) * elapsed / finished
-        text += f", about {_duration(left)} left"
+    estimate = estimate_left(finished - finished_before, n_trials - finished, elapsed, timeout_left)
+    if estimate is not None:
+        text += f", {estimate.text()}"
     return text
 
 
@@ -55,8 +88,9 @@ class Watcher:
     """Polls the storage (the only thing workers share) and reports what changed."""
 
     def __init__(self, study: optuna.Study, n_trials: int, max_epochs: int, stream: TextIO | None = None,
-                 live: bool | None = None) -> None:
+                 live: bool | None = None, deadline: float | None = None) -> None:
         self.study, self.n_trials, self.max_epochs = study, n_trials, max_epochs
+        self.deadline = deadline  # epoch seconds when the study's timeout ends it, if it has one
         self.stream = stream or sys.stdout
         self.live = self.stream.isatty() if live is None else live
         self.started = time.time()
@@ -64,6 +98,7 @@ class Watcher:
         self._last_plain = 0.0
         self._seen: dict[int, TrialState] = {
             t.number: t.state for t in study.get_trials(deepcopy=False) if t.state in _FINISHED}
+        self._finished_before = len(self._seen)
 
     def _best(self) -> float | None:
         try:
@@ -85,7 +120,9 @@ class Watcher:
                 finished.append(f"[{_duration(elapsed):>7}] {describe(trial)}")
         running = [t for t in trials if t.state == TrialState.RUNNING]
         block = [worker_line(t, self.max_epochs) for t in running]
-        block.append(study_line(trials, self.n_trials, elapsed, self._best()))
+        timeout_left = None if self.deadline is None else self.deadline - time.time()
+        block.append(study_line(trials, self.n_trials, elapsed, self._best(),
+                                finished_before=self._finished_before, timeout_left=timeout_left))
         if self.live:
             if self._drawn:
                 self.stream.write(f"\x1b[{self._drawn}F\x1b[J")  # back to the block's first line, clear

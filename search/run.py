@@ -268,7 +268,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
         command += ["--deadline", str(deadline)]
     workers = _Workers(command, out, url, options)
     previous = signal.signal(signal.SIGTERM, _on_signal)
-    watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs)
+    watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
     interrupted = False
     try:
         for i in range(options.workers):

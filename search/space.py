@@ -37,7 +37,13 @@ def max_layers(size: int) -> int:
 
 def seed_layers(size: int) -> int:
     """The seed's depth scaled to ``size``: the same bridge size (4 px) where possible."""
-    wanted = _SEED_LAYERS - round(math.log2(_SEED_SIZE / size)) if size > 0 else 2
+    return scaled_layers(_SEED_LAYERS, _SEED_SIZE, size)
+
+
+def scaled_layers(layers: int, from_size: int, size: int) -> int:
+    """A depth chosen for ``from_size`` px images, scaled to ``size`` px: one level fewer per
+    halving, so the bridge keeps its size, within what ``size`` allows."""
+    wanted = layers - round(math.log2(from_size / size)) if size > 0 and from_size > 0 else 2
     return max(2, min(wanted, max_layers(size)))
 
 
@@ -80,30 +86,45 @@ _MISSING = object()
 
 
 def apply(base: cfg.Config, settings: Mapping[str, Any], source: str) -> cfg.Config:
-    """``base`` with searched/fixed settings applied through the config's own checks."""
+    """``base`` with searched/fixed settings applied through the config's own checks: all of a
+    section's keys at once, so the result is validated once and never half-way (a dataset
+    config's 8 levels are not checked against a new image size before the trial's own depth
+    replaces them)."""
     config = base
     for section in ("model", "train"):
-        values = {k: v for k, v in settings.items() if SETTABLE.get(k) == section}
+        values = {k: v for k, v in settings.items() if _SECTION_OF.get(k, SETTABLE.get(k)) == section}
         if values:
             config = cfg.override(config, section, values, source)
     return config
 
 
+def _fits(model: cfg.ModelConfig, size: int) -> bool:
+    """Whether a config's depth suits ``size`` px as it is: its own size, or within
+    :func:`max_layers` (the same rule the search space obeys)."""
+    return size == model.image_width == model.image_height or model.num_layers <= max_layers(size)
+
+
+_SECTION_OF = {"image_width": "model", "image_height": "model", "epochs": "train"}
+
+
 def trial_config(base: cfg.Config, spec: StudySpec, image_size: int, values: Mapping[str, Any],
                  baseline: bool = False) -> cfg.Config:
-    """The full config of one trial: dataset config, image size, fixed settings, then the
-    sampled values (the baseline takes the seed's settings for everything it does not sample)."""
-    config = cfg.override(base, "model", {"image_width": image_size, "image_height": image_size},
-                          f"{spec.path}: image size")
-    settings: dict[str, Any] = {}
+    """The full config of one trial: the dataset config with the image size, the fixed
+    settings and the sampled values applied together (the baseline takes the seed's settings
+    for everything it does not sample). Where neither the trial nor the study sets the depth,
+    the dataset config's depth is kept if it suits the image size, else scaled to it (see
+    :func:`scaled_layers`)."""
+    settings: dict[str, Any] = {"image_width": image_size, "image_height": image_size}
     if baseline:
         settings.update(SEED_BASELINE)
         settings["num_layers"] = seed_layers(image_size)
     else:
         settings.update(spec.fixed)
     settings.update(values)
-    config = apply(config, settings, f"{spec.path}: trial settings")
-    return cfg.override(config, "train", {"epochs": spec.budget.max_epochs}, f"{spec.path}: [budget] max_epochs")
+    if "num_layers" not in settings and not _fits(base.model, image_size):
+        settings["num_layers"] = scaled_layers(base.model.num_layers, base.model.image_width, image_size)
+    settings["epochs"] = spec.budget.max_epochs
+    return apply(base, settings, f"{spec.path}: trial settings")
 
 
 def baseline_params(spec: StudySpec, space: tuple[ParamSpec, ...], image_size: int) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SEED_CONFIG, assert_user_error, run_cli, set_keys
+from conftest import ROOT, SEED_CONFIG, assert_user_error, run_cli, set_keys
 from flexunet import config as cfg
 from flexunet.errors import ConfigError
 
@@ -125,3 +125,63 @@ def test_non_utf8_and_missing_files(tmp_path: Path) -> None:
         cfg.load(path)
     with pytest.raises(ConfigError, match="not found"):
         cfg.load(tmp_path / "absent.config")
+
+
+def test_every_key_of_the_seed_configs_works_or_is_listed_as_ignored_in_the_readme(
+        caplog: pytest.LogCaptureFixture) -> None:
+    import configparser
+
+    from flexunet.config import _SECTIONS, _SEED_ONLY
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    ignored_table = readme.split("Seed keys read and deliberately ignored")[1].split("FlexUNet: with L")[0]
+    for path in (SEED_CONFIG,):  # the seed's ICH config as published
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(path, encoding="utf-8")
+        with caplog.at_level("WARNING", logger="flexunet.config"):
+            cfg.load(path)
+        assert "unknown key" not in caplog.text and "is not used by flexunet" not in caplog.text, caplog.text
+        for section in parser.sections():
+            for key in parser[section]:
+                if key == "model" and section == "model":
+                    continue  # checked: TensorFlowFlexUNet is the one architecture built
+                if key in _SECTIONS[section][0]:
+                    continue
+                assert key in _SEED_ONLY[section], (path, section, key)
+                assert f"`[{section}] {key}`" in ignored_table, (section, key)
+    # The seed's own options from its source (TensorFlowFlexUNet.py) are read, not ignored.
+    for key in ("dropout_seed_fixing", "final_activation"):
+        assert key in _SECTIONS["model"][0]
+    for section, keys in _SEED_ONLY.items():
+        for key in keys:
+            assert f"[{section}] {key}" in ignored_table or f"`{key}`" in ignored_table, (section, key)
+
+
+def test_seed_model_options_and_the_colour_tolerance_are_read() -> None:
+    text = """[model]
+model = "TensorFlowFlexUNet"
+image_width = 64
+image_height = 64
+num_classes = 3
+num_layers = 4
+dropout_seed_fixing = True
+final_activation = "sigmoid"
+[mask]
+rgb_map = {(0,0,0):0, (255,0,0):1, (0,255,0):2}
+mask_file_format = ".jpg"
+colour_tolerance = 30
+"""
+    config = cfg.loads(text)
+    assert config.model.dropout_seed_fixing and config.model.final_activation == "sigmoid"  # softmax: 3 classes
+    assert config.mask.colour_tolerance == 30.0
+    assert cfg.loads(text.replace("colour_tolerance = 30\n", "")).mask.colour_tolerance == cfg.DEFAULT_COLOUR_TOLERANCE
+    with pytest.raises(ConfigError, match=r"\[mask\] colour_tolerance: -1.0 is out of range"):
+        cfg.loads(text.replace("colour_tolerance = 30", "colour_tolerance = -1"))
+    with pytest.raises(ConfigError, match=r"\[model\] model: 'TensorFlowFlexAttentionUNet' is not supported; "
+                                          r"flexunet builds TensorFlowFlexUNet only"):
+        cfg.loads(text.replace('"TensorFlowFlexUNet"', '"TensorFlowFlexAttentionUNet"'))
+    one = text.replace("num_classes = 3", "num_classes = 1")
+    one = one.replace("rgb_map = {(0,0,0):0, (255,0,0):1, (0,255,0):2}", "")
+    assert cfg.loads(one).model.final_activation == "sigmoid"
+    with pytest.raises(ConfigError, match="final_activation: 'softmax' cannot train a one-class model"):
+        cfg.loads(one.replace('final_activation = "sigmoid"', 'final_activation = "softmax"'))

@@ -143,3 +143,33 @@ def test_cli_names_a_corrupt_jpeg(tiny_config: Path) -> None:
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     assert_user_error(run_cli("train", tiny_config), str(corrupt), "JPEG")
     assert not (tiny_config.parent / "models").exists()
+
+
+def test_jpeg_colour_masks_snap_to_the_map_and_a_foreign_region_is_refused(tmp_path: Path) -> None:
+    palette = {(0, 0, 0): 0, (210, 80, 0): 1, (0, 200, 0): 2, (0, 90, 255): 3, (255, 220, 0): 4, (200, 0, 200): 5}
+    classes = np.zeros((96, 96), np.uint8)
+    for k, (x, y, r) in enumerate([(20, 20, 14), (60, 30, 18), (40, 70, 16), (75, 75, 12), (30, 45, 9)], start=1):
+        cv2.circle(classes, (x, y), r, k, -1)
+    colours = [c for c, _ in sorted(palette.items(), key=lambda item: item[1])]
+    png = tmp_path / "m.png"
+    imio.write_png(png, imio.classes_to_colors(classes, colours))
+    jpg = tmp_path / "m.jpg"
+    cv2.imwrite(str(jpg), cv2.imread(str(png), cv2.IMREAD_COLOR), [cv2.IMWRITE_JPEG_QUALITY, 75])
+    assert (imio.read_mask(png, palette, 6) == classes).all()  # lossless: exact
+    decoded = imio.decode_mask(jpg, palette, 6, tolerance=48.0)
+    assert decoded.snapped > 100 and (decoded.labels == classes).mean() > 0.97
+    with pytest.raises(DataError, match=r"m\.jpg: colour .* is not in \[mask\] rgb_map"):
+        imio.read_mask(jpg, palette, 6, tolerance=0.0)
+    foreign = cv2.imread(str(png), cv2.IMREAD_COLOR)
+    foreign[40:60, 5:25] = (128, 128, 128)
+    bad = tmp_path / "bad.jpg"
+    cv2.imwrite(str(bad), foreign, [cv2.IMWRITE_JPEG_QUALITY, 75])
+    with pytest.raises(DataError, match=r"bad\.jpg: colour \(1[23]\d, 1[23]\d, 1[23]\d\) \(\d+ pixels\) is not in "
+                                        r"\[mask\] rgb_map.*add the colour to \[mask\] rgb_map, or set \[mask\] "
+                                        r"colour_tolerance above \d+"):
+        imio.read_mask(bad, palette, 6, tolerance=48.0)
+    foreign_png = tmp_path / "bad.png"
+    cv2.imwrite(str(foreign_png), foreign)
+    with pytest.raises(DataError, match=r"colour \(128, 128, 128\) \(400 pixels\) is not in \[mask\] rgb_map; "
+                                        r"add the colour to \[mask\] rgb_map \(lossless masks must match exactly"):
+        imio.read_mask(foreign_png, palette, 6, tolerance=48.0)

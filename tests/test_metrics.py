@@ -43,15 +43,56 @@ def test_multiclass_mean_excludes_background() -> None:
     assert summary["foreground_dice_global"] == pytest.approx(2 / 3)
 
 
-def test_seed_dice_rewards_background() -> None:
+def _lesion_eighth() -> np.ndarray:
+    """One-hot targets of two 64x64 images whose lesion covers exactly 1/8 (512 pixels)."""
+    true = np.zeros((2, 64, 64), np.uint8)
+    true[:, :8, :] = 1
+    return one_hot(true, 2)
+
+
+def _seed_formula(y_true: np.ndarray, y_pred: np.ndarray, smooth: float = 1.0) -> float:
+    # The seed's src/dice_coef_multiclass.py, line for line, with numpy for K.
+    intersection = np.sum(y_true * y_pred, axis=(1, 2, 3))
+    union = np.sum(y_true, axis=(1, 2, 3)) + np.sum(y_pred, axis=(1, 2, 3))
+    return float(np.mean((2.0 * intersection + smooth) / (union + smooth), axis=0))
+
+
+def test_seed_dice_is_the_seeds_formula_on_the_three_cases_of_issue_12() -> None:
+    true = _lesion_eighth()
+    background = np.zeros_like(true)
+    background[..., 0] = 1
+    # Per image: intersection = 3584 background pixels, union = 4096 + 4096.
+    assert float(m.dice_coef_multiclass(true, background)) == pytest.approx((2 * 3584 + 1) / (8192 + 1), abs=1e-6)
+    confident = true * 0.9 + (1 - true) * 0.1  # the right class at 0.9, the other at 0.1
+    # Per image: intersection = 0.9 * 4096, union = 4096 + 4096.
+    assert float(m.dice_coef_multiclass(true, confident)) == pytest.approx((2 * 0.9 * 4096 + 1) / 8193, abs=1e-6)
+    rng = np.random.default_rng(12)
+    logits = rng.normal(size=true.shape)
+    random = np.exp(logits) / np.exp(logits).sum(axis=-1, keepdims=True)
+    got = float(m.dice_coef_multiclass(true.astype(np.float32), random.astype(np.float32)))
+    assert got == pytest.approx(_seed_formula(true, random), abs=1e-6)
+    assert got == pytest.approx(0.5, abs=0.01)  # E[p of the true class] = 1/2
+    for pred in (background, confident):
+        assert float(m.dice_coef_multiclass(true, pred)) == pytest.approx(_seed_formula(true, pred), abs=1e-6)
+
+
+def test_seed_dice_averages_images_not_pixels() -> None:
+    true = _lesion_eighth()
+    pred = true.copy()
+    pred[1] = 0
+    pred[1, ..., 0] = 1  # image 0 perfect (1.0), image 1 all background (7169/8193)
+    assert float(m.seed_dice(true, pred)) == pytest.approx((1.0 + 7169 / 8193) / 2)
+
+
+def test_seed_dice_of_an_evaluation_is_the_seeds_formula_on_hard_predictions() -> None:
     true = np.zeros((1, 64, 64), np.uint8)
-    true[0, 30:32, 30:32] = 1
+    true[0, :8, :] = 1
     pred = np.zeros_like(true)  # misses the lesion entirely
     summary = score(pred, true, ["x"], 2).summary
     assert summary["foreground_dice_global"] == 0.0
-    assert summary["seed_dice_coef_multiclass (background-inclusive, not comparable)"] > 0.49
-    seed = float(m.dice_coef_multiclass(one_hot(true, 2), one_hot(pred, 2)))
-    assert seed > 0.49
+    assert summary["seed_dice_coef_multiclass (background-inclusive, not comparable)"] == pytest.approx(7169 / 8193)
+    sigmoid = score(pred, true, ["x"], 1).summary  # one channel: the foreground alone
+    assert sigmoid["seed_dice_coef_multiclass (background-inclusive, not comparable)"] == pytest.approx(1 / 513)
 
 
 def test_hd95_of_shifted_squares() -> None:

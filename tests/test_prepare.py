@@ -158,3 +158,34 @@ def test_manifest_path_traversal_is_refused(tmp_path: Path, sample: Path) -> Non
 def test_window_is_brain_window() -> None:
     hu = np.array([-1000, 0, 40, 80, 2000], dtype=np.int16)
     np.testing.assert_array_equal(ct_ich.window(hu), [0, 0, 128, 255, 255])
+
+
+def test_the_bundled_sample_reads_as_a_partial_copy_with_no_error_like_counts(tmp_path: Path, sample: Path) -> None:
+    run = run_cli("prepare", "ct-ich", sample, tmp_path / "out", "--size", "32")
+    assert run.returncode == 0, run.stderr
+    assert ("reading a partial copy of CT-ICH: Patients_CT holds 4 of the 82 patients of "
+            "hemorrhage_diagnosis.csv, with 21 of their 117 listed slices") in run.stdout
+    assert "missing" not in run.stdout and "no folder" not in run.stdout
+    assert "grey edge pixels (compression blur) thresholded at 127" in run.stdout
+
+
+def test_a_complete_download_still_reports_a_missing_slice(tmp_path: Path, sample: Path) -> None:
+    # A download that is complete for its patients (the CSV lists just those on disk), less one file.
+    src = tmp_path / "ct-ich"
+    shutil.copytree(sample / "Patients_CT", src / "Patients_CT")
+    with (sample / "hemorrhage_diagnosis.csv").open(encoding="utf-8-sig") as handle:
+        rows = list(csv.DictReader(handle))
+    on_disk = {int(d.name) for d in (src / "Patients_CT").iterdir()}
+    kept = [r for r in rows if int(r["PatientNumber"]) in on_disk
+            and (src / "Patients_CT" / f"{int(r['PatientNumber']):03d}" / "brain" / f"{r['SliceNumber']}.jpg").exists()]
+    with (src / "hemorrhage_diagnosis.csv").open("w", encoding="utf-8", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(kept)
+    complete = ct_ich.prepare(src, tmp_path / "complete", size=32)
+    assert not complete.partial and not any("missing" in line for line in complete.lines())
+    victim = next(p for p in sorted((src / "Patients_CT").glob("*/brain/*.jpg")) if "_HGE_Seg" not in p.name)
+    victim.unlink()
+    report = ct_ich.prepare(src, tmp_path / "less_one", size=32)
+    assert "listed in the CSV but missing on disk: 1" in report.lines()
+    assert not any("partial copy" in line for line in report.lines())

@@ -10,7 +10,9 @@ import pytest
 from optuna.trial import TrialState
 
 from search import run as runner
-from search.progress import Watcher
+import time
+
+from search.progress import Estimate, Watcher, estimate_left
 
 
 def test_workers_get_a_gpu_each_or_a_share_of_the_cpu() -> None:
@@ -39,7 +41,9 @@ def test_live_lines_per_worker_and_a_study_line() -> None:
     watcher.update()
     text = stream.getvalue()
     assert "worker node7:4242" in text and "trial 1" in text and "epoch   3/10" in text and "0.1875" in text
-    assert "study: 1/4 finished (1 complete, 0 pruned, 0 failed), best 0.2500" in text and "left" in text
+    assert "study: 1/4 finished (1 complete, 0 pruned, 0 failed), best 0.2500" in text
+    # The one finished trial ended before this launcher started: no pace to estimate from.
+    assert "left" not in text
     watcher.update()
     assert "\x1b[" in stream.getvalue()  # redrawn in place, not appended
 
@@ -57,3 +61,37 @@ def test_plain_log_when_not_a_terminal() -> None:
     assert "\x1b[" not in text
     assert text.count("trial 2, PRUNED") == 1  # each finished trial once
     assert "best:" in text and "elapsed" in text
+
+
+def test_estimate_from_the_pace_of_this_run() -> None:
+    assert estimate_left(0, 10, 100.0, timeout_left=None) is None  # nothing finished yet
+    assert estimate_left(4, 6, 120.0, timeout_left=None) == Estimate(180.0, by_timeout=False)
+    assert estimate_left(4, 0, 120.0, timeout_left=None) == Estimate(0.0, by_timeout=False)
+
+
+def test_estimate_never_exceeds_the_timeout_and_says_so() -> None:
+    # The run: timeout 780 s; 20 trials at 8 minutes each would claim hours.
+    estimate = estimate_left(1, 19, 480.0, timeout_left=300.0)
+    assert estimate == Estimate(300.0, by_timeout=True)
+    assert estimate.text() == "at most 5m00s left (the timeout ends the study first)"
+    assert estimate_left(0, 20, 30.0, timeout_left=750.0) == Estimate(750.0, by_timeout=True)
+    assert estimate_left(3, 3, 300.0, timeout_left=900.0) == Estimate(300.0, by_timeout=False)
+    assert estimate_left(3, 3, 300.0, timeout_left=-5.0) == Estimate(0.0, by_timeout=True)
+    assert estimate_left(3, 3, 300.0, timeout_left=900.0).text() == "about 5m00s left"
+
+
+def test_study_line_counts_only_trials_finished_in_this_run_and_respects_the_timeout() -> None:
+    study = optuna.create_study(direction="maximize")
+    stream = io.StringIO()
+    watcher = Watcher(study, n_trials=20, max_epochs=2, stream=stream, live=True, deadline=time.time() + 780)
+    for value in (0.1, 0.2):
+        trial = study.ask()
+        study.tell(trial, value)
+    watcher.started -= 600  # as if the two trials had taken ten minutes
+    watcher.update()
+    line = [x for x in stream.getvalue().splitlines() if "study:" in x][-1]
+    assert "2/20 finished" in line and "elapsed 10m00s" in line
+    # 18 trials at 5 minutes each would be 1h30m; the timeout has at most 13 minutes left.
+    left = line.split("at most ")[1].split(" left")[0]
+    assert left.endswith("s") and int(left.split("m")[0]) <= 13
+    assert "(the timeout ends the study first)" in line

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 from pathlib import Path
 
 import optuna
@@ -107,6 +109,22 @@ def test_num_layers_is_bounded_by_the_image_size() -> None:
 
 def test_seed_baseline_is_scaled_by_depth() -> None:
     assert [sp.seed_layers(s) for s in (512, 256, 128, 64)] == [8, 7, 6, 5]
+
+
+def test_a_seed_configs_depth_never_blocks_a_study_at_another_size(tmp_path: Path) -> None:
+    spec = _load(tmp_path, MINIMAL)
+    seed = cfg.Config(model=cfg.ModelConfig(image_width=512, image_height=512, num_classes=4, num_layers=8),
+                      mask=cfg.MaskConfig(rgb_map={(0, 0, 0): 0, (255, 0, 0): 1, (0, 255, 0): 2, (0, 0, 255): 3}))
+    for size, scaled in ((256, 7), (128, 6), (64, 5), (32, 4)):
+        config = sp.trial_config(seed, spec, size, {})
+        assert (config.model.image_width, config.model.num_layers) == (size, scaled)
+        assert sp.trial_config(seed, spec, size, {}, baseline=True).model.num_layers == sp.seed_layers(size)
+        assert sp.trial_config(seed, spec, size, {"num_layers": 3}).model.num_layers == 3
+    assert sp.trial_config(seed, spec, 512, {}).model.num_layers == 8  # its own size: kept
+    shallow = seed.replace(model=dataclasses.replace(seed.model, num_layers=4))
+    assert sp.trial_config(shallow, spec, 64, {}).model.num_layers == 4  # fits: kept
+    with pytest.raises(ConfigError, match="not divisible by 2\\*\\*\\(num_layers-1\\) = 128"):
+        sp.trial_config(seed, spec, 64, {"num_layers": 8})  # the trial's own depth is still checked
 
 
 def test_infeasible_configs_are_named_and_the_baseline_is_exempt_from_size_caps(tmp_path: Path) -> None:

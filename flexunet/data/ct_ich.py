@@ -69,6 +69,16 @@ class PrepareReport:
     listed_positive_without_mask: int = 0
     duplicates: list[str] = field(default_factory=list)
     volumes_without_mask: list[str] = field(default_factory=list)
+    csv_patients: int = 0  # patients hemorrhage_diagnosis.csv lists
+    csv_rows_on_disk_patients: int = 0  # its rows of the patients that have a folder
+    jpg_found: int = 0  # JPG slices found of the listed ones
+    snapped_pixels: int = 0  # grey JPEG mask pixels (compression blur) thresholded to 0 or 1
+
+    @property
+    def partial(self) -> bool:
+        """Patients_CT holds only some of the CSV's patients: a partial copy (the bundled
+        sample is one), whose absent rows are expected, not errors."""
+        return self.patients_not_on_disk > 0
 
     def lines(self) -> list[str]:
         total = sum(self.written.values())
@@ -78,9 +88,16 @@ class PrepareReport:
         for part in self.written:
             out.append(f"  {part:<12} {self.patients[part]:>3} patients  {self.written[part]:>5} slices"
                        f"  ({self.positive[part]} with hemorrhage)")
+        on_disk = self.csv_patients - self.patients_not_on_disk
+        if self.partial:
+            out.append(f"reading a partial copy of CT-ICH: Patients_CT holds {on_disk} of the {self.csv_patients} "
+                       f"patients of {DIAGNOSIS_CSV}, with {self.jpg_found} of their "
+                       f"{self.csv_rows_on_disk_patients} listed slices; the other rows are not on disk, as "
+                       f"expected of a partial copy (the full download has them all)")
+        if self.snapped_pixels:
+            out.append(f"JPEG masks: {self.snapped_pixels} grey edge pixels (compression blur) thresholded at 127")
         issues = [
-            ("listed in the CSV but missing on disk", self.listed_missing),
-            ("patients in the CSV with no folder on disk", self.patients_not_on_disk),
+            ("listed in the CSV but missing on disk", 0 if self.partial else self.listed_missing),
             ("images on disk that the CSV does not list (skipped)", len(self.not_listed)),
             ("masks without their image (skipped)", len(self.masks_without_image)),
             ("slices marked hemorrhage in the CSV but without a mask (kept as empty)",
@@ -164,6 +181,8 @@ def _jpg_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
                 raise DataError(f"{root}: two folders for patient {key}: {by_int[key].name} and {name}")
             by_int[key] = folder
     report.patients_not_on_disk = len(listed_patients - set(by_int))
+    report.csv_patients = len(listed_patients)
+    report.csv_rows_on_disk_patients = sum(1 for p, _ in listed if p in by_int)
     refs: list[_SliceRef] = []
     for patient in sorted(set(by_int) & listed_patients):
         brain = by_int[patient] / "brain"
@@ -198,17 +217,21 @@ def _jpg_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
             if positive and mask_path is None:
                 report.listed_positive_without_mask += 1
             refs.append(_SliceRef(patient, number, "jpg", mask_path is not None,
-                                  _jpg_loader(image_path, mask_path)))
+                                  _jpg_loader(image_path, mask_path, report)))
+    report.jpg_found = len(refs)
     return refs
 
 
-def _jpg_loader(image_path: Path, mask_path: Path | None) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
+def _jpg_loader(image_path: Path, mask_path: Path | None,
+                report: PrepareReport) -> Callable[[], tuple[np.ndarray, np.ndarray]]:
     def load() -> tuple[np.ndarray, np.ndarray]:
         # The JPGs were re-saved as 3-channel files: read them as grayscale.
         image = imio.read_image(image_path, channels=1)[..., 0]
         if mask_path is None:
             return image, np.zeros(image.shape, np.uint8)
-        mask = imio.read_mask(mask_path, cfg.BINARY_RGB_MAP, num_classes=2)
+        decoded = imio.decode_mask(mask_path, cfg.BINARY_RGB_MAP, num_classes=2)
+        mask = decoded.labels
+        report.snapped_pixels += decoded.snapped
         if mask.shape != image.shape:
             raise DataError(f"{mask_path}: mask is {mask.shape[1]}x{mask.shape[0]} but its image "
                             f"{image_path.name} is {image.shape[1]}x{image.shape[0]}")

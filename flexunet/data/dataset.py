@@ -7,6 +7,7 @@ pipeline (see DESIGN.md). Pairs are matched by file stem in sorted order.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -18,6 +19,8 @@ import numpy as np
 from flexunet.config import IMAGE_SUFFIXES, Config, ImageConfig, MaskConfig, ModelConfig
 from flexunet.data import io as imio
 from flexunet.errors import DataError
+
+_logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -60,15 +63,19 @@ def load_pairs(images_dir: Path, masks_dir: Path, model: ModelConfig, image: Ima
     images = np.empty((n, h, w, c), np.uint8)
     masks = np.empty((n, h, w), np.uint8)
     sizes = []
+    snapped = 0
     for i, (_, image_path, mask_path) in enumerate(pairs):
         picture = imio.read_image(image_path, c, image.color_order)
-        labels = imio.read_mask(mask_path, mask.rgb_map, model.num_classes)
+        decoded = imio.decode_mask(mask_path, mask.rgb_map, model.num_classes, mask.colour_tolerance)
+        labels, snapped = decoded.labels, snapped + decoded.snapped
         if labels.shape != picture.shape[:2]:
             raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
                             f"{image_path.name} is {picture.shape[1]}x{picture.shape[0]}")
         sizes.append(picture.shape[:2])
         images[i] = imio.resize_image(picture, w, h)
         masks[i] = imio.resize_mask(labels, w, h)
+    if snapped:
+        _logger.info("%s: %d pixels of lossy masks snapped to the nearest [mask] rgb_map colour", masks_dir, snapped)
     return SliceSet(images, masks, [stem for stem, _, _ in pairs], sizes)
 
 
