@@ -31,15 +31,27 @@ def draw(rng: np.random.Generator, n: int, height: int, width: int, strength: fl
     from an output pixel (x, y) back to the pixel it samples, in the layout of
     ``keras.ops.image.affine_transform``, then its contrast factor and brightness offset."""
     flip = rng.random(n) < 0.5
-    angle = np.deg2rad(rng.uniform(-_MAX_ANGLE, _MAX_ANGLE, n) * strength)
+    angle = rng.uniform(-_MAX_ANGLE, _MAX_ANGLE, n) * strength
     scale = 1.0 + rng.uniform(-_MAX_SCALE, _MAX_SCALE, n) * strength
     shift = rng.uniform(-_MAX_SHIFT, _MAX_SHIFT, (n, 2)) * strength * np.array([width, height])
     contrast = 1.0 + rng.uniform(-_MAX_CONTRAST, _MAX_CONTRAST, n) * strength
     brightness = rng.uniform(-_MAX_BRIGHTNESS, _MAX_BRIGHTNESS, n) * strength * 255.0
-    # Forward map (a rotation by `angle` counter-clockwise and a scale about the centre, then the
-    # shift), as cv2.getRotationMatrix2D builds it: p' = A p + t.
+    transform = transforms(flip, angle, scale, shift, height, width)
+    params = np.concatenate([transform, contrast[:, None], brightness[:, None]], axis=1)
+    return params.astype(np.float32)
+
+
+def transforms(flip: np.ndarray, angle: np.ndarray, scale: np.ndarray, shift: np.ndarray, height: int,
+               width: int) -> np.ndarray:
+    """(n, 8) transforms of ``keras.ops.image.affine_transform`` for a horizontal flip (bool), then a
+    rotation (degrees, counter-clockwise) and scale about the centre, then a shift (n, 2: x, y
+    pixels) -- the warp that ``cv2.warpAffine`` does with ``cv2.getRotationMatrix2D``'s matrix
+    plus the shift."""
+    n = len(flip)
+    # Forward map p' = A p + t, as cv2.getRotationMatrix2D builds it.
+    radians = np.deg2rad(angle)
     cx, cy = width / 2.0, height / 2.0
-    a, b = scale * np.cos(angle), scale * np.sin(angle)
+    a, b = scale * np.cos(radians), scale * np.sin(radians)
     tx = (1 - a) * cx - b * cy + shift[:, 0]
     ty = b * cx + (1 - a) * cy + shift[:, 1]
     # Its inverse takes an output pixel to the source: p = R (p' - t), R = A^-1 = [[a, -b], [b, a]] / s^2.
@@ -49,9 +61,7 @@ def draw(rng: np.random.Generator, n: int, height: int, width: int, strength: fl
     # The flip comes before the warp: the source column x becomes width - 1 - x.
     sign = np.where(flip, -1.0, 1.0)
     offset = np.where(flip, width - 1.0, 0.0)
-    params = np.stack([sign * r00, sign * r01, offset + sign * u0, r10, r11, u1,
-                       np.zeros(n), np.zeros(n), contrast, brightness], axis=1)
-    return params.astype(np.float32)
+    return np.stack([sign * r00, sign * r01, offset + sign * u0, r10, r11, u1, np.zeros(n), np.zeros(n)], axis=1)
 
 
 def apply(images, masks, params):  # -> (images, masks): backend tensors
