@@ -239,6 +239,13 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     c.log(f"training ratio trial/plain per repeat, wall clock: {', '.join(f'{x:.3f}' for x in ratios)} "
           f"(median {c.median(ratios):.3f}); CPU time: {', '.join(f'{x:.3f}' for x in cpu_ratios)} "
           f"(median {c.median(cpu_ratios):.3f})")
+    # Without the last epoch (a trial's final saves: best model, curves, overlays) nor the first
+    # (tracing): what each further epoch of a longer trial costs.
+    steady = [c.median(p[1:-1] or p[1:]) / c.median(t[1:-1] or t[1:])
+              for t, p in zip(epochs["trial"], epochs["plain"])]
+    result["steady_epoch_ratios_trial_over_plain"] = steady
+    c.log(f"steady-state epochs (neither the first nor the last), plain/trial seconds per repeat: "
+          f"{', '.join(f'{x:.3f}' for x in steady)} (median {c.median(steady):.3f})")
     plain_epoch = images_per_epoch / c.median(rates["plain"])
     result["plain_epoch_seconds_median"] = plain_epoch
     for name, per_hook in result["hook_seconds_per_epoch"].items():
