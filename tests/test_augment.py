@@ -203,3 +203,22 @@ def test_augmentation_agrees_on_tensorflow_and_jax(tmp_path: Path) -> None:
     here_img, here_mask = (keras.ops.convert_to_numpy(t) for t in augment.apply(images, masks, params))
     assert (jax_out["masks"] == here_mask).mean() > 0.995  # ties at exactly .5 may round apart
     assert np.abs(jax_out["images"] - here_img).mean() < 0.5
+
+
+def test_training_with_on_device_augmentation_is_seeded(prepared64: Path) -> None:
+    from flexunet.train import fit
+
+    base = cfg.load(prepared64 / "train_eval_infer.config")
+    config = cfg.override(base, "model", {"num_layers": 2, "base_filters": 4}, "test")
+    config = cfg.override(config, "train", {"epochs": 2, "batch_size": 4, "steps_per_epoch": 3, "augmentation": True,
+                                            "augmentation_strength": 0.8, "seed": 5}, "test")
+    train, valid = load_split(config, "train"), load_split(config, "valid")
+    runs = [fit(config.model, config.train, train, valid, verbose=0) for _ in range(2)]
+    assert runs[0].history == runs[1].history and runs[0].epochs_run == 2
+    other = cfg.override(config, "train", {"seed": 6}, "test")
+    assert fit(other.model, other.train, train, valid, verbose=0).history["loss"] != runs[0].history["loss"]
+    network = runs[0].model
+    # The step hook is gone after fit: the model predicts float images as any Keras model.
+    assert "train_step" not in vars(network)
+    probabilities = network.predict(valid.images[:2].astype(np.float32), verbose=0)
+    assert probabilities.shape == (2, 64, 64, config.model.num_classes)
