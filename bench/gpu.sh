@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU figures from a bare start, in at most 8 minutes (results, and how they were taken:
-# BENCHMARKS.md, section 6).
+# GPU figures from a bare start, in at most 9 minutes (results, and how they were taken:
+# BENCHMARKS.md, section 6): the trial loop's ratio to plain model.fit, GPU utilisation with 1, 2
+# and 4 workers per GPU, and trials per hour of a small study at each setting.
 #
 # On a fresh checkout of this repository on a machine with an NVIDIA GPU and Python 3.11+:
 #
@@ -12,13 +13,16 @@
 # 3. bench/throughput.py on the GPU: training images/s of a search trial's loop against plain
 #    model.fit at 256 px, and inference images/s (Keras, SavedModel, onnxruntime on the CPU) at
 #    128 and 256 px;
-# 4. a real study at 256 px on the bundled sample, on GPU 0:
-#    flexunet search run studies/ct_ich_sample.toml --image-size 256 --n-trials N --max-epochs E --gpus 0
+# 4. for W in 1 2 4: a real study at 256 px on the bundled sample, on GPU 0:
+#    flexunet search run studies/ct_ich_sample.toml --image-size 256 --n-trials N --max-epochs E \
+#        --gpus 0 --workers-per-gpu W
 #    (without --gpus a worker hides the GPUs and trains on the CPU), with GPU utilisation sampled
-#    every 2 s;
-# 5. prints what it measured; the last line is `gpu_trial_train_images_per_s_256px: X`.
+#    every 2 s; each study gets an equal part of the time left;
+# 5. prints what it measured: `train_throughput_ratio_gpu: R`,
+#    `gpu_utilisation_workers_per_gpu_W: U%`, `trials_per_hour_workers_per_gpu_W: T trained` and,
+#    last, `gpu_trial_train_images_per_s_256px: X`.
 #
-# Every stage has a time limit so that the whole script ends within BUDGET seconds (default 480).
+# Every stage has a time limit so that the whole script ends within BUDGET seconds (default 540).
 # Environment:
 #   VENV           the virtual environment to create or reuse (.venv-gpu)
 #   PYTHON         instead: an interpreter that already has the project and its dependencies
@@ -27,7 +31,8 @@
 #   KERAS_BACKEND  jax where TensorFlow cannot be installed: training and the study run on
 #                  Keras' JAX backend, and inference is timed through Keras alone
 #   WORK           output folder (a new temporary one);  BUDGET (480 s)
-#   SIZE (256)     training and study image side;  N_TRIALS (6), MAX_EPOCHS (6): the study;
+#   SIZE (256)     training and study image side;  N_TRIALS (8), MAX_EPOCHS (6): each study;
+#   WORKERS_PER_GPU ("1 2 4") the settings of step 4;
 #   REPEATS (3)    interleaved throughput repeats
 #   ALLOW_CPU=1    go on without a GPU, to check the script itself on a CPU machine:
 #                  SKIP_INSTALL=1 VENV=.venv ALLOW_CPU=1 SIZE=64 N_TRIALS=2 MAX_EPOCHS=2 bash bench/gpu.sh
@@ -35,10 +40,10 @@ set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 START=$(date +%s)
-BUDGET=${BUDGET:-480}
+BUDGET=${BUDGET:-540}
 VENV=${VENV:-.venv-gpu}
 WORK=${WORK:-$(mktemp -d -t flexunet-gpu-XXXXXX)}
-N_TRIALS=${N_TRIALS:-6}
+N_TRIALS=${N_TRIALS:-8}
 MAX_EPOCHS=${MAX_EPOCHS:-6}
 SIZE=${SIZE:-256}
 mkdir -p "$WORK"
@@ -94,11 +99,11 @@ else
 fi
 
 # --- 3. throughput ----------------------------------------------------------------------------
-# Study time is kept for step 4: throughput gets at most 40% of what is left.
-THROUGHPUT_LIMIT=$(( $(left) * 40 / 100 ))
+# Study time is kept for step 4: throughput gets at most 30% of what is left.
+THROUGHPUT_LIMIT=$(( $(left) * 30 / 100 ))
 log "throughput (limit ${THROUGHPUT_LIMIT}s)"
 if timeout "$THROUGHPUT_LIMIT" "$PY" bench/throughput.py --train-size "$SIZE" --levels 5 --batch 8 --steps 16 \
-        --epochs 4 --repeats "${REPEATS:-3}" --no-augmented --infer-sizes 128 "$SIZE" --infer-images 64 --infer-batch 16 \
+        --epochs 6 --repeats "${REPEATS:-3}" --no-augmented --infer-sizes 128 "$SIZE" --infer-images 64 --infer-batch 16 \
         --infer-repeats 5 --json "$WORK/throughput.json" > "$WORK/throughput.log" 2>&1; then
     grep -E 'img/s|ratio|^train_throughput_ratio' "$WORK/throughput.log" | sed 's/^/    /'
 else
@@ -106,57 +111,72 @@ else
     tail -5 "$WORK/throughput.log"
 fi
 
-# --- 4. a real study at 256 px ----------------------------------------------------------------
-STUDY_LIMIT=$(( $(left) - 15 ))
-if [[ "$STUDY_LIMIT" -lt 60 ]]; then
-    log "no time left for the study (${STUDY_LIMIT}s)"
-else
-    log "study: $N_TRIALS trials of at most $MAX_EPOCHS epochs at $SIZE px ${GPU_FLAG[*]} (limit ${STUDY_LIMIT}s)"
+# --- 4. real studies at 256 px, 1, 2 and 4 workers per GPU -----------------------------------
+# One study per setting (its own folder and database), each with an equal part of the time
+# left, GPU utilisation sampled every 2 s: mean utilisation, peak memory and trials per hour.
+SETTINGS=(${WORKERS_PER_GPU:-1 2 4})
+STUDY_TOTAL=$(( $(left) - 15 ))
+PER_STUDY=$(( STUDY_TOTAL / ${#SETTINGS[@]} ))
+if [[ "$PER_STUDY" -lt 60 ]]; then
+    log "no time left for the studies (${PER_STUDY}s each)"
+    SETTINGS=()
+fi
+for W in "${SETTINGS[@]}"; do
+    FLAGS=("${GPU_FLAG[@]}")
+    if [[ ${#GPU_FLAG[@]} -gt 0 ]]; then FLAGS+=(--workers-per-gpu "$W"); else FLAGS+=(--workers "$W"); fi
+    OUT="$WORK/study-w$W"
+    log "study, $W worker(s) per GPU: $N_TRIALS trials of at most $MAX_EPOCHS epochs at $SIZE px ${FLAGS[*]} (limit ${PER_STUDY}s)"
     UTIL_PID=""
     if command -v nvidia-smi > /dev/null; then
         nvidia-smi --query-gpu=utilization.gpu,memory.used --format=csv,noheader,nounits -l 2 \
-            > "$WORK/gpu-utilisation.csv" 2>/dev/null &
+            > "$WORK/gpu-utilisation-w$W.csv" 2>/dev/null &
         UTIL_PID=$!
     fi
     STUDY_START=$(date +%s)
     # --timeout: no trial starts after it; `timeout` stops a trial that would overrun the budget.
     set +e
-    timeout --signal=INT --kill-after=20 "$STUDY_LIMIT" "$PY" -m flexunet.cli search run studies/ct_ich_sample.toml \
-        --image-size "$SIZE" --n-trials "$N_TRIALS" --max-epochs "$MAX_EPOCHS" "${GPU_FLAG[@]}" \
-        --timeout $(( STUDY_LIMIT * 6 / 10 )) --out "$WORK/study" > "$WORK/study.log" 2>&1
+    timeout --signal=INT --kill-after=20 "$PER_STUDY" "$PY" -m flexunet.cli search run studies/ct_ich_sample.toml \
+        --image-size "$SIZE" --n-trials "$N_TRIALS" --max-epochs "$MAX_EPOCHS" "${FLAGS[@]}" \
+        --timeout $(( PER_STUDY * 6 / 10 )) --out "$OUT" > "$WORK/study-w$W.log" 2>&1
     STATUS=$?
     set -e
     STUDY_SECONDS=$(( $(date +%s) - STUDY_START ))
     if [[ -n "$UTIL_PID" ]]; then kill "$UTIL_PID" 2>/dev/null || true; fi
-    log "study finished with status $STATUS in ${STUDY_SECONDS}s"
-    sed 's/^/    /' "$WORK/study.log" | tail -25
-    if [[ -s "$WORK/gpu-utilisation.csv" ]]; then
-        awk -F', *' '{u += $1; m = ($2 > m ? $2 : m); n++} END {if (n) printf "    GPU utilisation during the study: mean %.0f%% over %d samples, peak memory %d MiB\n", u / n, n, m}' \
-            "$WORK/gpu-utilisation.csv"
+    log "study with $W worker(s) per GPU finished with status $STATUS in ${STUDY_SECONDS}s"
+    sed 's/^/    /' "$WORK/study-w$W.log" | tail -12
+    UTIL="n/a"
+    if [[ -s "$WORK/gpu-utilisation-w$W.csv" ]]; then
+        UTIL=$(awk -F', *' '{u += $1; m = ($2 > m ? $2 : m); n++} END {if (n) printf "%.0f%% (mean of %d samples, peak memory %d MiB)", u / n, n, m}' \
+            "$WORK/gpu-utilisation-w$W.csv")
     fi
-    "$PY" - "$WORK/study/study.db" "$SIZE" <<'PYEOF' || true
+    echo "gpu_utilisation_workers_per_gpu_$W: $UTIL" >> "$WORK/summary.txt"
+    "$PY" - "$OUT/study.db" "$SIZE" "$STUDY_SECONDS" "$W" <<'PYEOF' >> "$WORK/summary.txt" || true
 import sys
 import optuna
 
 optuna.logging.set_verbosity(optuna.logging.ERROR)
 study = optuna.load_study(study_name="ct-ich-sample", storage=f"sqlite:///{sys.argv[1]}")
-rows = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("seconds_per_epoch")]
-for t in rows:
+seconds, w = float(sys.argv[3]), sys.argv[4]
+trials = study.get_trials(deepcopy=False)
+trained = [t for t in trials if t.user_attrs.get("seconds_per_epoch")]
+finished = [t for t in trials if t.state.is_finished()]
+for t in trained:
     a = t.user_attrs
-    print(f"    trial {t.number}: {t.state.name:<8} {a.get('params') or 0:>11,} params  "
+    print(f"    w{w} trial {t.number}: {t.state.name:<8} {a.get('params') or 0:>11,} params  "
           f"{a.get('epochs_run')} epochs x {a.get('seconds_per_epoch')} s  value {t.values[0] if t.values else None}")
-complete = [t for t in study.get_trials(deepcopy=False) if t.values]
-if complete:
-    print(f"study_best_val_foreground_dice_{sys.argv[2]}px: {max(t.values[0] for t in complete):.4f}")
+print(f"trials_per_hour_workers_per_gpu_{w}: {3600 * len(trained) / seconds:.0f} trained "
+      f"({3600 * len(finished) / seconds:.0f} finished, infeasible ones included; {len(trained)} trained in {seconds:.0f} s)")
 PYEOF
-fi
+done
 
 # --- 5. summary -------------------------------------------------------------------------------
 log "done in $(elapsed)s; outputs in $WORK"
 if [[ ! -s "$WORK/throughput.json" ]]; then
     echo "gpu_trial_train_images_per_s_${SIZE}px: n/a (throughput did not finish)"
+    [[ -s "$WORK/summary.txt" ]] && cat "$WORK/summary.txt"
     exit 0
 fi
+[[ -s "$WORK/summary.txt" ]] && cat "$WORK/summary.txt"
 "$PY" - "$WORK/throughput.json" "$SIZE" <<'PYEOF' || echo "gpu_trial_train_images_per_s_${SIZE}px: n/a"
 import json
 import statistics

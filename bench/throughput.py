@@ -1,7 +1,7 @@
 """Training and inference throughput.
 
 Training: images per second of what a search trial really runs -- ``flexunet.train.fit`` with
-``Batches``, every callback of a trial (best checkpoint, per-epoch resume checkpoint uploaded to
+``Batches`` (uint8 batches, one-hot targets and augmentation built on the device), every callback of a trial (best checkpoint, per-epoch resume checkpoint uploaded to
 the artifact store, CSV log, learning-curve PNG, Optuna's ``PruningReporter`` reporting to a
 SQLite study inside ``study.optimize``, with NopPruner so that no timed run is cut short)
 -- against plain ``model.fit`` on in-memory numpy arrays, for the same model (built and compiled
@@ -91,7 +91,7 @@ def run_plain(config, train, valid) -> tuple[float, float, list[float]]:
     import keras
     import numpy as np
 
-    from flexunet.data.dataset import one_hot
+    from flexunet.data.augment import one_hot
     from flexunet.model import build
     from flexunet.train import compile_model
 
@@ -102,8 +102,8 @@ def run_plain(config, train, valid) -> tuple[float, float, list[float]]:
     per_epoch = t.steps_per_epoch * t.batch_size
     order = np.resize(np.random.default_rng(0).permutation(len(train)), per_epoch)
     x = train.images[order].astype(np.float32)
-    y = one_hot(train.masks[order], m.num_classes)
-    xv, yv = valid.images.astype(np.float32), one_hot(valid.masks, m.num_classes)
+    y = keras.ops.convert_to_numpy(one_hot(train.masks[order], m.num_classes))
+    xv, yv = valid.images.astype(np.float32), keras.ops.convert_to_numpy(one_hot(valid.masks, m.num_classes))
     timer = EpochStarts()
     network.fit(x, y, batch_size=t.batch_size, epochs=t.epochs, validation_data=(xv, yv),
                 validation_batch_size=t.batch_size, shuffle=True, verbose=0, callbacks=[timer.callback])
@@ -148,7 +148,7 @@ class CallbackClock:
         self.targets = [(cb.BestCheckpoint, "on_epoch_end"), (cb.EpochCheckpoint, "on_epoch_end"),
                         (cb.LearningCurves, "on_epoch_end"), (cb.LearningRateLog, "on_epoch_end"),
                         (keras.callbacks.CSVLogger, "on_epoch_end"), (PruningReporter, "on_epoch_end"),
-                        (Objective, "_save_resume_point"), (Batches, "__getitem__")]
+                        (Objective, "_save_resume_point"), (Batches, "batch")]
         self.seconds: dict[str, float] = {}
         self._saved: list[tuple[type, str, Any]] = []
 
@@ -239,6 +239,13 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     c.log(f"training ratio trial/plain per repeat, wall clock: {', '.join(f'{x:.3f}' for x in ratios)} "
           f"(median {c.median(ratios):.3f}); CPU time: {', '.join(f'{x:.3f}' for x in cpu_ratios)} "
           f"(median {c.median(cpu_ratios):.3f})")
+    # Without the last epoch (a trial's final saves: best model, curves, overlays) nor the first
+    # (tracing): what each further epoch of a longer trial costs.
+    steady = [c.median(p[1:-1] or p[1:]) / c.median(t[1:-1] or t[1:])
+              for t, p in zip(epochs["trial"], epochs["plain"])]
+    result["steady_epoch_ratios_trial_over_plain"] = steady
+    c.log(f"steady-state epochs (neither the first nor the last), plain/trial seconds per repeat: "
+          f"{', '.join(f'{x:.3f}' for x in steady)} (median {c.median(steady):.3f})")
     plain_epoch = images_per_epoch / c.median(rates["plain"])
     result["plain_epoch_seconds_median"] = plain_epoch
     for name, per_hook in result["hook_seconds_per_epoch"].items():

@@ -33,3 +33,6 @@ def quiet_import() -> None:
         finally:
             os.dup2(saved, 2)
             os.close(saved)
+    from flexunet.devices import apply_memory_limit
+
+    apply_memory_limit()  # before anything touches the GPU

@@ -15,7 +15,7 @@ import keras
 from flexunet import callbacks as cb
 from flexunet import losses, metrics
 from flexunet.config import Config, ModelConfig, TrainConfig
-from flexunet.data.batches import Batches
+from flexunet.data.batches import Batches, device_inputs
 from flexunet.data.dataset import SliceSet, load_split
 from flexunet.model import build
 
@@ -96,10 +96,10 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
         compile_model(network, model)
     if model.show_summary:
         network.summary(print_fn=lambda line, **_: _logger.info(line))
-    train_batches = Batches(train_data, model.num_classes, train.batch_size, shuffle=True,
+    initial_epoch = int(state["epoch"]) + 1 if state else 0
+    train_batches = Batches(train_data, train.batch_size, shuffle=True,
                             augment_strength=train.augmentation_strength if train.augmentation else 0.0,
-                            seed=train.seed, steps=train.steps_per_epoch)
-    valid_batches = Batches(valid_data, model.num_classes, train.batch_size)
+                            seed=train.seed, steps=train.steps_per_epoch, start_epoch=initial_epoch)
 
     best = cb.BestCheckpoint(outputs.model_path, train.patience, save_share=train.save_overhead)
     if state:
@@ -128,15 +128,14 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
     if checkpoint_dir is not None:
         callbacks.append(cb.EpochCheckpoint(checkpoint_dir, best, history_so_far, on_checkpoint,
                                             save_share=train.save_overhead))
-    initial_epoch = int(state["epoch"]) + 1 if state else 0
-    if state:
-        train_batches.epoch = initial_epoch
-        train_batches._order = train_batches._new_order()
-
     if verbose == "auto":
         verbose = 1 if sys.stdout.isatty() else 2
-    history = network.fit(train_batches, validation_data=valid_batches, epochs=epochs or train.epochs,
-                          initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
+    # Validation goes as uint8 arrays too; the hook one-hot encodes it on the device.
+    with device_inputs(network, model.num_classes):
+        history = network.fit(iter(train_batches), steps_per_epoch=train_batches.steps,
+                              validation_data=(valid_data.images, valid_data.masks),
+                              validation_batch_size=train.batch_size, shuffle=False, epochs=epochs or train.epochs,
+                              initial_epoch=initial_epoch, callbacks=callbacks, verbose=verbose)
     logs = {k: [float(v) for v in vs] for k, vs in history.history.items()}
     if checkpoint_dir is not None:
         logs = {k: list(v) for k, v in history_so_far.items()}

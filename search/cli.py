@@ -59,9 +59,24 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = study_file.load(args.study_file).with_overrides(
         n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
-    options = runner.RunOptions(storage=args.storage, workers=args.workers, gpus=gpus,
+    options = runner.RunOptions(storage=args.storage, workers=_local_workers(args, gpus), gpus=gpus,
                                 out=Path(args.out) if args.out else None)
     return runner.run(spec, options)
+
+
+def _local_workers(args: argparse.Namespace, gpus: tuple[str, ...]) -> int:
+    """--workers, or --workers-per-gpu times the GPUs of --gpus."""
+    from flexunet.errors import ConfigError
+
+    if args.workers_per_gpu is None:
+        return 1 if args.workers is None else args.workers
+    if not gpus:
+        raise ConfigError(f"--workers-per-gpu {args.workers_per_gpu}: needs --gpus")
+    if args.workers is not None:
+        raise ConfigError("give --workers or --workers-per-gpu, not both")
+    if args.workers_per_gpu < 1:
+        raise ConfigError(f"--workers-per-gpu {args.workers_per_gpu}: need at least 1")
+    return len(gpus) * args.workers_per_gpu
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -220,8 +235,11 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("study_file", metavar="STUDY.toml")
     run.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
                                        "or sqlite:///OUT/study.db)")
-    run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
-    run.add_argument("--gpus", help="comma-separated GPU ids, one per local worker (round robin)")
+    run.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    run.add_argument("--gpus", help="comma-separated GPU ids, one per local worker (round robin); workers "
+                                    "sharing a GPU share its memory evenly")
+    run.add_argument("--workers-per-gpu", type=int, metavar="N",
+                     help="with --gpus: N workers on each GPU, each with 1/N of its memory")
     run.add_argument("--n-trials", type=int, help="override [budget] n_trials")
     run.add_argument("--timeout", type=float, help="override [budget] timeout (seconds)")
     run.add_argument("--max-epochs", type=int, help="override [budget] max_epochs")

@@ -17,6 +17,7 @@ from pathlib import Path
 import optuna
 
 from flexunet import config as cfg
+from flexunet import devices
 from flexunet.data import ct_ich
 from flexunet.errors import ConfigError, FlexUNetError
 from search import algorithms, dashboard, progress, recovery, space as sp
@@ -133,16 +134,22 @@ def create_study(spec: StudySpec, url: str, out: Path,
     return study
 
 
-def worker_env(index: int, workers: int, gpus: tuple[str, ...]) -> dict[str, str]:
-    """Environment of local worker ``index``: its GPU, or its share of the CPU's threads."""
+def worker_env(index: int, workers: int, gpus: tuple[str, ...],
+               gpu_memory_mib: dict[str, float] | None = None) -> dict[str, str]:
+    """Environment of local worker ``index``: its share of the CPU's threads and, with GPUs, its
+    GPU (round robin) and its share of that GPU's memory (``gpu_memory_mib``: each GPU's total,
+    see :func:`flexunet.devices.gpu_memory_mib`); without, its share of the machine's memory."""
     env = dict(os.environ)
+    share = max(1, (os.cpu_count() or 1) // workers)
+    env["FLEXUNET_THREADS"] = str(share)
+    env["OMP_NUM_THREADS"] = str(share)
     if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = gpus[index % len(gpus)]
+        gpu = devices.shares(workers, gpus, gpu_memory_mib or {})[index]
+        env.update(gpu.env())
+        if gpu.mib is not None:
+            env[sp.MEMORY_ENV] = f"{gpu.mib / 1024:.2f}"
     else:
         env["CUDA_VISIBLE_DEVICES"] = env.get("CUDA_VISIBLE_DEVICES", "")
-        share = max(1, (os.cpu_count() or 1) // workers)
-        env["FLEXUNET_THREADS"] = str(share)
-        env["OMP_NUM_THREADS"] = str(share)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
         env.setdefault(sp.MEMORY_ENV, f"{0.8 * memory / workers:.2f}")
     env.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
@@ -164,9 +171,10 @@ class _Workers:
         self.stopping = False
         self._reaped: set[int] = set()
         self.started = [0] * options.workers  # launches per slot, to give each its own seed
+        self.gpu_memory = devices.gpu_memory_mib() if options.gpus else {}
 
     def start(self, index: int) -> None:
-        env = worker_env(index, self.options.workers, self.options.gpus)
+        env = worker_env(index, self.options.workers, self.options.gpus, self.gpu_memory)
         env[st.ENV_VAR] = self.url  # not on the command line, where `ps` would show a password
         env["FLEXUNET_WORKER_SLOT"] = f"{index}.{self.started[index]}"
         self.started[index] += 1

@@ -152,7 +152,7 @@ def infeasible(config: cfg.Config, budget: Budget, *, baseline: bool = False) ->
         return f"{cost.flops / 1e9:.2f} GFLOPs per image exceed the budget of {budget.max_gflops}"
     memory = cost.train_bytes(config.train.batch_size) / 2**30 + _PROCESS_GB
     limit, what = (budget.max_memory_gb, "the study's budget") if budget.max_memory_gb else (
-        _worker_share_gb(), "this worker's share of the machine's memory")
+        _worker_share_gb(), "this worker's memory share")
     if limit and memory > limit:
         return f"about {memory:.2f} GiB of training memory exceed {what} ({limit:.2f} GiB)"
     return None
@@ -163,8 +163,9 @@ MEMORY_ENV = "FLEXUNET_MEMORY_GB"
 
 
 def _worker_share_gb() -> float | None:
-    """Without a memory budget, a CPU worker may use its share of the machine's memory (set by
-    the launcher): TensorFlow on a CPU does not raise on exhaustion, it crashes."""
+    """Without a memory budget, a worker may use its share of the machine's memory, or of its
+    GPU's (set by the launcher): TensorFlow on a CPU does not raise on exhaustion, it crashes,
+    and a GPU worker's share is all it can allocate."""
     value = os.environ.get(MEMORY_ENV)
     try:
         return float(value) if value else None

@@ -9,8 +9,7 @@ import pytest
 from conftest import assert_user_error, run_cli
 from flexunet.config import ImageConfig, MaskConfig, ModelConfig
 from flexunet.data import io as imio
-from flexunet.data.batches import Batches
-from flexunet.data.dataset import augment, load_pairs, pair_files
+from flexunet.data.dataset import load_pairs, pair_files
 from flexunet.errors import DataError
 
 SEED_MAP = {(0, 0, 0): 0, (210, 80, 0): 1}
@@ -86,37 +85,6 @@ def test_load_pairs_resizes_masks_with_nearest_neighbour(tmp_path: Path) -> None
     assert data.images.shape == (1, 32, 32, 3) and data.images.dtype == np.uint8
     assert set(np.unique(data.masks)) == {0, 1} and data.masks[0].sum() == 100
     assert data.original_sizes == [(64, 64)]
-
-
-def test_augmentation_moves_image_and_mask_together_and_is_seeded() -> None:
-    mask = np.zeros((48, 48), np.uint8)
-    mask[8:20, 28:40] = 1
-    image = (mask * 200 + 20).astype(np.float32)[..., None]
-    a_img, a_mask = augment(image, mask, np.random.default_rng(7), strength=1.0)
-    b_img, b_mask = augment(image, mask, np.random.default_rng(7), strength=1.0)
-    np.testing.assert_array_equal(a_img, b_img)
-    np.testing.assert_array_equal(a_mask, b_mask)
-    assert not np.array_equal(a_mask, mask)  # it did move
-    assert set(np.unique(a_mask)) <= {0, 1}
-    bright = a_img[..., 0] > a_img[..., 0].max() * 0.75
-    assert (bright == (a_mask == 1)).mean() > 0.97
-
-
-def test_batches_repeat_with_a_seed(tmp_path: Path) -> None:
-    from flexunet.data.dataset import SliceSet
-
-    rng = np.random.default_rng(0)
-    data = SliceSet(rng.integers(0, 255, (6, 32, 32, 1)).astype(np.uint8),
-                    (rng.random((6, 32, 32)) > 0.9).astype(np.uint8), list("abcdef"), [(32, 32)] * 6)
-    first = Batches(data, 2, 4, shuffle=True, augment_strength=0.5, seed=11)
-    second = Batches(data, 2, 4, shuffle=True, augment_strength=0.5, seed=11)
-    x1, y1 = first[0]
-    x2, y2 = second[0]
-    np.testing.assert_array_equal(x1, x2)
-    np.testing.assert_array_equal(y1, y2)
-    assert y1.shape == (4, 32, 32, 2) and np.all(y1.sum(-1) == 1)
-    first.on_epoch_end()
-    assert not np.array_equal(first[0][0], x1)
 
 
 def test_cli_names_an_image_without_its_mask(tiny_config: Path) -> None:

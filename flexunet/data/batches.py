@@ -1,57 +1,104 @@
-"""Keras batches over an in-memory :class:`~flexunet.data.dataset.SliceSet`."""
+"""Training batches over an in-memory :class:`~flexunet.data.dataset.SliceSet`, and the hook that
+turns them into a model's inputs and targets inside the compiled step.
+
+The host sends uint8 images and masks (a quarter of float32's bytes) and, when augmenting, a few
+random numbers per image; :mod:`flexunet.data.augment` does the rest on the device. The batches
+come from one endless iterator that Keras keeps across epochs (``fit`` with ``steps_per_epoch``),
+so no thread pool is restarted each epoch as with a ``PyDataset``.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
+from typing import Any
 
-import keras
 import numpy as np
 
-from flexunet.data.dataset import SliceSet, augment, one_hot
+from flexunet.data import augment
+from flexunet.data.dataset import SliceSet
 
 
-class Batches(keras.utils.PyDataset):
-    """Batches of float32 images (0..255) and one-hot masks, reshuffled and re-augmented each
-    epoch from a seed, so two runs with one seed see the same batches."""
+class Batches:
+    """Endless training batches, reshuffled and re-augmented each epoch from a seed, so two runs
+    with one seed see the same batches; ``start_epoch`` resumes the sequence where a run
+    stopped."""
 
-    def __init__(self, data: SliceSet, num_classes: int, batch_size: int, *, shuffle: bool = False,
-                 augment_strength: float = 0.0, seed: int = 0, steps: int | None = None) -> None:
-        # Two threads prepare the next batches while the model trains on this one (a GPU would
-        # otherwise wait on them); each batch depends only on its index, so the order is kept.
-        super().__init__(workers=2, use_multiprocessing=False)
+    def __init__(self, data: SliceSet, batch_size: int, *, shuffle: bool = False, augment_strength: float = 0.0,
+                 seed: int = 0, steps: int | None = None, start_epoch: int = 0) -> None:
         if data.masks is None:
             raise ValueError("Batches needs masks")
-        self.data, self.num_classes, self.batch_size = data, num_classes, batch_size
+        self.data, self.batch_size = data, batch_size
         self.shuffle, self.strength, self.seed = shuffle, augment_strength, seed
         # Without a step count an epoch is one pass (the last batch may be short); with one, the
         # set is reshuffled as often as the steps need.
         self.fixed_steps = steps
         self.steps = steps or math.ceil(len(data) / batch_size)
-        self.epoch = 0
-        self._order = self._new_order()
+        self.start_epoch = start_epoch
 
-    def _new_order(self) -> np.ndarray:
+    def order(self, epoch: int) -> np.ndarray:
+        """The slice indices of one epoch, batch after batch."""
         n = len(self.data)
         if not self.shuffle:
             return np.resize(np.arange(n), self.steps * self.batch_size) if self.fixed_steps else np.arange(n)
-        rng = np.random.default_rng([self.seed, self.epoch])
+        rng = np.random.default_rng([self.seed, epoch])
         passes = math.ceil(self.steps * self.batch_size / n)
         return np.concatenate([rng.permutation(n) for _ in range(passes)])
 
-    def __len__(self) -> int:
-        return self.steps
+    def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+        """Batch ``index`` of ``epoch``: (uint8 images, uint8 masks) and, when augmenting, the
+        augmentation's parameters (see :func:`flexunet.data.augment.draw`)."""
+        order = self.order(epoch) if order is None else order
+        chosen = order[index * self.batch_size:(index + 1) * self.batch_size]
+        images, masks = self.data.images[chosen], self.data.masks[chosen]
+        if self.strength <= 0:
+            return images, masks
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return images, masks, augment.draw(rng, len(chosen), *masks.shape[1:], self.strength)
 
-    def __getitem__(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        chosen = self._order[index * self.batch_size:(index + 1) * self.batch_size]
-        images = self.data.images[chosen].astype(np.float32)
-        masks = self.data.masks[chosen]
-        if self.strength > 0:
-            rng = np.random.default_rng([self.seed, self.epoch, index])
-            pairs = [augment(images[i], masks[i], rng, self.strength) for i in range(len(chosen))]
-            images = np.stack([p[0] for p in pairs])
-            masks = np.stack([p[1] for p in pairs])
-        return images, one_hot(masks, self.num_classes)
+    def __iter__(self) -> Iterator[tuple[np.ndarray, ...]]:
+        epoch = self.start_epoch
+        while True:
+            order = self.order(epoch)
+            for index in range(self.steps):
+                yield self.batch(epoch, index, order)
+            epoch += 1
 
-    def on_epoch_end(self) -> None:
-        self.epoch += 1
-        self._order = self._new_order()
+
+@contextlib.contextmanager
+def device_inputs(network: Any, num_classes: int) -> Iterator[None]:
+    """While active, ``network``'s train and test steps take batches as :class:`Batches` sends
+    them (and validation as (uint8 images, uint8 masks)) and prepare them inside the compiled
+    step: augmentation in training, float32 images and one-hot targets always.
+
+    The step is wrapped on this model object only, for both backends (their ``train_step`` takes
+    the batch last: ``(data)`` on TensorFlow, ``(state, data)`` on JAX); the saved model is the
+    same network as before.
+    """
+    cls = type(network)
+
+    def train_step(*args: Any) -> Any:
+        return cls.train_step(network, *args[:-1], augment.prepare(args[-1], num_classes, training=True))
+
+    def test_step(*args: Any) -> Any:
+        return cls.test_step(network, *args[:-1], augment.prepare(args[-1], num_classes, training=False))
+
+    _build_compiled_state(network, num_classes)
+    network.train_step, network.test_step = train_step, test_step
+    network.train_function = network.test_function = None  # traced again with the hook
+    try:
+        yield
+    finally:
+        del network.train_step, network.test_step
+        network.train_function = network.test_function = None
+
+
+def _build_compiled_state(network: Any, num_classes: int) -> None:
+    # Keras on JAX builds the loss and metric state from the first batch as the data gives it,
+    # before any step runs; ours is raw uint8 without a class axis, so build it from the shapes
+    # that the step will hand them (a no-op where they are built already).
+    h, w, c = network.input_shape[1:]
+    x = np.zeros((1, h, w, c), np.float32)
+    y = np.zeros((1, h, w, max(1, num_classes)), np.float32)
+    network._symbolic_build(data_batch=(x, y))

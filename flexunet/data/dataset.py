@@ -1,5 +1,5 @@
-"""In-memory image/mask sets and seeded online augmentation (no TensorFlow here: a data error
-is reported before TensorFlow is even imported).
+"""In-memory image/mask sets (no TensorFlow here: a data error is reported before TensorFlow is
+even imported). Augmentation runs on the device: :mod:`flexunet.data.augment`.
 
 A small dataset is decoded once and held as uint8: on a 2-core CPU this beats a tf.data
 pipeline (see DESIGN.md). Pairs are matched by file stem in sorted order.
@@ -8,12 +8,10 @@ pipeline (see DESIGN.md). Pairs are matched by file stem in sorted order.
 from __future__ import annotations
 
 import logging
-import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import cv2
 import numpy as np
 
 from flexunet.config import IMAGE_SUFFIXES, Config, ImageConfig, MaskConfig, ModelConfig
@@ -114,46 +112,3 @@ def patient_of(name: str, pattern: str | None) -> tuple[str, str]:
             groups = m.groupdict()
             return groups.get("patient") or "", groups.get("slice") or name
     return "", name
-
-
-# --- augmentation ----------------------------------------------------------------------------
-
-
-def augment(image: np.ndarray, mask: np.ndarray, rng: np.random.Generator,
-            strength: float) -> tuple[np.ndarray, np.ndarray]:
-    """One random flip/rotation/scale/shift and brightness/contrast change, applied identically
-    to the image (linear) and the mask (nearest). ``strength`` 0 leaves both untouched."""
-    if strength <= 0:
-        return image, mask
-    h, w = mask.shape
-    if rng.random() < 0.5:
-        image, mask = image[:, ::-1], mask[:, ::-1]
-    angle = rng.uniform(-20.0, 20.0) * strength
-    scale = 1.0 + rng.uniform(-0.15, 0.15) * strength
-    shift = rng.uniform(-0.06, 0.06, size=2) * strength * np.array([w, h])
-    matrix = cv2.getRotationMatrix2D((w / 2.0, h / 2.0), angle, scale)
-    matrix[:, 2] += shift
-    warped = cv2.warpAffine(np.ascontiguousarray(image), matrix, (w, h), flags=cv2.INTER_LINEAR,
-                            borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    if warped.ndim == 2:
-        warped = warped[..., None]
-    mask = cv2.warpAffine(np.ascontiguousarray(mask), matrix, (w, h), flags=cv2.INTER_NEAREST,
-                          borderMode=cv2.BORDER_CONSTANT, borderValue=0)
-    contrast = 1.0 + rng.uniform(-0.2, 0.2) * strength
-    brightness = rng.uniform(-0.1, 0.1) * strength * 255.0
-    image = np.clip(warped.astype(np.float32) * contrast + brightness, 0, 255)
-    return image, mask
-
-
-def one_hot(masks: np.ndarray, num_classes: int) -> np.ndarray:
-    """N,H,W class maps -> N,H,W,C float32 targets (C=1: a single binary channel)."""
-    if num_classes == 1:
-        return (masks > 0).astype(np.float32)[..., None]
-    if masks.size and int(masks.max()) >= num_classes:
-        raise ValueError(f"mask class {int(masks.max())} is not below num_classes {num_classes}")
-    # One comparison per class: about 4x faster than indexing np.eye, and batches are built
-    # on the CPU while the GPU waits for them.
-    targets = np.empty(masks.shape + (num_classes,), dtype=np.float32)
-    for c in range(num_classes):
-        targets[..., c] = masks == c
-    return targets
