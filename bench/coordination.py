@@ -12,7 +12,13 @@ epoch). Storages are opened with ``search.storage.open_storage``, as the product
    milliseconds per trial (median, and over the first and last 20 trials: the cost grows with
    the study), and the part spent per epoch.
 2. PostgreSQL, 1, 2, 4 and 8 worker processes (multiprocessing, spawn) on one study: trials/s.
-3. Against the training time of a real trial (``--trial-db``: a finished sample study, whose
+3. Growth (PostgreSQL): one study grown with ``study.add_trials`` to 100, 1,000 and 10,000
+   finished trials; at each size, 1, 2, 4 and 8 worker processes run no-op trials (the storage's
+   cost of a trial) and then time ``ask`` plus the space's ``suggest`` calls with the study's
+   sampler (TPESampler, as in studies/ct_ich_sample.toml; one worker also with
+   ``n_ei_candidates=8``). At 2,000 trials, ``study.get_trials(deepcopy=False)`` through
+   flexunet's storage against a plain Optuna URL (both cached by Optuna; median of 20 calls).
+4. Against the training time of a real trial (``--trial-db``: a finished sample study, whose
    trials' ``train_seconds`` are used): the share of a trial spent coordinating, and how many
    workers the database would hold.
 
@@ -20,14 +26,17 @@ Every run uses new databases (PostgreSQL, MariaDB), an empty Redis database inde
 files, all removed afterwards.
 
     python bench/coordination.py [--quick] [--trial-db sqlite:///runs/ct-ich-sample/study.db]
-                                 [--trial-study ct-ich-sample] [--json FILE]
+                                 [--trial-study ct-ich-sample] [--parts storages workers growth]
+                                 [--json FILE]
 
-Last line: ``postgresql_trials_per_s: X`` (the most trials/s any worker count reached).
+Last line: ``postgresql_trials_per_s: X`` (the most trials/s any worker count reached), or with
+``--parts growth`` only, ``get_trials_flexunet_over_plain_url: X``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -44,6 +53,7 @@ import _common as c
 POSTGRES = os.environ.get("FLEXUNET_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 MYSQL = os.environ.get("FLEXUNET_TEST_MYSQL_URL", "mysql+pymysql://root@127.0.0.1:3306/test")
 REDIS = os.environ.get("FLEXUNET_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
+PARTS = ("storages", "workers", "growth")
 SETTINGS = {  # the shape of the objective's "settings" user attribute
     "image_width": 128, "image_height": 128, "image_channels": 1, "num_classes": 2, "input_normalize": True,
     "normalization": True, "base_filters": 16, "base_kernels": [3, 3], "num_layers": 5, "dropout_rate": 0.05,
@@ -229,6 +239,168 @@ def many_workers(url: str, workers: int, args: argparse.Namespace) -> dict[str, 
     return {"workers": workers, "trials": complete, "seconds": ended - started, "trials_per_s": rate, "states": states}
 
 
+# --- costs as the study grows (PostgreSQL) ------------------------------------------------------
+
+
+def _prefill_chunk(url: str, name: str, start: int, count: int) -> None:
+    """Add ``count`` finished trials like the sample study's (its parameters drawn at random,
+    the user attributes a trial ends with) through ``study.add_trials``."""
+    import optuna
+
+    from search import space as sp
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = sample_space()
+    scratch = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=start), direction="maximize")
+    for i in range(count):
+        trial = scratch.ask()
+        sp.suggest(trial, space)
+        for key, value in (("epochs_run", 10), ("train_seconds", 40.0), ("stop_reason", "max_epochs"),
+                           ("best_val_foreground_dice", (start + i) % 97 / 100)):
+            trial.set_user_attr(key, value)
+        scratch.tell(trial, (start + i) % 97 / 100)
+    open_study(url, name, create=False).add_trials(scratch.trials)
+
+
+def prefill(url: str, name: str, count: int, processes: int = 2) -> float:
+    """Grow the study by ``count`` trials, from a process per core (Optuna inserts a trial with
+    a statement per parameter and attribute: CPU-bound); returns the seconds it took."""
+    started = time.perf_counter()
+    ctx = mp.get_context("spawn")
+    per = -(-count // processes)
+    chunks = [(k * per, min(per, count - k * per)) for k in range(processes) if count > k * per]
+    procs = [ctx.Process(target=_prefill_chunk, args=(url, name, int(started) + first, n)) for first, n in chunks]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+        if p.exitcode != 0:
+            raise RuntimeError(f"a prefill process exited with status {p.exitcode}")
+    return time.perf_counter() - started
+
+
+def get_trials_cost(url: str, name: str, calls: int) -> dict[str, Any]:
+    """``study.get_trials(deepcopy=False)`` through flexunet's storage and through a plain URL
+    (each loaded fresh, then called once to fill Optuna's cache): milliseconds per call."""
+    import optuna
+
+    from search import storage as st
+
+    figures: dict[str, Any] = {}
+    for label, storage in (("flexunet", st.open_storage(url)), ("plain_url", url)):
+        study = optuna.load_study(study_name=name, storage=storage)
+        first = time.perf_counter()
+        n = len(study.get_trials(deepcopy=False))
+        figures[f"{label}_first_ms"] = 1000 * (time.perf_counter() - first)
+        times = []
+        for _ in range(calls):
+            started = time.perf_counter()
+            study.get_trials(deepcopy=False)
+            times.append(time.perf_counter() - started)
+        figures[f"{label}_ms"] = 1000 * c.median(times)
+        figures["trials"] = n
+    figures["ratio"] = figures["flexunet_ms"] / figures["plain_url_ms"]
+    return figures
+
+
+def _growth_worker(url: str, name: str, noop: int, asks: int, epochs: int, samplers: list[dict[str, Any]],
+                   ready: Any, go: Any, out: Any) -> None:
+    import warnings
+
+    import optuna
+
+    from search import algorithms, study_file
+    from search import space as sp
+    from search import storage as st
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    warnings.simplefilter("ignore")
+    space = sample_space()
+    spec = study_file.load(c.SAMPLE_STUDY)
+    study = open_study(url, name, create=False)
+    objective = make_objective(space, epochs, [])
+    ready.put(os.getpid())
+    go.wait()
+    trial_s = []
+    for _ in range(noop):  # the storage's cost of a no-op trial (RandomSampler, as in part 1)
+        started = time.perf_counter()
+        study.optimize(objective, n_trials=1)
+        trial_s.append(time.perf_counter() - started)
+    ask_s: dict[str, list[float]] = {}
+    for variant in samplers:  # the study's sampler (and variants): ask + the space's suggest calls
+        changed = dataclasses.replace(spec, sampler=dataclasses.replace(
+            spec.sampler, kwargs={**spec.sampler.kwargs, **variant}))
+        sampler = algorithms.make_sampler(changed, f"bench-{os.getpid()}")
+        tpe = optuna.load_study(study_name=name, storage=st.open_storage(url, heartbeat=False), sampler=sampler)
+        times = ask_s.setdefault(_variant_name(variant), [])
+        for _ in range(asks):
+            started = time.perf_counter()
+            trial = tpe.ask()
+            sp.suggest(trial, space)
+            times.append(time.perf_counter() - started)
+            tpe.tell(trial, 0.5)
+    out.put((os.getpid(), trial_s, ask_s))
+
+
+def _variant_name(variant: dict[str, Any]) -> str:
+    return "study" if not variant else ",".join(f"{k}={v}" for k, v in variant.items())
+
+
+def growth(url: str, args: argparse.Namespace) -> dict[str, Any]:
+    """One study grown to each size in turn; at each size, 1..8 workers run no-op trials (storage
+    cost) and then time the sampler's ``ask``; at 2,000 trials, ``get_trials`` is timed."""
+    import optuna
+
+    name = f"coord-growth-{uuid.uuid4().hex[:6]}"
+    open_study(url, name, create=True)
+    results: dict[str, Any] = {"sizes": [], "get_trials": None}
+    marks = sorted(set(args.sizes) | ({2000} if args.get_trials_at_2000 else set()))
+    for size in marks:
+        have = len(optuna.load_study(study_name=name, storage=url).get_trials(deepcopy=False))
+        if size > have:
+            seconds = prefill(url, name, size - have)
+            c.log(f"growth: study grown from {have} to {size} trials in {seconds:.1f} s")
+        if size == 2000 or (not args.get_trials_at_2000 and size == max(marks)):
+            gt = get_trials_cost(url, name, calls=20)
+            results["get_trials"] = gt
+            c.log(f"get_trials(deepcopy=False) on {gt['trials']} trials: flexunet storage "
+                  f"{gt['flexunet_ms']:.2f} ms, plain URL {gt['plain_url_ms']:.2f} ms (ratio {gt['ratio']:.2f}; "
+                  f"first call {gt['flexunet_first_ms']:.0f} / {gt['plain_url_first_ms']:.0f} ms)")
+        if size not in args.sizes:
+            continue
+        for workers in args.growth_workers:
+            variants = [{}] + ([{"n_ei_candidates": 8}] if workers == 1 else [])
+            ctx = mp.get_context("spawn")
+            ready, out, go = ctx.Queue(), ctx.Queue(), ctx.Event()
+            procs = [ctx.Process(target=_growth_worker, args=(url, name, args.growth_trials, args.growth_asks,
+                                                              args.epochs, variants, ready, go, out))
+                     for _ in range(workers)]
+            for p in procs:
+                p.start()
+            for _ in procs:
+                ready.get(timeout=300)
+            go.set()
+            finished = [out.get(timeout=3600) for _ in procs]
+            for p in procs:
+                p.join()
+            trial_s = [x for f in finished for x in f[1]]
+            row = {"size": size, "workers": workers, "ms_per_noop_trial": 1000 * c.median(trial_s)}
+            for variant in variants:
+                key = _variant_name(variant)
+                row[f"ask_ms[{key}]"] = 1000 * c.median([x for f in finished for x in f[2][key]])
+            results["sizes"].append(row)
+            c.log(f"growth: {size:>6} trials, {workers} worker(s): no-op trial {row['ms_per_noop_trial']:.0f} ms; "
+                  + "; ".join(f"ask {k[7:-1]} {v:.0f} ms" for k, v in row.items() if k.startswith("ask_ms")))
+    for workers in args.growth_workers:
+        rows = [r for r in results["sizes"] if r["workers"] == workers]
+        if len(rows) >= 2:
+            small, large = rows[0], rows[-1]
+            c.log(f"growth, {workers} worker(s), {small['size']} -> {large['size']} trials: no-op trial x"
+                  f"{large['ms_per_noop_trial'] / small['ms_per_noop_trial']:.2f}, ask x"
+                  f"{large['ask_ms[study]'] / small['ask_ms[study]']:.2f}")
+    return results
+
+
 # --- real trial times ---------------------------------------------------------------------------
 
 
@@ -256,12 +428,22 @@ def main() -> None:
     parser.add_argument("--trial-study", help="study name in --trial-db (default: every study there)")
     parser.add_argument("--storages", nargs="+", default=["sqlite", "postgresql", "mysql", "journal-file", "journal-redis"])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
+                        help="what to measure (default: all)")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
     args.epochs = 10
     args.trials, args.parallel_trials = (15, 16) if args.quick else (200, 200)
     if args.quick and args.workers == [1, 2, 4, 8]:
         args.workers = [1, 2, 4]
+    # Growth: study sizes, worker counts, no-op trials and sampler asks per worker at each.
+    args.sizes, args.growth_workers = ([100, 400], [1, 2]) if args.quick else ([100, 1000, 10_000], [1, 2, 4, 8])
+    args.growth_trials, args.growth_asks = (3, 3) if args.quick else (10, 8)
+    args.get_trials_at_2000 = not args.quick
+    if "storages" not in args.parts:
+        args.storages = []
+    if "workers" not in args.parts:
+        args.workers = []
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -269,7 +451,8 @@ def main() -> None:
     space = sample_space()
     results: dict[str, Any] = {"quick": args.quick, "machine": c.machine(), "storages": {}, "workers": []}
     tmp = Path(tempfile.mkdtemp(prefix="bench-coordination-"))
-    c.log(f"one process, {args.trials} no-op trials of {args.epochs} epochs per storage")
+    if args.storages:
+        c.log(f"one process, {args.trials} no-op trials of {args.epochs} epochs per storage")
     try:
         for kind in args.storages:
             if kind == "sqlite":
@@ -287,6 +470,10 @@ def main() -> None:
             with fresh_database(POSTGRES) as url:
                 for n in args.workers:
                     results["workers"].append(many_workers(url, n, args))
+        if "growth" in args.parts:
+            c.log(f"postgresql, one study grown to {args.sizes} trials; {args.growth_workers} workers")
+            with fresh_database(POSTGRES) as url:
+                results["growth"] = growth(url, args)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     best = max(results["workers"], key=lambda w: w["trials_per_s"]) if results["workers"] else None
@@ -308,6 +495,8 @@ def main() -> None:
     c.write_json(args.json, results)
     if best:
         c.headline("postgresql_trials_per_s", best["trials_per_s"], ".2f")
+    elif results.get("growth"):
+        c.headline("get_trials_flexunet_over_plain_url", results["growth"]["get_trials"]["ratio"], ".2f")
     else:
         first = next(iter(results["storages"]))
         c.headline(f"{first}_ms_per_trial", results["storages"][first]["ms_per_trial_median"], ".1f")

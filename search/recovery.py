@@ -8,10 +8,10 @@ too: the copy is queued *before* the original is failed, and a copy is never que
 
 from __future__ import annotations
 
-from typing import Any
-
 import optuna
 from optuna.trial import FrozenTrial, TrialState
+
+from search import _internals
 
 MAX_RETRY = 3  # attempts after the first, per trial
 _NOT_INHERITED = ("fail_reason", "stop_reason")
@@ -39,11 +39,11 @@ def fail(study: optuna.Study, trial: FrozenTrial, reason: str | None = None, ret
     between leaves a stale trial that already has its copy, never a failure without one)."""
     if retry:
         requeue(study, trial)
-    storage = study._storage
+    storage = _internals.study_storage(study)
     try:
         if reason:
-            storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL)
+            storage.set_trial_user_attr(_internals.trial_id(trial), "fail_reason", reason)
+        storage.set_trial_state_values(_internals.trial_id(trial), state=TrialState.FAIL)
     except optuna.exceptions.UpdateFinishedTrialError:
         pass  # another process got there first
 
@@ -52,10 +52,10 @@ def recover(study: optuna.Study) -> None:
     """Fail and requeue the trials whose heartbeat stopped; requeue failures whose copy was
     lost with the process that failed them (Optuna fails a stale trial, then calls the retry
     callback: a kill in between would lose the trial)."""
-    storage = study._storage
-    if not (hasattr(storage, "_get_stale_trial_ids") and _heartbeat_enabled(storage)):
+    storage = _internals.study_storage(study)
+    if not _internals.is_heartbeat_enabled(storage):
         return
-    for trial_id in storage._get_stale_trial_ids(study._study_id):
+    for trial_id in _internals.stale_trial_ids(storage, _internals.study_id(study)):
         fail(study, storage.get_trial(trial_id))
     trials = study.get_trials(deepcopy=False)
     copied = {t.system_attrs.get("failed_trial") for t in trials}
@@ -70,8 +70,3 @@ def recover(study: optuna.Study) -> None:
 def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     """For Optuna's own stale-trial check (run at the start of every ``optimize``)."""
     requeue(study, trial)
-
-
-def _heartbeat_enabled(storage: Any) -> bool:
-    interval = getattr(storage, "get_heartbeat_interval", lambda: None)()
-    return interval is not None

@@ -8,20 +8,22 @@ installs.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import random
 import re
+import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat
 
 from flexunet.errors import ConfigError
-from search import recovery
+from search import _internals, recovery
 
 _logger = logging.getLogger(__name__)
 ENV_VAR = "FLEXUNET_STORAGE"
@@ -116,7 +118,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> op
                 heartbeat_interval=_env_seconds("FLEXUNET_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
                 grace_period=_env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
                 heartbeat_stale_trial_callback=recovery.stale_trial_callback)
-        return RetryingStorage(_create_rdb(url, kwargs), mask(url))
+        return _create_rdb(url, kwargs)
     except ConfigError:  # already names what is wrong (journal: without a path)
         raise
     except (ImportError, ValueError, TypeError) as exc:
@@ -125,7 +127,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> op
         raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(exc)})") from None
 
 
-def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> optuna.storages.RDBStorage:
+def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> RetryingStorage:
     """RDBStorage creates Optuna's tables on first use; processes that start together on a new
     database race to do so and the losers fail (a duplicate key, a table that already exists).
     Losing that race is retried after a short random wait."""
@@ -133,7 +135,7 @@ def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> optuna.s
 
     for attempt in range(attempts):
         try:
-            return optuna.storages.RDBStorage(url, **kwargs)
+            return RetryingStorage(url, **kwargs)
         except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError) as exc:
             refused = isinstance(exc, sa_exc.OperationalError) and any(
                 words in str(exc).lower() for words in ("refused", "could not connect", "can't connect",
@@ -153,48 +155,107 @@ def _env_seconds(name: str, default: int) -> int:
     return int(value)
 
 
-class RetryingStorage(optuna.storages.BaseStorage, BaseHeartbeat):
-    """An RDB storage whose calls wait for a lost database connection to come back.
+class RetryingStorage(optuna.storages.RDBStorage):
+    """An RDBStorage whose calls wait for a lost database connection to come back.
 
     A study runs for days; a database restart or a network blip must not kill the trials in
     flight, nor the heartbeat thread (if heartbeats stop, a live trial is declared stale and run
-    twice). Each call is retried with exponential backoff for up to ``RECONNECT_SECONDS``.
+    twice). Each call that reaches the database is retried with exponential backoff for up to
+    ``max_wait`` seconds. Being an RDBStorage, it behaves as one everywhere Optuna looks: a study
+    opened on it gets Optuna's read cache, and it pickles, copies and takes heartbeat settings
+    as RDBStorage does.
+
+    It also counts as stale a RUNNING trial that never recorded a heartbeat once it is older than
+    the grace period plus two heartbeat intervals: Optuna skips such trials, so a worker killed
+    between creating a trial and its first heartbeat would leave that trial RUNNING for ever.
+
+    Example::
+
+        import optuna
+        from search.storage import RetryingStorage
+
+        storage = RetryingStorage("sqlite:///:memory:", max_wait=30)
+        study = optuna.create_study(storage=storage)
+        study.optimize(lambda trial: trial.suggest_float("x", 0, 1), n_trials=3)
+        assert len(study.trials) == 3
     """
 
-    def __init__(self, inner: optuna.storages.RDBStorage, masked_url: str,
-                 max_wait: float = RECONNECT_SECONDS) -> None:
-        self._inner, self._masked_url, self._max_wait = inner, masked_url, max_wait
+    def __init__(self, url: str, engine_kwargs: dict[str, Any] | None = None,
+                 skip_compatibility_check: bool = False, *, max_wait: float = RECONNECT_SECONDS,
+                 **kwargs: Any) -> None:
+        self.max_wait = max_wait
+        super().__init__(url, engine_kwargs, skip_compatibility_check, **kwargs)
 
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._inner, name)
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        return stale + [i for i in self._stale_without_heartbeat(study_id) if i not in stale]
 
-    def _call(self, name: str, *args: Any, **kwargs: Any) -> Any:
-        return self._call_fn(lambda *a, **k: getattr(self._inner, name)(*a, **k), *args, _name=name, **kwargs)
+    def _stale_without_heartbeat(self, study_id: int) -> list[int]:
+        interval = self.heartbeat_interval or 0
+        limit = timedelta(seconds=(self.grace_period or 2 * interval) + 2 * interval)
+        now = datetime.now()  # Optuna stamps datetime_start with the creating host's local time
+        running = self.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        old = {_internals.trial_id(t) for t in running
+               if t.datetime_start is not None and now - t.datetime_start > limit}
+        return sorted(old - _internals.trial_ids_with_heartbeat(self, old))
 
-    def _call_fn(self, fn: Any, *args: Any, _name: str = "", **kwargs: Any) -> Any:
-        from sqlalchemy import exc as sa_exc
 
-        name = _name or getattr(fn, "__name__", "")
-        waited, delay, attempt = 0.0, 0.5, 0
-        while True:
-            try:
-                return fn(*args, **kwargs)
-            except optuna.exceptions.UpdateFinishedTrialError:
-                # A retried write whose first attempt did commit before the connection broke.
-                if attempt and name == "set_trial_state_values":
-                    return True
+# Every method of RDBStorage that opens a database session, and the private ones that Optuna's
+# read cache calls (tests/test_storage.py checks this list against the installed Optuna).
+RETRIED_METHODS = (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
+    "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
+    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
+    "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
+    "get_trial", "get_all_trials", "_get_trials", "get_best_trial", "_get_best_trial_id", "get_n_trials",
+    "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs", "check_trial_is_updatable",
+    "record_heartbeat", "_get_stale_trial_ids", "get_current_version", "upgrade",
+)
+_calls = threading.local()  # per thread: whether a retried call is already running
+
+
+def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
+        if getattr(_calls, "active", False):  # a method called by a retried one: the outer call retries
+            return method(self, *args, **kwargs)
+        _calls.active = True
+        try:
+            return _with_retries(method, self, args, kwargs)
+        finally:
+            _calls.active = False
+
+    return call
+
+
+def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tuple, kwargs: dict[str, Any]) -> Any:
+    from sqlalchemy import exc as sa_exc
+
+    waited, delay, attempt = 0.0, 0.5, 0
+    while True:
+        try:
+            return method(storage, *args, **kwargs)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            # A retried write whose first attempt did commit before the connection broke.
+            if attempt and method.__name__ == "set_trial_state_values":
+                return True
+            raise
+        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ConnectionError) as exc:
+            # Optuna wraps SQLAlchemy's errors in StorageInternalError; only a lost
+            # connection is worth waiting for, not a bad write.
+            if not _connection_lost(exc) or waited >= storage.max_wait:
                 raise
-            except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ConnectionError) as exc:
-                # Optuna wraps SQLAlchemy's errors in StorageInternalError; only a lost
-                # connection is worth waiting for, not a bad write.
-                if not _connection_lost(exc) or waited >= self._max_wait:
-                    raise
-                _logger.warning("storage %s unreachable (%s); retrying in %.1fs", self._masked_url,
-                                _first_line(exc), delay)
-                time.sleep(delay)
-                waited += delay
-                delay = min(delay * 2, 15.0)
-                attempt += 1
+            _logger.warning("storage %s unreachable (%s); retrying in %.1fs", mask(storage.url),
+                            _first_line(exc), delay)
+            time.sleep(delay)
+            waited += delay
+            delay = min(delay * 2, 15.0)
+            attempt += 1
+
+
+for _name in RETRIED_METHODS:
+    setattr(RetryingStorage, _name, _retried(getattr(RetryingStorage, _name)))
 
 
 def _connection_lost(exc: BaseException) -> bool:
@@ -215,49 +276,6 @@ def _connection_lost(exc: BaseException) -> bool:
             return True
         current = getattr(current, "orig", None) or current.__cause__ or current.__context__
     return False
-
-
-def _stale_without_heartbeat(storage: RetryingStorage, study_id: int) -> list[int]:
-    """RUNNING trials that never recorded a heartbeat and started longer ago than the grace
-    period. Optuna skips such trials, so a worker killed between creating a trial and its first
-    heartbeat would leave that trial RUNNING for ever."""
-    from optuna.storages._rdb import models
-    from optuna.storages._rdb.storage import _create_scoped_session
-
-    inner = storage._inner
-    interval = inner.heartbeat_interval or 0
-    limit = timedelta(seconds=(inner.grace_period or 2 * interval) + 2 * interval)
-    now = datetime.now()
-    running = storage.get_all_trials(study_id, deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    old = [t for t in running if t.datetime_start is not None and now - t.datetime_start > limit]
-    if not old:
-        return []
-    with _create_scoped_session(inner.scoped_session) as session:
-        return [t._trial_id for t in old if models.TrialHeartbeatModel.where_trial_id(t._trial_id, session) is None]
-
-
-def _retrying(name: str) -> Any:
-    def method(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
-        return self._call(name, *args, **kwargs)
-
-    method.__name__ = name
-    return method
-
-
-for _name in sorted(optuna.storages.BaseStorage.__abstractmethods__ | BaseHeartbeat.__abstractmethods__
-                    | {"get_trial_id_from_study_id_trial_number", "get_trial_number_from_id", "get_n_trials",
-                       "get_best_trial", "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs",
-                       "check_trial_is_updatable", "get_trial_param"}):
-    setattr(RetryingStorage, _name, _retrying(_name))
-RetryingStorage.__abstractmethods__ = frozenset()
-
-
-def _stale_trial_ids(self: RetryingStorage, study_id: int) -> list[int]:
-    stale = self._call("_get_stale_trial_ids", study_id)
-    return stale + [i for i in self._call_fn(_stale_without_heartbeat, self, study_id) if i not in stale]
-
-
-RetryingStorage._get_stale_trial_ids = _stale_trial_ids  # type: ignore[method-assign]
 
 
 def _first_line(exc: BaseException) -> str:

@@ -9,6 +9,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -143,6 +146,63 @@ def redis_url():  # type: ignore[no-untyped-def]
         _unavailable("redis", exc)
     yield url
     client.flushdb()
+
+
+class ThrowawayPostgres:
+    """A PostgreSQL server of a test's own (initdb + pg_ctl, on another port), to stop and start."""
+
+    def __init__(self, bin_dir: Path, root: Path) -> None:
+        self._bin_dir, self._root, self._data = bin_dir, root, root / "data"
+        self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+        port = 55000 + os.getpid() % 1000
+        self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        self._options = f"-o -p {port} -k {root} -c listen_addresses=127.0.0.1"
+        subprocess.run([*self._as_postgres, str(bin_dir / "initdb"), "-D", str(self._data), "-A", "trust",
+                        "-U", "postgres"], check=True, capture_output=True)
+
+    def _pg_ctl(self, *args: str, check: bool = True) -> None:
+        subprocess.run([*self._as_postgres, str(self._bin_dir / "pg_ctl"), "-D", str(self._data), *args],
+                       check=check, capture_output=True)
+
+    def start(self) -> None:
+        self._pg_ctl("-w", "-t", "60", "-l", str(self._root / "server.log"), self._options, "start")
+
+    def stop(self) -> None:
+        self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
+
+    def restart(self) -> None:
+        self.stop()
+        time.sleep(3)  # the database is really gone for a while
+        self.start()
+
+    def remove(self) -> None:
+        self._pg_ctl("-m", "immediate", "stop", check=False)
+        shutil.rmtree(self._root, ignore_errors=True)
+
+
+@pytest.fixture
+def postgres_server() -> Iterator[ThrowawayPostgres]:
+    """A running PostgreSQL server of the test's own; removed afterwards."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins or shutil.which("runuser") is None:
+        if REQUIRE_SERVICES:
+            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+        pytest.skip("PostgreSQL server binaries are not installed")
+    root = Path(tempfile.mkdtemp(prefix="flexunet-pg-", dir="/tmp"))
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    server = ThrowawayPostgres(bins[-1], root)
+    try:
+        server.start()
+        yield server
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def throwaway_postgres(postgres_server: ThrowawayPostgres) -> tuple[str, Callable[[], None]]:
+    """A server's URL and a function that restarts it."""
+    return postgres_server.url, postgres_server.restart
 
 
 def tiny_study(path: Path, name: str, *, n_trials: int = 6, max_epochs: int = 1, baseline: bool = True,

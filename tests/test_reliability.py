@@ -5,20 +5,18 @@ from __future__ import annotations
 
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import REQUIRE_SERVICES, start_cli, tiny_study
+from conftest import start_cli, tiny_study
 
 pytestmark = pytest.mark.slow
 FAST_HEARTBEAT = {"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "4"}
@@ -127,45 +125,6 @@ def test_a_worker_killed_under_the_launcher_is_replaced_and_its_trial_resumes(tm
     assert killed.state == TrialState.FAIL and killed.user_attrs["fail_reason"] == "worker killed (SIGKILL)"
     retry = _retry_of(trials, killed.number)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 1
-
-
-@pytest.fixture
-def throwaway_postgres() -> Iterator[tuple[str, Callable[[], None]]]:
-    """A PostgreSQL server of the test's own (initdb + pg_ctl, another port) and a function that
-    restarts it."""
-    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
-    if not bins or shutil.which("runuser") is None:
-        if REQUIRE_SERVICES:
-            pytest.fail("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
-        pytest.skip("PostgreSQL server binaries are not installed")
-    bin_dir = bins[-1]
-    root = Path(tempfile.mkdtemp(prefix="flexunet-pg-", dir="/tmp"))
-    data = root / "data"
-    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres")
-    port = 55000 + os.getpid() % 1000
-
-    def pg_ctl(*args: str) -> None:
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-w", "-t", "60", *args],
-                       check=True, capture_output=True)
-
-    subprocess.run([*as_postgres, str(bin_dir / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
-                   check=True, capture_output=True)
-    options = f"-o -p {port} -k {root} -c listen_addresses=127.0.0.1"
-    pg_ctl("-l", str(root / "server.log"), options, "start")
-
-    def restart() -> None:
-        pg_ctl("-m", "fast", "stop")
-        time.sleep(3)  # the database is really gone for a while
-        pg_ctl("-l", str(root / "server.log"), options, "start")
-
-    try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", restart
-    finally:
-        subprocess.run([*as_postgres, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
-                       capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
 
 
 def test_a_database_restart_is_survived(tmp_path: Path, throwaway_postgres) -> None:  # type: ignore[no-untyped-def]

@@ -1,0 +1,96 @@
+"""search.storage: calls that wait out a lost database, and studies created by many processes at once."""
+
+from __future__ import annotations
+
+import ast
+import inspect
+import logging
+import textwrap
+import threading
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from conftest import ThrowawayPostgres
+from search import _internals
+from search import storage as st
+
+
+def _opens_a_session(function: object) -> bool:
+    source = textwrap.dedent(inspect.getsource(function))  # type: ignore[arg-type]
+    return any(isinstance(node, ast.Call) and getattr(node.func, "id", None) == "_create_scoped_session"
+               for node in ast.walk(ast.parse(source)))
+
+
+def test_every_rdb_method_that_reaches_the_database_is_retried() -> None:
+    """A new Optuna release that adds a database call to RDBStorage must add it to the retries."""
+    reaching = {name for name, function in vars(optuna.storages.RDBStorage).items()
+                if inspect.isfunction(function) and _opens_a_session(function)
+                and not name.endswith("_without_commit")}  # helpers called inside another call's session
+    assert reaching, "RDBStorage no longer opens sessions with _create_scoped_session: check search/storage.py"
+    assert reaching <= set(st.RETRIED_METHODS), sorted(reaching - set(st.RETRIED_METHODS))
+    assert _internals.CACHED_BACKEND_CALLS <= set(st.RETRIED_METHODS)
+    assert all(callable(getattr(optuna.storages.RDBStorage, name)) for name in st.RETRIED_METHODS)
+
+
+@pytest.mark.db
+def test_a_call_made_while_the_database_is_down_waits_for_it(postgres_server: ThrowawayPostgres,
+                                                             caplog: pytest.LogCaptureFixture) -> None:
+    study = optuna.create_study(storage=st.open_storage(postgres_server.url, heartbeat=False), study_name="down")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    postgres_server.stop()
+    restarter = threading.Timer(2.0, postgres_server.start)  # the call below is made before it fires
+    restarter.start()
+    with caplog.at_level(logging.WARNING, logger="search.storage"):
+        study.tell(trial, 0.5)  # a write, through Optuna's cache, on a connection that was closed
+    restarter.join()
+    assert "unreachable" in caplog.text and "retrying" in caplog.text
+    reread = optuna.load_study(study_name="down", storage=st.open_storage(postgres_server.url, heartbeat=False))
+    assert [(t.state, t.value) for t in reread.trials] == [(TrialState.COMPLETE, 0.5)]
+
+
+@pytest.mark.db
+def test_a_database_that_stays_down_fails_the_call_after_max_wait(postgres_server: ThrowawayPostgres,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    storage = st.RetryingStorage(postgres_server.url, max_wait=1.0)
+    postgres_server.stop()
+    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+            pytest.raises(optuna.exceptions.StorageInternalError):
+        storage.get_all_studies()
+    assert caplog.text.count("unreachable") >= 2  # waited 0.5 s, then 1 s, then gave up
+
+
+@pytest.mark.db
+def test_a_bad_write_is_not_retried(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
+    storage = st.open_storage(postgres_url, heartbeat=False)
+    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+            pytest.raises(optuna.exceptions.StorageInternalError):
+        storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], study_name="x" * 1000)  # over 512
+    assert "unreachable" not in caplog.text
+    study = optuna.create_study(storage=storage)
+    study.optimize(lambda t: 1.0, n_trials=1)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        storage.set_trial_state_values(_internals.trial_id(study.trials[0]), TrialState.FAIL)
+
+
+@pytest.mark.db
+def test_processes_starting_together_on_a_new_database_create_one_study(postgres_url: str) -> None:
+    """Optuna's tables and the study are created by whoever comes first; the others wait and load."""
+    barrier, results, errors = threading.Barrier(6), [], []
+
+    def start() -> None:
+        try:
+            barrier.wait()
+            study, created = st.create_once(st.open_storage(postgres_url), "together", ["maximize"])
+            results.append((study.study_name, created))
+        except Exception as exc:  # noqa: BLE001 -- the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start) for _ in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    assert sorted(results) == [("together", False)] * 5 + [("together", True)]
