@@ -46,7 +46,8 @@ from flexunet.data.dataset import SliceSet, load_split, patient_of
 from flexunet.data.split import PatientInfo, cv_folds
 from flexunet.errors import ConfigError
 from flexunet.textfiles import read_text
-from flexunet.train import MODEL_FILE, TrainOutputs, fit
+from flexunet.model import build
+from flexunet.train import MODEL_FILE, TrainOutputs, compile_model, fit
 from search import keys, paths
 
 _logger = logging.getLogger(__name__)
@@ -211,6 +212,8 @@ class CrossValidation:
     artifacts: FileSystemArtifactStore
     prune: bool = True
     _finished: dict[int, _Fold] = field(default_factory=dict)
+    _network: Any = None
+    _initial: list[np.ndarray] = field(default_factory=list)
 
     def run(self) -> CVResult:
         """Train every fold not finished yet; raise ``optuna.TrialPruned`` when pruned."""
@@ -225,7 +228,6 @@ class CrossValidation:
             for k in range(k_total):
                 if k in self._finished:
                     continue
-                keras.backend.clear_session()
                 trial.set_user_attr(keys.FOLD, k)
                 folder = work / f"fold{k}"
                 folder.mkdir(exist_ok=True)
@@ -240,6 +242,7 @@ class CrossValidation:
                 fold_started = time.perf_counter()
                 result = fit(self.config.model, self.config.train, train_data, valid_data, outputs=outputs,
                              extra_callbacks=[reporter], verbose=0, checkpoint_dir=folder, resume=resume,
+                             network=None if resume else self._fresh_network(),
                              on_checkpoint=lambda f, epoch, k=k, r=reporter: self._save(work, k, r.best, epoch))
                 if result.stop_reason.startswith("non-finite") or not math.isfinite(result.best_val_dice):
                     return CVResult(float("nan"), [f.dice for f in self._sorted()], result.model,
@@ -259,6 +262,23 @@ class CrossValidation:
             if model is None:  # every fold was finished before a retry: the last one's model
                 model = keras.models.load_model(work / "done" / paths.fold_model(k_total - 1), compile=False)
             return self._pooled(work, model)
+
+    def _fresh_network(self) -> Any:
+        """The trial's model as first built, compiled: built once and reset for every later
+        fold, because building and tracing a new one costs 5-40 s per fold on a CPU, often more
+        than its epochs (the seed is the same, so the weights are those a new build would get)."""
+        if self._network is None:
+            keras.utils.set_random_seed(self.config.train.seed)
+            self._network = build(self.config.model)
+            compile_model(self._network, self.config.model)
+            self._initial = self._network.get_weights()
+            return self._network
+        self._network.set_weights(self._initial)
+        optimizer = self._network.optimizer
+        for variable in optimizer.variables:  # iterations, moments and the learning rate
+            variable.assign(np.zeros(variable.shape, variable.dtype))
+        optimizer.learning_rate.assign(self.config.model.learning_rate)
+        return self._network
 
     def _sorted(self) -> list[_Fold]:
         return [self._finished[k] for k in sorted(self._finished)]
