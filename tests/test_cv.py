@@ -199,3 +199,18 @@ def test_a_killed_cv_trial_resumes_in_its_fold_and_keeps_the_finished_ones(tmp_p
     assert _sha(study, out, retry, "best_model_fold0.keras") == _sha(study, out, killed, "best_model_fold0.keras")
     assert retry.user_attrs["fold_epochs_run"] == [6, 6]
     assert len(retry.user_attrs["fold_val_foreground_dice"]) == 2 and "oof_predictions.npz" in _artifacts(study, retry)
+
+
+def test_the_baseline_trains_at_the_study_fidelity(tmp_path: Path) -> None:
+    """The seed's settings, but as many steps, as much patience and the same seed as every trial."""
+    from flexunet import config as cfg
+    from flexunet.data import ct_ich
+    from search import space as sp, study_file
+
+    ct_ich.prepare(SAMPLE, tmp_path / "data", size=32, seed=0)
+    base = cfg.load(tmp_path / "data" / "train_eval_infer.config")
+    spec = study_file.load(cv_study(tmp_path / "cv.toml", "cv", steps=3))
+    seed = sp.trial_config(base, spec, 32, {}, baseline=True)
+    assert seed.train.steps_per_epoch == 3 and seed.train.patience == 0 and seed.train.save_overhead == 0
+    assert seed.model.learning_rate == pytest.approx(7e-5) and seed.model.base_kernels == (11, 11)
+    assert seed.model.normalization is False and seed.train.batch_size == 2
