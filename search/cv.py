@@ -174,6 +174,17 @@ class FoldPruningReporter(keras.callbacks.Callback):
             self.model.stop_training = True
             self.stop_reason = f"pruned at fold {self.fold + 1}, epoch {epoch + 1}"
 
+    def hold(self, epochs_run: int) -> None:
+        """A fold that stopped early keeps its best Dice for the steps it did not train, so
+        that every trial has a value at every step of a fold it finished (a rung inside the
+        fold compares like with like); the pruner may still stop the trial here."""
+        if not self.prune or self.stop_reason or not math.isfinite(self.best) or epochs_run >= self.max_epochs:
+            return
+        for epoch in range(epochs_run, self.max_epochs):
+            self.trial.report(float(np.mean(self.finished + [self.best])), step=self.fold * self.max_epochs + epoch)
+        if self.trial.should_prune():
+            self.stop_reason = f"pruned at fold {self.fold + 1}, epoch {epochs_run}"
+
 
 @dataclass
 class _Fold:
@@ -247,6 +258,7 @@ class CrossValidation:
                 if result.stop_reason.startswith("non-finite") or not math.isfinite(result.best_val_dice):
                     return CVResult(float("nan"), [f.dice for f in self._sorted()], result.model,
                                     failure=f"fold {k + 1}: {result.stop_reason}")
+                reporter.hold(result.epochs_run)
                 probabilities = result.model.predict(valid_data.images.astype(np.float32), batch_size=4,
                                                      verbose=0).astype(np.float16)
                 assert valid_data.masks is not None

@@ -214,3 +214,29 @@ def test_the_baseline_trains_at_the_study_fidelity(tmp_path: Path) -> None:
     assert seed.train.steps_per_epoch == 3 and seed.train.patience == 0 and seed.train.save_overhead == 0
     assert seed.model.learning_rate == pytest.approx(7e-5) and seed.model.base_kernels == (11, 11)
     assert seed.model.normalization is False and seed.train.batch_size == 2
+
+
+def test_the_shipped_sample_study_cross_validates_every_trial(tmp_path: Path) -> None:
+    """The README's main command, shrunk by its overrides: the baseline and the searched trials
+    are all 3-fold cross-validated, and the study records its folds."""
+    from conftest import ROOT
+
+    out = tmp_path / "run"
+    run = run_cli("search", "run", ROOT / "studies" / "ct_ich_sample.toml", "--n-trials", "3", "--max-epochs", "2",
+                  "--image-size", "32", "--out", out, timeout=900)
+    assert run.returncode == 0, run.stdout + run.stderr
+    study = optuna.load_study(study_name="ct-ich-sample", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["flexunet_folds"] == 3 and study.user_attrs["flexunet_pruner"] == "SuccessiveHalvingPruner"
+    trials = [t for t in study.trials if t.user_attrs.get("stop_reason") != "infeasible"]
+    baseline = study.trials[0]
+    assert baseline.user_attrs["baseline"] is True and baseline.state == TrialState.COMPLETE
+    assert baseline.user_attrs["settings"]["steps_per_epoch"] == 8  # the study's fidelity
+    for t in trials:
+        assert t.user_attrs["folds"] == 3, t.user_attrs
+        done = len(t.user_attrs["fold_val_foreground_dice"])
+        names = set(_artifacts(study, t))
+        assert {f"best_model_fold{k}.keras" for k in range(done)} <= names
+        if t.state == TrialState.COMPLETE:
+            assert done == 3 and "oof_predictions.npz" in names and t.value == t.user_attrs["val_foreground_dice_pooled"]
+        else:
+            assert t.state == TrialState.PRUNED and t.user_attrs["stop_reason"].startswith("pruned at fold ")
