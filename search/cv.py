@@ -9,8 +9,9 @@ dataset's config (columns ``name,fold``) or, without that file, from the slices'
 
 Pruning. Fold k, epoch e (0-based) reports at step ``k * max_epochs + e`` the mean, over the
 folds finished so far and the current one, of each fold's best validation foreground Dice.
-Two trials at the same step have trained the same folds for the same epochs, so any Optuna
-pruner that compares trials step by step applies; the study's default is
+Two trials at the same step have trained the same folds for the same epochs (a fold that
+stopped early holds its best Dice for its remaining steps), so any Optuna pruner that compares
+trials step by step applies; the study's default is
 ``SuccessiveHalvingPruner``. ``WilcoxonPruner`` was the other candidate: it tests paired
 per-fold values, but with K = 2..5 folds after one fold there is one pair, and a signed-rank
 test on one pair cannot reach p < 0.1, so it could never stop a trial inside its first fold,
