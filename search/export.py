@@ -110,7 +110,7 @@ def _package(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path, tta:
     folds = fold_count(trial)
     if folds == 1:
         return Package(load_model(_download_artifact(trial, storage, artifacts, MODEL_FILE, into)))
-    members = [load_model(_download_artifact(trial, storage, artifacts, paths.fold_model_file(k), into))
+    members = [load_model(_download_artifact(trial, storage, artifacts, paths.fold_model(k), into))
                for k in range(folds)]
     probabilities, masks = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, into))
     return _ensemble_package(members, probabilities, masks, tta)
@@ -211,7 +211,7 @@ def _package_metrics(package: Package, trial: FrozenTrial, config: cfg.Config) -
         },
         "cross_validation": None if package.members == 1 else {
             "folds": package.members,
-            "fold_val_foreground_dice": trial.user_attrs.get(keys.FOLD_VAL_FOREGROUND_DICE),
+            "fold_val_foreground_dice": trial.user_attrs.get(keys.FOLD_DICE),
             "oof_foreground_dice_pooled": package.oof_dice,
             "oof_foreground_dice_pooled_postprocessed": package.oof_dice_postprocessed,
         },

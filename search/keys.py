@@ -1,9 +1,11 @@
-"""Names of the trial and study attributes that several modules read or write."""
+"""Trial and study user-attribute keys that more than one module reads or writes."""
 
 from __future__ import annotations
 
-# Cross-validated trials (issue 10): how many folds, each fold's validation foreground Dice,
-# and the trial's value, one foreground Dice pooled over every out-of-fold slice.
-FOLDS = "folds"
-FOLD_VAL_FOREGROUND_DICE = "fold_val_foreground_dice"
-VAL_FOREGROUND_DICE_POOLED = "val_foreground_dice_pooled"
+# Cross-validated trials (search/cv.py), read by the export and the report.
+FOLDS = "folds"  # K, the number of folds the trial was cross-validated on
+FOLD_DICE = "fold_val_foreground_dice"  # list: best validation foreground Dice of each finished fold
+POOLED_DICE = "val_foreground_dice_pooled"  # the trial's value: one Dice over every out-of-fold slice
+FOLD = "fold"  # 0-based fold in progress
+RESUMED_FROM_FOLD = "resumed_from_fold"  # a retry: the fold it resumed in (earlier ones were kept)
+STOP_REASON = "stop_reason"

@@ -29,6 +29,7 @@ from flexunet.data.dataset import SliceSet, load_split
 from flexunet.evaluate import predict_classes
 from flexunet.model import estimate_cost
 from flexunet.train import MODEL_FILE, TrainOutputs, fit
+from search import cv, paths
 from search import space as sp
 from search.study_file import StudySpec
 
@@ -89,7 +90,9 @@ class Objective:
     artifacts: FileSystemArtifactStore
     space: tuple = field(default_factory=tuple)
     current: optuna.Trial | None = None  # the trial in progress, for the worker's interrupt handling
+    dataset_dir: Path | None = None  # the folder of the dataset's config, where folds.csv may be
     _data: dict[int, tuple[SliceSet, SliceSet]] = field(default_factory=dict)
+    _folds: cv.FoldDataCache = field(default_factory=dict)
 
     def data(self, config: cfg.Config) -> tuple[SliceSet, SliceSet]:
         key = config.model.input_shape
@@ -175,7 +178,24 @@ class Objective:
         trial.set_user_attr("resumed_from_epoch", trial.user_attrs.get("resume_epoch"))
         return True
 
+    def _train_folds(self, trial: optuna.Trial, config: cfg.Config, params: int) -> float | tuple[float, float]:
+        """A cross-validated trial (search/cv.py): its value is the pooled out-of-fold Dice."""
+        folds_file = (self.dataset_dir or Path(".")) / paths.FOLDS_FILE
+        seed = self.spec.prepare.seed if self.spec.prepare else 0
+        data = cv.cached_fold_data(self._folds, config, self.spec.folds, folds_file, seed)
+        multi = self.spec.second_objective is not None
+        result = cv.train_folds(trial, config, data, self.artifacts, prune=not multi)
+        if result.failure:
+            raise self._fail(trial, result.failure)
+        if not multi:
+            return result.pooled_dice
+        second = params if self.spec.second_objective == "params" else _latency_ms(result.model, config)
+        trial.set_user_attr(self.spec.second_objective, second)
+        return result.pooled_dice, float(second)
+
     def _train(self, trial: optuna.Trial, config: cfg.Config, params: int) -> float | tuple[float, float]:
+        if self.spec.cross_validated:
+            return self._train_folds(trial, config, params)
         train_data, valid_data = self.data(config)
         multi = self.spec.second_objective is not None
         reporter = PruningReporter(trial, prune=not multi)  # Optuna prunes single-objective studies only

@@ -1,16 +1,20 @@
-"""File names of a trial's artifacts that several modules write or read."""
+"""Names of the files a run writes or reads: dataset files and trial artifacts."""
 
 from __future__ import annotations
 
-# A cross-validated trial's out-of-fold predictions: arrays ``probabilities`` (N,H,W,C float16),
-# ``masks`` (N,H,W uint8), ``names`` (N str) and ``folds`` (N int, the fold that validated it).
+# Beside a dataset's train_eval_infer.config: which fold validates each slice (columns
+# name,fold). Without it, folds are made by patient from the train and valid slices.
+FOLDS_FILE = "folds.csv"
+
+# Artifacts of a cross-validated trial (search/cv.py); k is the 0-based fold.
 OOF_PREDICTIONS = "oof_predictions.npz"
 
 
-def fold_model_file(fold: int) -> str:
-    """The best checkpoint of fold ``fold`` of a cross-validated trial."""
-    return f"best_model_fold{fold}.keras"
+def fold_model(k: int) -> str:
+    """Fold k's best checkpoint."""
+    return f"best_model_fold{k}.keras"
 
 
-def fold_train_log_file(fold: int) -> str:
-    return f"train_log_fold{fold}.csv"
+def fold_log(k: int) -> str:
+    """Fold k's per-epoch training log."""
+    return f"train_log_fold{k}.csv"

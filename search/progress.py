@@ -37,6 +37,8 @@ def worker_line(trial: FrozenTrial, max_epochs: int) -> str:
     dice_text = f"{dice:.4f}" if isinstance(dice, float) and math.isfinite(dice) else "-"
     who = f"{a.get('host', '?')}:{a.get('pid', '?')}"
     base = " (baseline)" if a.get("baseline") else ""
+    if isinstance(a.get("folds"), int) and isinstance(a.get("fold"), int):  # a cross-validated trial
+        base = f" fold {a['fold'] + 1}/{a['folds']}{base}"
     return f"  worker {who:<22} trial {trial.number:<4} epoch {a.get('epoch', 0):>3}/{max_epochs:<4} val Dice {dice_text}{base}"
 
 

@@ -103,6 +103,7 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dic
             "split": split.get("parts") if split else None,
             "slices": split.get("slices") if split else None,
         },
+        "flexunet_folds": spec.folds,  # K >= 2: trials are cross-validated (search/cv.py)
         "flexunet_budget": vars(spec.budget),
         "flexunet_space": [
             {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items() if v not in (None, (), {})}

@@ -25,6 +25,10 @@ SEED_BASELINE: dict[str, Any] = {
     "learning_rate_reducer": True, "reducer_factor": 0.5, "reducer_patience": 4,
 }
 _SEED_SIZE, _SEED_LAYERS = 512, 8
+# How long a trial trains, not what it is: the baseline takes these from the study's [fixed]
+# like every trial, so that it costs what a searched trial of its size costs (the seed's full
+# passes and patience of 10 made it 70% of the sample study's run).
+FIDELITY = ("steps_per_epoch", "patience", "save_overhead", "seed")
 
 
 def max_layers(size: int) -> int:
@@ -111,13 +115,14 @@ def trial_config(base: cfg.Config, spec: StudySpec, image_size: int, values: Map
                  baseline: bool = False) -> cfg.Config:
     """The full config of one trial: the dataset config with the image size, the fixed
     settings and the sampled values applied together (the baseline takes the seed's settings
-    for everything it does not sample). Where neither the trial nor the study sets the depth,
-    the dataset config's depth is kept if it suits the image size, else scaled to it (see
-    :func:`scaled_layers`)."""
+    for everything it does not sample, and the study's ``FIDELITY`` settings). Where neither the
+    trial nor the study sets the depth, the dataset config's depth is kept if it suits the image
+    size, else scaled to it (see :func:`scaled_layers`)."""
     settings: dict[str, Any] = {"image_width": image_size, "image_height": image_size}
     if baseline:
         settings.update(SEED_BASELINE)
         settings["num_layers"] = seed_layers(image_size)
+        settings.update({k: v for k, v in spec.fixed.items() if k in FIDELITY})
     else:
         settings.update(spec.fixed)
     settings.update(values)

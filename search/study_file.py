@@ -91,6 +91,11 @@ class StudySpec:
     baseline: bool = True
     storage: str | None = None
     out: Path | None = None
+    folds: int = 1  # K >= 2: every trial is K-fold cross-validated (search/cv.py); 1: one split
+
+    @property
+    def cross_validated(self) -> bool:
+        return self.folds >= 2
 
     @property
     def directions(self) -> list[str]:
@@ -129,7 +134,8 @@ def loads(text: str, path: Path) -> StudySpec:
     _only(data, ("study", "dataset", "fixed", "space", "budget", "sampler", "pruner"), where)
 
     study = _table(data, "study", where, required=True)
-    _only(study, ("name", "second_objective", "image_size", "baseline", "storage", "out"), where.sub("study"))
+    _only(study, ("name", "second_objective", "image_size", "baseline", "storage", "out", "folds"),
+          where.sub("study"))
     name = _string(study, "name", where.sub("study"), required=True)
     if not name.strip() or len(name) > 200 or any(ord(c) < 32 for c in name):
         raise ConfigError(f"{where.sub('study').key('name')}: expected a printable name of 1..200 characters")
@@ -145,6 +151,7 @@ def loads(text: str, path: Path) -> StudySpec:
         raise ConfigError(f"{where.sub('study').key('baseline')}: expected true or false")
     storage = _string(study, "storage", where.sub("study"))
     out = _string(study, "out", where.sub("study"))
+    folds = _positive_int(study.get("folds", 1), where.sub("study").key("folds"))
 
     dataset_config, prepare = _dataset(_table(data, "dataset", where, required=True), base, where.sub("dataset"))
     fixed = _fixed(_table(data, "fixed", where), where.sub("fixed"))
@@ -154,11 +161,14 @@ def loads(text: str, path: Path) -> StudySpec:
         raise ConfigError(f"{where.sub('fixed').key(overlap[0])}: is also in [space]; keep it in one place")
     budget = _budget(_table(data, "budget", where), where.sub("budget"))
     sampler = _component(_table(data, "sampler", where), SAMPLERS, "TPESampler", where.sub("sampler"))
-    pruner = _component(_table(data, "pruner", where), PRUNERS, "MedianPruner", where.sub("pruner"))
+    # A CV trial reports at a combined (fold, epoch) step; successive halving cuts weak trials
+    # inside their first fold (search/cv.py explains the choice).
+    pruner = _component(_table(data, "pruner", where), PRUNERS,
+                        "SuccessiveHalvingPruner" if folds >= 2 else "MedianPruner", where.sub("pruner"))
     return StudySpec(
         name=name, path=path, dataset_config=dataset_config, prepare=prepare, fixed=fixed, space=space,
         second_objective=second, budget=budget, sampler=sampler, pruner=pruner, image_size=image_size,
-        baseline=baseline, storage=storage, out=(base / out) if out else None,
+        baseline=baseline, storage=storage, out=(base / out) if out else None, folds=folds,
     )
 
 

@@ -128,7 +128,7 @@ def _run(args: argparse.Namespace) -> int:
     from search import algorithms, study_file
     from search import storage as st
     from search.objective import Interrupted, Objective, TrialFailure
-    from search.run import open_dataset, study_space
+    from search.run import dataset_config_path, open_dataset, study_space
 
     url = os.environ.get(st.ENV_VAR)
     if not url:
@@ -146,7 +146,8 @@ def _run(args: argparse.Namespace) -> int:
     study = st.load_study(storage, spec.name, algorithms.make_sampler(spec, worker_name),
                           algorithms.make_pruner(spec))
     artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(out)))
-    objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space)
+    objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space,
+                          dataset_dir=dataset_config_path(spec, out).parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _logger.info("worker pid %d on %s joined study %r (%s)", os.getpid(), socket.gethostname(), spec.name,
                  st.mask(url))

@@ -70,7 +70,7 @@ def cv_study(tmp_path_factory: pytest.TempPathFactory) -> CVStudy:
     for k in range(FOLDS):
         valid = pool.subset(list(np.flatnonzero(fold_of == k)))
         result = fit(config.model, config.train, pool.subset(list(np.flatnonzero(fold_of != k))), valid, verbose=0)
-        path = root / paths.fold_model_file(k)
+        path = root / paths.fold_model(k)
         result.model.save(path)
         fold_models.append(path)
         fold_probabilities = result.model.predict(valid.images.astype(np.float32), verbose=0)
@@ -94,8 +94,8 @@ def cv_study(tmp_path_factory: pytest.TempPathFactory) -> CVStudy:
         trial.set_user_attr("params", estimate_cost(config.model).params)
         trial.set_user_attr("gflops", round(estimate_cost(config.model).flops / 1e9, 3))
     cv_trial.set_user_attr(keys.FOLDS, FOLDS)
-    cv_trial.set_user_attr(keys.FOLD_VAL_FOREGROUND_DICE, fold_dice)
-    cv_trial.set_user_attr(keys.VAL_FOREGROUND_DICE_POOLED, pooled)
+    cv_trial.set_user_attr(keys.FOLD_DICE, fold_dice)
+    cv_trial.set_user_attr(keys.POOLED_DICE, pooled)
     for path in (*fold_models, oof):
         upload_artifact(artifact_store=store, file_path=str(path), study_or_trial=cv_trial)
     upload_artifact(artifact_store=store, file_path=str(fold_models[0]), study_or_trial=single)
@@ -270,7 +270,7 @@ def test_missing_fold_model_is_one_error_line(cv_study: CVStudy, tmp_path: Path)
     run = run_cli("search", "export", "--study", "cv-export", "--storage", cv_study.storage, "--out",
                   tmp_path / "out", "--artifacts", broken)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
-    assert f"cannot read trial 0's {paths.fold_model_file(1)}" in run.stderr
+    assert f"cannot read trial 0's {paths.fold_model(1)}" in run.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -15,7 +15,7 @@ import pytest
 from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 
-from conftest import ROOT, run_cli
+from conftest import ROOT, SAMPLE, run_cli
 
 pytestmark = pytest.mark.slow
 SAMPLE_STUDY = ROOT / "studies" / "ct_ich_sample.toml"
@@ -24,11 +24,22 @@ USER_ATTRS = {"host", "pid", "params", "gflops", "settings", "epochs_run", "best
               "seconds_per_epoch", "best_val_foreground_dice"}
 
 
+def single_split_copy(folder: Path) -> Path:
+    """The shipped sample study without ``[study] folds``: one train/valid split, as every study
+    had before cross-validation (tests/test_cv.py runs the shipped file as it is)."""
+    text = SAMPLE_STUDY.read_text(encoding="utf-8")
+    assert "\nfolds = 3\n" in text and 'source = "data/ct-ich"' in text
+    path = folder / "ct_ich_sample_single_split.toml"
+    path.write_text(text.replace("\nfolds = 3\n", "\n").replace('source = "data/ct-ich"', f'source = "{SAMPLE}"'),
+                    encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped sample study, shrunk by the command-line overrides, with two workers."""
+    """The sample study (single split), shrunk by the command-line overrides, with two workers."""
     out = tmp_path_factory.mktemp("search") / "run"
-    run = run_cli("search", "run", SAMPLE_STUDY, "--n-trials", "4", "--max-epochs", "2", "--image-size", "32",
+    run = run_cli("search", "run", single_split_copy(out.parent), "--n-trials", "4", "--max-epochs", "2", "--image-size", "32",
                   "--workers", "2", "--out", out, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "baseline (seed settings): trial 0" in run.stdout

@@ -53,6 +53,18 @@ def fold_patients(patients: Mapping[str, PatientInfo], folds: int, seed: int) ->
     return result
 
 
+def cv_folds(patients: Mapping[str, PatientInfo], folds: int, seed: int) -> list[list[str]]:
+    """K patient groups for cross-validation (fold k validates on group k and trains on the
+    others), balanced by slice count, each with a patient that has foreground.
+
+    >>> cv_folds({"a": PatientInfo(2, 1), "b": PatientInfo(1, 1), "c": PatientInfo(3, 0)}, 2, 0)
+    [['a'], ['b', 'c']]
+    """
+    if folds < 2:
+        raise DataError(f"folds = {folds}: cross-validation needs at least 2")
+    return [sorted(group) for group in _balanced_groups(patients, [1.0 / folds] * folds, seed, folds)]
+
+
 def check_disjoint(parts: Mapping[str, Sequence[str]]) -> None:
     """Raise if any patient appears in two parts."""
     seen: dict[str, str] = {}
