@@ -239,7 +239,7 @@ def test_out_of_memory_fails_the_trial_and_the_worker_slot_goes_on(tmp_path: Pat
     text = study_file.read_text().replace('base_filters = { type = "int", low = 4, high = 8, step = 4 }\n', "")
     study_file.write_text(text.replace("[budget]", "[budget]\nmax_memory_gb = 1000"))
     # The huge trial first, then a sane one: queued trials run in order, whatever the sampler.
-    from search import run as runner
+    from search import context as runner
     from search import study_file as sf
 
     spec = sf.load(study_file)
