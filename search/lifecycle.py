@@ -90,12 +90,13 @@ def _originals(trials: Sequence[FrozenTrial], n_trials: int, below: int | None =
 
     Every trial that is not a retry takes the next slot, in the order of trial numbers, until
     the budget is full; a retry runs in its original's slot. Trial numbers are given by the
-    storage, one per trial, so every process counts the same slots for the same trial."""
+    storage, one per trial, so every process counts the same slots for the same trial. A trial
+    that found the budget full never counts (not even when a later run raises ``n_trials``)."""
     used = 0
     for trial in sorted(trials, key=lambda t: t.number):
         if below is not None and trial.number >= below:
             break
-        if not is_retry(trial) and used < n_trials:
+        if not is_retry(trial) and not trial.system_attrs.get(k.OVER_BUDGET) and used < n_trials:
             used += 1
     return used
 
@@ -136,9 +137,11 @@ def start(trial: optuna.Trial, n_trials: int | None = None) -> None:
         trial.set_user_attr(k.FAIL_REASON, None)
     trial.set_user_attr(k.HOST, socket.gethostname())
     trial.set_user_attr(k.PID, os.getpid())
-    if n_trials is None or k.FAILED_TRIAL in trial.system_attrs:
+    if n_trials is None:
         return
-    if over_budget(trial.study.get_trials(deepcopy=False), trial.number, n_trials):
+    trials = trial.study.get_trials(deepcopy=False)
+    if not any(t.number == trial.number and is_retry(t) for t in trials) and over_budget(trials, trial.number,
+                                                                                          n_trials):
         _internals.set_trial_system_attr(trial.study, trial, k.OVER_BUDGET, True)
         trial.set_user_attr(k.STOP_REASON, k.STOP_OVER_BUDGET)
         trial.set_user_attr(k.FAIL_REASON, f"over budget: {n_trials} trials had started before it")
@@ -205,15 +208,18 @@ def fail(study: optuna.Study, trial: FrozenTrial, reason: str, *, retry_it: bool
     one."""
     if retry_it:
         retry(study, trial)
-    _internals.set_trial_user_attr(study, trial, k.FAIL_REASON, reason)
+    try:
+        _internals.set_trial_user_attr(study, trial, k.FAIL_REASON, reason)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        return  # another process got there first
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
     """For the storage's ``heartbeat_stale_trial_callback``: Optuna's ``fail_stale_trials`` has
-    failed ``trial`` (its heartbeat stopped); queue its copy, then say why it failed."""
+    failed ``trial`` (its heartbeat stopped); queue its copy. (A finished trial's attrs cannot
+    change: a stale failure is the FAIL without ``fail_reason``.)"""
     retry(study, trial)
-    _internals.set_trial_user_attr(study, trial, k.FAIL_REASON, "heartbeat stopped")
 
 
 def sweep(study: optuna.Study) -> None:
@@ -229,5 +235,4 @@ def sweep(study: optuna.Study) -> None:
         # Failures flexunet decided carry a reason (non-finite loss, crash, interrupt...) and
         # were handled where they happened; one without a reason came from a stale heartbeat.
         if trial.state == TrialState.FAIL and not trial.user_attrs.get(k.FAIL_REASON):
-            if retry(study, trial, trials):
-                _internals.set_trial_user_attr(study, trial, k.FAIL_REASON, "heartbeat stopped")
+            retry(study, trial, trials)
