@@ -29,6 +29,7 @@ from flexunet.errors import FlexUNetError
 from flexunet.evaluate import evaluate, load_model
 from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.train import MODEL_FILE
+from search import keys
 from search.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
@@ -182,12 +183,12 @@ def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], mask
             "trials": dict(states),
             "baseline_trial": base.number if base else None,
             "baseline_val_foreground_dice": base.values[0] if base is not None and base.values else None,
-            "objectives": study.user_attrs.get("flexunet_objectives"),
-            "sampler": study.user_attrs.get("flexunet_sampler"),
-            "pruner": study.user_attrs.get("flexunet_pruner"),
+            "objectives": study.user_attrs.get(keys.STUDY_OBJECTIVES),
+            "sampler": study.user_attrs.get(keys.STUDY_SAMPLER),
+            "pruner": study.user_attrs.get(keys.STUDY_PRUNER),
         },
-        "dataset": study.user_attrs.get("flexunet_dataset"),
-        "image_size": study.user_attrs.get("flexunet_image_size"),
+        "dataset": study.user_attrs.get(keys.STUDY_DATASET),
+        "image_size": study.user_attrs.get(keys.STUDY_IMAGE_SIZE),
     })
 
 
