@@ -132,6 +132,8 @@ def start(trial: optuna.Trial, n_trials: int | None = None) -> None:
     Raises :class:`OverBudget` (the worker catches it: the trial is FAIL with ``stop_reason``
     ``over budget`` and a system attr that says it never counted)."""
     attrs = trial.user_attrs
+    if attrs.get(k.PID) == os.getpid() and attrs.get(k.HOST) == socket.gethostname() and n_trials is None:
+        return  # started already (the worker's guard, then the objective)
     if attrs.get(k.FAIL_REASON):  # a retry carries the attributes of the trial it repeats
         trial.set_user_attr(k.PREVIOUS_FAIL_REASON, attrs[k.FAIL_REASON])
         trial.set_user_attr(k.FAIL_REASON, None)
