@@ -7,6 +7,7 @@ never on each other.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from dataclasses import dataclass
@@ -137,15 +138,18 @@ def create_study(spec: StudySpec, url: str, out: Path,
 class WorkerPlan:
     """What a launcher hands each of its workers, written once as JSON: the resolved spec
     (overrides and changes made in Python included), the run folder, and the time after
-    which no trial starts. The storage URL travels in ``$FLEXUNET_STORAGE`` instead, so that
-    its password is in no file and no process list."""
+    which no trial starts. The storage URL travels in ``$FLEXUNET_STORAGE`` instead (the plan
+    leaves the spec's ``storage`` out), so that its password is in no file and no process list."""
 
     spec: StudySpec
     out: Path
     deadline: float | None = None
 
     def write(self, path: Path) -> Path:
-        text = json.dumps({"spec": json.loads(study_file.to_json(self.spec)), "out": str(self.out),
+        # Without the study file's storage URL, which may hold a password: workers take theirs
+        # from the environment.
+        spec = dataclasses.replace(self.spec, storage=None)
+        text = json.dumps({"spec": json.loads(study_file.to_json(spec)), "out": str(self.out),
                            "deadline": self.deadline}, indent=1)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")

@@ -155,8 +155,10 @@ def test_the_spec_a_launcher_hands_its_workers_reads_back_unchanged(tmp_path: Pa
         back = study_file.from_json(study_file.to_json(spec))
         assert back == spec, path
         assert isinstance(back.space[0].choices, tuple) and isinstance(back.budget, study_file.Budget)
+        spec = dataclasses.replace(spec, storage="postgresql+psycopg://user:s3cret@db/flexunet")
         plan = WorkerPlan(spec, tmp_path / "run", deadline=123.5).write(tmp_path / "plan.json")
-        assert WorkerPlan.read(plan) == WorkerPlan(spec, tmp_path / "run", 123.5)
+        assert "s3cret" not in plan.read_text()  # workers take the URL from the environment
+        assert WorkerPlan.read(plan) == WorkerPlan(dataclasses.replace(spec, storage=None), tmp_path / "run", 123.5)
 
 
 def test_a_damaged_worker_plan_is_a_config_error(tmp_path: Path) -> None:
