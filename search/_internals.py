@@ -7,6 +7,9 @@ Why each is needed:
 - ``study._storage``, ``study._study_id``, ``trial._trial_id``: a launcher fails the trial of a
   worker it saw die. That trial belongs to another process, so no ``optuna.Trial`` of this
   process holds it, and Optuna has no public call that sets an attribute on it.
+- ``storage._get_stale_trial_ids``: the trials whose heartbeat stopped, so that a copy is
+  queued *before* such a trial is failed (``fail_stale_trials`` fails first, and a process
+  killed before its retry callback would lose the trial, or race another process's check).
 - ``optuna.storages._heartbeat.is_heartbeat_enabled``: whether the storage sends heartbeats
   (then a worker waiting for other workers' trials polls at that pace).
 - TensorFlow's ``ops._gradient_registry``: each trial's ``tf.custom_gradient`` entries keep that
@@ -52,6 +55,20 @@ def heartbeat_interval(study: optuna.Study) -> int | None:
     if not is_heartbeat_enabled(storage):
         return None
     return storage.get_heartbeat_interval()
+
+
+def grace_period(study: optuna.Study) -> int | None:
+    """Seconds without a heartbeat after which a trial is stale (RDBStorage's ``grace_period``,
+    behind Optuna's ``_CachedStorage._backend`` where the study's storage is cached)."""
+    storage = storage_of(study)
+    storage = getattr(storage, "_backend", storage)
+    return getattr(storage, "grace_period", None)
+
+
+def stale_trial_ids(study: optuna.Study) -> list[int]:
+    """The ids of the study's RUNNING trials whose heartbeat stopped (the storage's
+    ``_get_stale_trial_ids``, which ``optuna.storages.fail_stale_trials`` uses too)."""
+    return list(storage_of(study)._get_stale_trial_ids(study_id(study)))
 
 
 def gradient_registry() -> dict[str, Any] | None:

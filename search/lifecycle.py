@@ -23,10 +23,10 @@
 - **interrupt**: SIGINT or SIGTERM in a worker queues the copy, then Optuna fails the trial.
 
 Every step is safe to repeat and to interrupt, because the processes doing it can be killed
-too: where this module fails a trial, the copy is queued *before* the original is failed, and
-a copy is never queued twice. Optuna's ``fail_stale_trials`` fails a silent trial first and
-calls the retry callback after; a kill in between leaves a FAIL trial without a reason and
-without a copy, which :func:`sweep` queues again.
+too: where this module fails a trial (silent ones included), the copy is queued *before* the
+original is failed, and a copy is never queued twice. Optuna's own check at the start of each
+``optimize`` fails a silent trial first and calls the retry callback after; a kill in between
+leaves a FAIL trial without a reason and without a copy, which :func:`sweep` queues again.
 
 Example (in memory; a worker's trial is interrupted and queued again to resume)::
 
@@ -45,6 +45,7 @@ Example (in memory; a worker's trial is interrupted and queued again to resume):
 from __future__ import annotations
 
 import copy
+import datetime
 import logging
 import os
 import socket
@@ -217,24 +218,37 @@ def fail(study: optuna.Study, trial: FrozenTrial, reason: str, *, retry_it: bool
     study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
 
 
+STALE_REASON = "heartbeat stopped"
+
+
 def stale_trial_callback(study: optuna.Study, trial: FrozenTrial) -> None:
-    """For the storage's ``heartbeat_stale_trial_callback``: Optuna's ``fail_stale_trials`` has
-    failed ``trial`` (its heartbeat stopped); queue its copy. (A finished trial's attrs cannot
-    change: a stale failure is the FAIL without ``fail_reason``.)"""
+    """For the storage's ``heartbeat_stale_trial_callback``: Optuna's own check (at the start of
+    every ``optimize``) has failed ``trial``, whose heartbeat stopped; queue its copy."""
     retry(study, trial)
 
 
 def sweep(study: optuna.Study) -> None:
-    """Fail (and retry) the trials whose heartbeat stopped, with Optuna's ``fail_stale_trials``;
-    then queue the failures whose copy was lost with the process that failed them."""
-    if _internals.heartbeat_interval(study) is None:
+    """Fail (and retry) the trials whose heartbeat stopped, each copy queued first; then queue
+    the failures whose copy was lost with the process that failed them.
+
+    Optuna's ``fail_stale_trials`` fails a stale trial first and calls the retry callback after,
+    so a FAIL trial without a reason and without a copy is normal for the instant in between:
+    it is queued here only once it is older than the grace period (by then the callback has run,
+    or its process is gone), or two processes would queue a copy each."""
+    interval = _internals.heartbeat_interval(study)
+    if interval is None:
         return
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        optuna.storages.fail_stale_trials(study)
+    for trial_id in _internals.stale_trial_ids(study):
+        stale = _internals.storage_of(study).get_trial(trial_id)
+        if stale.state == TrialState.RUNNING:
+            fail(study, stale, STALE_REASON)
+    grace = _internals.grace_period(study) or 2 * interval
+    now = datetime.datetime.now()
     trials = study.get_trials(deepcopy=False)
     for trial in trials:
-        # Failures flexunet decided carry a reason (non-finite loss, crash, interrupt...) and
-        # were handled where they happened; one without a reason came from a stale heartbeat.
-        if trial.state == TrialState.FAIL and not trial.user_attrs.get(k.FAIL_REASON):
+        # Failures flexunet decided carry a reason (non-finite loss, crash, interrupt, silence)
+        # and were handled where they happened; one without a reason came from Optuna's check.
+        if (trial.state == TrialState.FAIL and not trial.user_attrs.get(k.FAIL_REASON)
+                and trial.datetime_complete is not None
+                and (now - trial.datetime_complete).total_seconds() > grace):
             retry(study, trial, trials)

@@ -21,11 +21,13 @@ def test_optuna_privates_reach_the_study_storage_and_trials(tmp_path: Path) -> N
     frozen = study.get_trials()[0]
     assert _internals.trial_id(trial) == _internals.trial_id(frozen) == found.get_trial_id_from_study_id_trial_number(
         _internals.study_id(study), 0)
+    storage.record_heartbeat(_internals.trial_id(trial))
     _internals.set_trial_user_attr(study, frozen, "k", 1)
     _internals.set_trial_system_attr(study, frozen, "s", 2)
     again = study.get_trials()[0]
     assert again.user_attrs["k"] == 1 and again.system_attrs["s"] == 2
-    assert _internals.heartbeat_interval(study) == 7
+    assert _internals.heartbeat_interval(study) == 7 and _internals.grace_period(study) == 14
+    assert _internals.stale_trial_ids(study) == []
     assert _internals.heartbeat_interval(optuna.create_study()) is None
 
 

@@ -157,7 +157,7 @@ def test_an_interrupted_trial_is_queued_to_resume_and_then_failed() -> None:
     assert copy.user_attrs[k.RESUME_ARTIFACT] == "resume-0" and copy.user_attrs[k.RESUME_EPOCH] == 2
 
 
-def test_a_silent_trial_is_failed_by_optunas_check_and_retried(tmp_path: Path,
+def test_a_silent_trial_gets_its_copy_queued_then_is_failed(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from search import _internals
 
@@ -167,7 +167,7 @@ def test_a_silent_trial_is_failed_by_optunas_check_and_retried(tmp_path: Path,
     time.sleep(2.5)  # past the 1 s grace period: the worker "died" after its first heartbeat
     lifecycle.sweep(study)
     stale, copy = study.get_trials()
-    assert stale.state == TrialState.FAIL and not stale.user_attrs.get(k.FAIL_REASON)
+    assert stale.state == TrialState.FAIL and stale.user_attrs[k.FAIL_REASON] == lifecycle.STALE_REASON
     assert copy.state == TrialState.WAITING and copy.system_attrs[k.FAILED_TRIAL] == 0
     lifecycle.sweep(study)
     assert len(study.get_trials()) == 2  # swept again: no second copy
@@ -180,6 +180,10 @@ def test_a_failure_whose_copy_was_lost_is_queued_by_the_sweep(tmp_path: Path,
     study = _heartbeat_study(tmp_path, monkeypatch)
     trial = study.ask(X)
     study.tell(trial, state=TrialState.FAIL)
+    lifecycle.sweep(study)
+    # At first the process that failed it may still be about to queue the copy: not yet.
+    assert len(study.get_trials()) == 1
+    time.sleep(1.5)  # past the 1 s grace period: that process is gone
     lifecycle.sweep(study)
     original, copy = study.get_trials()
     assert copy.state == TrialState.WAITING and copy.params == original.params
