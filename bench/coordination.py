@@ -1,7 +1,7 @@
 """What coordinating trials through a storage costs, and how many workers one database holds.
 
 A no-op trial does what a worker's trial does to the storage, without training: the worker's
-budget check (``search.worker.budget_left``), ``study.optimize(..., n_trials=1)`` (heartbeat
+budget check (``search.lifecycle.budget_left``), ``study.optimize(..., n_trials=1)`` (heartbeat
 thread and stale-trial check on relational databases), the sample study's 12 parameters sampled
 through ``search.space.suggest``, the user attributes the objective writes at the start and the
 end of a trial, and per epoch what ``PruningReporter`` and the resume checkpoint write
@@ -163,7 +163,7 @@ def open_study(url: str, name: str, create: bool):
 
 def run_trials(study: Any, space: tuple, n_trials: int, epochs: int) -> tuple[list[float], list[float]]:
     """The worker's loop; returns each trial's seconds and its epoch loop's seconds."""
-    from search.worker import budget_left
+    from search.lifecycle import budget_left
 
     objective = make_objective(space, epochs, loops := [])
     totals = []

@@ -2,7 +2,7 @@
 
 The sample study (a copy: image size, steps per epoch, epochs and trial count shrunk; the seed
 baseline first, then TPE over the study's space, the study's pruner) runs in this one process exactly
-as ``search.worker`` runs it (``search.run.create_study``, ``search.storage.load_study`` with the
+as ``search.worker`` runs it (``search.context.create_study``, ``search.storage.load_study`` with the
 study's sampler and pruner, ``search.objective.Objective``, ``study.optimize(objective,
 n_trials=1)`` per trial); the process's resident memory (psutil RSS) is recorded after every
 trial.
@@ -57,10 +57,10 @@ def main() -> None:
 
     import search.objective
     from search import algorithms, study_file
-    from search import run as runner
+    from search import context as runner
     from search import storage as st
     from search.objective import Objective, TrialFailure
-    from search.worker import artifact_dir
+    from search.paths import RunFolder
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.without_registry_cleanup:
@@ -81,10 +81,11 @@ def main() -> None:
         runner.create_study(spec, url, out)
         base, image_size = runner.open_dataset(spec, out)
         space = runner.study_space(spec, image_size)
+        RunFolder(out).artifacts.mkdir(parents=True, exist_ok=True)
         study = st.load_study(st.open_storage(url), spec.name, algorithms.make_sampler(spec, ""),
                               algorithms.make_pruner(spec))
         objective = Objective(spec=spec, base=base, image_size=image_size,
-                              artifacts=optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(out))),
+                              artifacts=optuna.artifacts.FileSystemArtifactStore(str(RunFolder(out).artifacts)),
                               space=space)
         c.log("machine:", c.machine())
         c.log(f"sample study copy: {image_size} px, {args.trials} trials, {args.max_epochs} epochs of "

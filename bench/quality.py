@@ -44,9 +44,9 @@ REFERENCES = [
     ("Hssayeni et al. 2020, U-Net, 5-fold CV by patient, full CT-ICH (82 patients, 36 with hemorrhage)",
      "0.31", "mean over patients of the mean Dice over each patient's hemorrhage slices"),
     ("HGI-SAM 2023 (weakly supervised), same data", "0.44", "as reported by its authors"),
-    ("DESIGN.md floor: seed-style FlexUNet (lr 7e-5, 11x11, 6 levels), this sample, 5-fold, 128 px, 40 epochs",
+    ("docs/design.md floor: seed-style FlexUNet (lr 7e-5, 11x11, 6 levels), this sample, 5-fold, 128 px, 40 epochs",
      "0.03 ± 0.03", "foreground Dice"),
-    ("DESIGN.md floor: plain batch-normed U-Net (lr 1e-3), same protocol", "0.07 ± 0.06", "foreground Dice"),
+    ("docs/design.md floor: plain batch-normed U-Net (lr 1e-3), same protocol", "0.07 ± 0.06", "foreground Dice"),
     ("the seed project's 0.998", "not comparable", "background-inclusive Dice on a slice-level leaking split"),
 ]
 
@@ -212,7 +212,7 @@ def main() -> None:
               f"{mean_sd(list(patients.values()))}")
         c.log(f"{name}: per patient: " + ", ".join(f"{p} {v:.2f}" for p, v in sorted(patients.items())))
     results["summary"] = summary
-    c.log("published reference points (DESIGN.md), beside these results:")
+    c.log("published reference points (docs/design.md), beside these results:")
     for what, value, note in REFERENCES:
         c.log(f"  {value:<16} {what} [{note}]")
     c.log("comparable: the metric definitions (foreground Dice; per-patient mean over hemorrhage slices, as "

@@ -69,7 +69,7 @@ def main() -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from search import recovery
+    from search import lifecycle
     from search import storage as st
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -95,7 +95,7 @@ def main() -> int:
         # Our own heartbeat check, as every launcher does: a killed worker's trial is failed
         # (and retried) even while the other workers are busy.
         if time.time() - last_recovery >= 1.0:
-            recovery.recover(study)
+            lifecycle.sweep(study)
             last_recovery = time.time()
         if time.time() >= next_kill:
             alive = [i for i, p in enumerate(procs) if p.is_alive()]
@@ -111,9 +111,11 @@ def main() -> int:
     trials = study.get_trials(deepcopy=False)
     numbers = Counter(t.number for t in trials)
     duplicates = sum(n - 1 for n in numbers.values() if n > 1)
-    retried_from = {t.system_attrs.get("failed_trial") for t in trials} - {None}
-    retries = sum(1 for t in trials if "failed_trial" in t.system_attrs)
-    copies = Counter(t.system_attrs["failed_trial"] for t in trials if "failed_trial" in t.system_attrs)
+    # Optuna's retry callback names the attempt a copy repeats last in its retry history.
+    repeats = [t.system_attrs["retry_history"][-1] for t in trials if t.system_attrs.get("retry_history")]
+    retried_from = set(repeats)
+    retries = len(repeats)
+    copies = Counter(repeats)
     double_retries = sum(n - 1 for n in copies.values() if n > 1)
     completed = sum(1 for t in trials if t.state == TrialState.COMPLETE)
     stuck = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))

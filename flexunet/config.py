@@ -49,15 +49,20 @@ Color = tuple[int, int, int]
 DEFAULT_COLOUR_TOLERANCE = 48.0
 
 
+# Settings the dataset, the command or the study's budget decide: a study file can neither fix
+# nor search them (see searchable).
+_NOT_SEARCHED = {"searched": False}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Architecture and optimisation settings of one FlexUNet ([model])."""
 
-    image_width: int
-    image_height: int
-    num_classes: int
-    image_channels: int = 3
-    input_normalize: bool = True
+    image_width: int = field(metadata=_NOT_SEARCHED)
+    image_height: int = field(metadata=_NOT_SEARCHED)
+    num_classes: int = field(metadata=_NOT_SEARCHED)
+    image_channels: int = field(default=3, metadata=_NOT_SEARCHED)
+    input_normalize: bool = field(default=True, metadata=_NOT_SEARCHED)
     normalization: bool = False
     base_filters: int = 16
     base_kernels: tuple[int, int] = (3, 3)
@@ -73,11 +78,11 @@ class ModelConfig:
     clipvalue: float | None = None
     weight_decay: float | None = None
     loss: str = "categorical_crossentropy"
-    metrics: tuple[str, ...] = ("dice_coef_multiclass",)
-    show_summary: bool = False
+    metrics: tuple[str, ...] = field(default=("dice_coef_multiclass",), metadata=_NOT_SEARCHED)
+    show_summary: bool = field(default=False, metadata=_NOT_SEARCHED)
     # The seed's head of a one-class model (sigmoid, trained with binary cross-entropy); models
     # of more classes end in softmax whatever it says, as in the seed.
-    final_activation: str = "sigmoid"
+    final_activation: str = field(default="sigmoid", metadata=_NOT_SEARCHED)
 
     def __post_init__(self) -> None:
         _check_model(self)
@@ -91,23 +96,23 @@ class ModelConfig:
 class TrainConfig:
     """Training loop settings ([train])."""
 
-    epochs: int = 100
+    epochs: int = field(default=100, metadata=_NOT_SEARCHED)
     batch_size: int = 2
     # Batches per epoch; None means one pass over the training set. Small data sets train
     # better with a fixed number of augmented batches per epoch (as nnU-Net does).
     steps_per_epoch: int | None = None
     patience: int = 10
-    model_dir: Path = Path("models")
-    eval_dir: Path = Path("eval")
-    images_dir: Path | None = None
-    masks_dir: Path | None = None
+    model_dir: Path = field(default=Path("models"), metadata=_NOT_SEARCHED)
+    eval_dir: Path = field(default=Path("eval"), metadata=_NOT_SEARCHED)
+    images_dir: Path | None = field(default=None, metadata=_NOT_SEARCHED)
+    masks_dir: Path | None = field(default=None, metadata=_NOT_SEARCHED)
     learning_rate_reducer: bool = True
     reducer_factor: float = 0.5
     reducer_patience: int = 4
-    reducer_min_lr: float = 1e-7
-    epoch_change_infer: bool = False
-    epoch_change_infer_dir: Path = Path("epoch_change_infer")
-    num_infer_images: int = 6
+    reducer_min_lr: float = field(default=1e-7, metadata=_NOT_SEARCHED)
+    epoch_change_infer: bool = field(default=False, metadata=_NOT_SEARCHED)
+    epoch_change_infer_dir: Path = field(default=Path("epoch_change_infer"), metadata=_NOT_SEARCHED)
+    num_infer_images: int = field(default=6, metadata=_NOT_SEARCHED)
     seed: int = 137
     augmentation: bool = True
     augmentation_strength: float = 0.5
@@ -603,6 +608,14 @@ def override(config: Config, section: str, values: Mapping[str, Any], source: st
     except ConfigError as exc:
         raise ConfigError(f"{source}: {exc}") from None
     return dataclasses.replace(config, **{section: updated})
+
+
+def searchable() -> dict[str, str]:
+    """The settings a study may fix or search, each with its section ("model" or "train"):
+    every field of :class:`ModelConfig` and :class:`TrainConfig` but those the dataset, the
+    command or the budget decide."""
+    return {f.name: section for section, kind in (("model", ModelConfig), ("train", TrainConfig))
+            for f in dataclasses.fields(kind) if f.metadata.get("searched", True)}
 
 
 def require_dir(path: Path | None, section: str, key: str) -> Path:

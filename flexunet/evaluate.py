@@ -67,7 +67,7 @@ def _nanmean(values: list[float]) -> float:
 
 def score(pred: np.ndarray, true: np.ndarray, names: list[str], num_classes: int,
           patient_pattern: str | None = None) -> Evaluation:
-    """Every metric of DESIGN.md for predicted and true class maps (N,H,W)."""
+    """Every metric of docs/design.md for predicted and true class maps (N,H,W)."""
     n_labels = m.num_labels(num_classes)
     classes = list(range(1, n_labels))
     rows: list[dict[str, Any]] = []

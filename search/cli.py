@@ -5,147 +5,58 @@ from __future__ import annotations
 
 import argparse
 import os
-from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from flexunet.errors import FlexUNetError
 
-if TYPE_CHECKING:  # imported where used: the command starts without loading them
-    import optuna
-
-    from flexunet.config import Config
+# Everything else is imported where used: the command starts without loading TensorFlow.
 
 
-@dataclass(frozen=True)
-class _Target:
-    """The study a command addresses: its name, storage URL and (with a study file) its folder."""
-
-    name: str
-    url: str
-    out: Path | None
-    spec: object | None
-
-
-def _target(args: argparse.Namespace) -> _Target:
-    from search import run as runner
-    from search import storage as st
-    from search import study_file
+def _study(args: argparse.Namespace):  # -> search.Study
+    """The study a command names: a study file (with --study, --storage, --run-dir), or
+    --study NAME with --storage URL."""
+    from search.api import Study
 
     if args.study_file:
-        spec = study_file.load(args.study_file)
-        out = runner.out_dir(spec, Path(args.run_dir) if args.run_dir else None)
-        name = args.study or spec.name
-        return _Target(name, st.resolve_url(args.storage, spec.storage, out), out, spec)
+        study = Study.from_file(args.study_file, storage=args.storage, out=args.run_dir or None)
+        study.name = args.study
+        return study
     if not args.study:
         raise FlexUNetError("name the study: give STUDY.toml or --study NAME")
-    url = args.storage or os.environ.get(st.ENV_VAR)
-    if not url:
-        raise FlexUNetError(f"--study needs --storage URL (or ${st.ENV_VAR})")
-    return _Target(args.study, st.normalize(url), None, None)
-
-
-def _open(target: _Target):  # -> (storage, study)
-    from search import storage as st
-
-    storage = st.open_storage(target.url, heartbeat=False, create=False)
-    return storage, st.load_study(storage, target.name)
+    return Study.load(args.study, args.storage)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from search import run as runner
-    from search import study_file
+    from search.api import Study
 
-    spec = study_file.load(args.study_file).with_overrides(
-        n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
+    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, n_trials=args.n_trials,
+                            timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
-    options = runner.RunOptions(storage=args.storage, workers=_local_workers(args, gpus), gpus=gpus,
-                                out=Path(args.out) if args.out else None)
-    return runner.run(spec, options)
-
-
-def _local_workers(args: argparse.Namespace, gpus: tuple[str, ...]) -> int:
-    """--workers, or --workers-per-gpu times the GPUs of --gpus."""
-    from flexunet.errors import ConfigError
-
-    if args.workers_per_gpu is None:
-        return 1 if args.workers is None else args.workers
-    if not gpus:
-        raise ConfigError(f"--workers-per-gpu {args.workers_per_gpu}: needs --gpus")
-    if args.workers is not None:
-        raise ConfigError("give --workers or --workers-per-gpu, not both")
-    if args.workers_per_gpu < 1:
-        raise ConfigError(f"--workers-per-gpu {args.workers_per_gpu}: need at least 1")
-    return len(gpus) * args.workers_per_gpu
+    return study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
-    from search import run as runner
-    from search import study_file
+    from search.api import Study
     from search.status import summary_lines
 
-    spec = study_file.load(args.study_file).with_overrides(image_size=args.image_size)
-    study, _, _ = runner.setup(spec, runner.RunOptions(storage=args.storage, out=Path(args.out) if args.out else None))
-    for line in summary_lines(study):
+    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, image_size=args.image_size)
+    for line in summary_lines(study.create()):
         print(line)
     print("workers join with: flexunet search run " + str(args.study_file) + " --storage URL")
     return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from search import storage as st
-    from search.status import summary_lines
-
-    target = _target(args)
-    _, study = _open(target)
-    for line in summary_lines(study, st.mask(target.url)):
+    for line in _study(args).status():
         print(line)
     return 0
 
 
-def _study_files(args: argparse.Namespace, target: _Target, study: optuna.Study) -> tuple[Config, Path]:
-    """The study's dataset config (loaded) and artifact folder: from --data and --artifacts, the
-    study file's folder, or what the study recorded."""
-    from flexunet import config as cfg
-
-    attrs = study.user_attrs
-    if args.data:
-        data_config = Path(args.data)
-    elif target.spec is not None:
-        from search.run import dataset_config_path
-
-        data_config = dataset_config_path(target.spec, target.out)
-    else:
-        data_config = Path(attrs.get("flexunet_dataset_config", ""))
-    artifacts = Path(args.artifacts) if args.artifacts else (
-        target.out / "artifacts" if target.out else Path(attrs.get("flexunet_artifact_dir", "")))
-    if not data_config.is_file():
-        raise FlexUNetError(f"{data_config}: the study's dataset config is not on this machine (pass --data)")
-    return cfg.load(data_config), artifacts
-
-
-def _open_with_files(args: argparse.Namespace):  # -> (target, storage, study, base config, artifacts)
-    """The study a command names, its dataset config and artifact folder, with Keras imported
-    (export and report both train nothing but load models)."""
-    from flexunet._tf import quiet_import
-
-    target = _target(args)
-    storage, study = _open(target)
-    base, artifacts = _study_files(args, target, study)
-    quiet_import()
-    return target, storage, study, base, artifacts
-
-
 def _cmd_export(args: argparse.Namespace) -> int:
-    from search import storage as st
-
-    target, storage, study, base, artifacts = _open_with_files(args)
     from flexunet.evaluate import format_table
-    from search.export import export
 
-    result = export(study, storage, Path(args.out), base=base, artifacts=artifacts,
-                    masked_storage=st.public(target.url), trial_number=args.trial, force=args.force,
-                    tta=args.tta)
+    result = _study(args).export(args.out, trial=args.trial, force=args.force, data=args.data,
+                                 artifacts=args.artifacts, tta=args.tta)
     print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
           f"to {result.out}")
     package = result.package
@@ -163,16 +74,19 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
     import optuna
 
+    from search import _internals
     from search import dashboard as db
+    from search.keys import STUDY_DATASET
     from search import storage as st
+    from search.paths import RunFolder
 
     warning = db.exposure_warning(args.host)
     if warning:
         print(warning, file=sys.stderr)
     if args.study_file or args.study:
-        target = _target(args)
-        storage, study = _open(target)
-        url, studies, first = target.url, [study], study
+        target = _study(args)
+        study = target.optuna_study
+        storage, url, studies, first = _internals.study_storage(study), target.url, [study], study
     else:
         url = args.storage or os.environ.get(st.ENV_VAR)
         if not url:
@@ -185,14 +99,14 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         folders, missing = [Path(args.artifacts)], []
         if not folders[0].is_dir():
             raise FlexUNetError(f"{args.artifacts}: artifact folder not found")
-    elif target is not None and target.out is not None:
-        folders, missing = [target.out / "artifacts"], []
+    elif target is not None and target.run_dir is not None:
+        folders, missing = [RunFolder(target.run_dir).artifacts], []
     else:
         folders, missing = db.artifact_folders(studies)
     for line in missing:
         print(f"{line}: its artifacts are not shown (pass --artifacts DIR)", file=sys.stderr)
     for study in studies:
-        if "flexunet_dataset" in study.user_attrs:  # a flexunet study: refresh its note
+        if STUDY_DATASET in study.user_attrs:  # a flexunet study: refresh its note
             db.write_study_note(study, st.mask(url))
     page = f"/dashboard/studies/{storage.get_study_id_from_name(first.study_name)}" if first else "/dashboard"
     print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {st.mask(url)}, "
@@ -203,17 +117,12 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from search import storage as st
+    from search.report import REPORT_FILE
 
-    if args.slices < 1:
-        raise FlexUNetError(f"--slices {args.slices}: need at least 1")
-    target, storage, study, base, artifacts = _open_with_files(args)
-    from search.report import REPORT_FILE, write_report
-
-    result = write_report(study, storage, Path(args.out), base=base, artifacts=artifacts,
-                          public_storage=st.public(target.url), slices=args.slices, force=args.force)
-    against = f" against the baseline (trial {result.baseline.number})" if result.baseline else ""
-    print(f"report of study {study.study_name!r}: best trial {result.best.number}{against}")
+    study = _study(args)
+    result = study.report(args.out, slices=args.slices, force=args.force, data=args.data, artifacts=args.artifacts)
+    print(f"report of study {study.study_name!r}: best trial {result.best.number}"
+          + (f" against the baseline (trial {result.baseline.number})" if result.baseline else ""))
     print(f"open {result.out / REPORT_FILE}")
     print("files: " + ", ".join(result.files))
     return 0

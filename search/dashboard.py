@@ -23,6 +23,7 @@ from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from flexunet.errors import FlexUNetError
+from search import keys
 from search.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
@@ -73,24 +74,24 @@ def study_note(study: optuna.Study, masked_storage: str) -> str:
     """The note's markdown: dataset and patient split, search space, fixed settings, budget,
     sampler and pruner, the baseline against the best, and how to export."""
     attrs = study.user_attrs
-    objectives = attrs.get("flexunet_objectives") or [f"objective {i}" for i in range(len(study.directions))]
+    objectives = attrs.get(keys.STUDY_OBJECTIVES) or [f"objective {i}" for i in range(len(study.directions))]
     goals = ", ".join(f"{name} ({d.name.lower()})" for name, d in zip(objectives, study.directions))
     lines = [f"## FlexUNet study `{study.study_name}`", ""]
     head = [f"Storage `{masked_storage}`"]
-    if attrs.get("flexunet_study_file"):
+    if attrs.get(keys.STUDY_FILE):
         head.append(f"study file `{attrs['flexunet_study_file']}`")
-    if attrs.get("flexunet_image_size"):
+    if attrs.get(keys.STUDY_IMAGE_SIZE):
         head.append(f"images {attrs['flexunet_image_size']} px")
     lines += [", ".join(head) + ".", f"Objectives: {goals}.", ""]
-    lines += _dataset_section(attrs.get("flexunet_dataset") or {})
-    lines += _space_section(attrs.get("flexunet_space") or [])
-    fixed = attrs.get("flexunet_fixed") or {}
+    lines += _dataset_section(attrs.get(keys.STUDY_DATASET) or {})
+    lines += _space_section(attrs.get(keys.STUDY_SPACE) or [])
+    fixed = attrs.get(keys.STUDY_FIXED) or {}
     lines += ["### Fixed settings", ""]
     lines += [f"- `{k}` = `{_fmt(v)}`" for k, v in sorted(fixed.items())] or ["- none (the dataset config's values)"]
     lines.append("")
-    budget = {k: v for k, v in (attrs.get("flexunet_budget") or {}).items() if v is not None}
+    budget = {k: v for k, v in (attrs.get(keys.STUDY_BUDGET) or {}).items() if v is not None}
     lines += ["### Budget", "", ", ".join(f"{k} {_fmt(v)}" for k, v in budget.items()) or "not recorded", ""]
-    algorithms = [attrs[k] for k in ("flexunet_sampler", "flexunet_pruner") if attrs.get(k)]
+    algorithms = [attrs[k] for k in (keys.STUDY_SAMPLER, keys.STUDY_PRUNER) if attrs.get(k)]
     lines += ["### Sampler and pruner", "", (", ".join(algorithms) or "not recorded") + ".", ""]
     lines += _baseline_section(study)
     lines += _export_section(study.study_name, masked_storage)
@@ -185,7 +186,7 @@ def artifact_folders(studies: Sequence[optuna.Study]) -> tuple[list[Path], list[
     found: list[Path] = []
     missing: list[str] = []
     for study in studies:
-        recorded = study.user_attrs.get("flexunet_artifact_dir")
+        recorded = study.user_attrs.get(keys.STUDY_ARTIFACT_DIR)
         if not recorded:
             continue
         if Path(recorded).is_dir():

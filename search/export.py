@@ -116,6 +116,12 @@ def _package(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path, tta:
     return _ensemble_package(members, probabilities, masks, tta)
 
 
+def trial_network(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path) -> Any:
+    """The model a trial delivers: its best checkpoint, or for a cross-validated trial the
+    ensemble of its fold models (with the flip), as the export builds it."""
+    return _package(trial, storage, artifacts, into, tta=True).network
+
+
 def _ensemble_package(members: list[Any], probabilities: np.ndarray, masks: np.ndarray, tta: bool) -> Package:
     """The fold models as one ensemble, with post-processing chosen on their out-of-fold outputs."""
     classes = members[0].output_shape[-1]
@@ -279,12 +285,12 @@ def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], mask
             "trials": dict(states),
             "baseline_trial": base.number if base else None,
             "baseline_val_foreground_dice": base.values[0] if base is not None and base.values else None,
-            "objectives": study.user_attrs.get("flexunet_objectives"),
-            "sampler": study.user_attrs.get("flexunet_sampler"),
-            "pruner": study.user_attrs.get("flexunet_pruner"),
+            "objectives": study.user_attrs.get(keys.STUDY_OBJECTIVES),
+            "sampler": study.user_attrs.get(keys.STUDY_SAMPLER),
+            "pruner": study.user_attrs.get(keys.STUDY_PRUNER),
         },
-        "dataset": study.user_attrs.get("flexunet_dataset"),
-        "image_size": study.user_attrs.get("flexunet_image_size"),
+        "dataset": study.user_attrs.get(keys.STUDY_DATASET),
+        "image_size": study.user_attrs.get(keys.STUDY_IMAGE_SIZE),
     })
 
 

@@ -1,11 +1,68 @@
-"""Trial and study user-attribute keys that more than one module reads or writes."""
+"""Study and trial attribute keys: what flexunet records in the storage, spelt once.
+
+Study user attrs (``STUDY_*``) describe the study for ``status``, ``export``, ``report`` and the
+dashboard; trial user attrs (``TRIAL_*`` and the reasons) say what a trial did and why it
+ended. ``FAILED_TRIAL`` and ``RETRY_HISTORY`` are Optuna's own system attrs, set by
+``optuna.storages.RetryHeartbeatStaleTrialCallback`` on a retried trial.
+"""
 
 from __future__ import annotations
 
-# Cross-validated trials (search/cv.py), read by the export and the report.
+# --- study user attrs -------------------------------------------------------------------------
+STUDY_IMAGE_SIZE = "flexunet_image_size"
+STUDY_DATASET_CONFIG = "flexunet_dataset_config"
+STUDY_ARTIFACT_DIR = "flexunet_artifact_dir"
+STUDY_FILE = "flexunet_study_file"
+STUDY_OBJECTIVES = "flexunet_objectives"
+STUDY_DATASET = "flexunet_dataset"
+STUDY_FOLDS = "flexunet_folds"
+STUDY_BUDGET = "flexunet_budget"
+STUDY_SPACE = "flexunet_space"
+STUDY_FIXED = "flexunet_fixed"
+STUDY_SAMPLER = "flexunet_sampler"
+STUDY_PRUNER = "flexunet_pruner"
+
+# --- trial user attrs: who ran it and what it is ------------------------------------------------
+BASELINE = "baseline"  # the enqueued seed settings
+HOST = "host"
+PID = "pid"
+PARAMS = "params"  # the model's parameter count (not Optuna's params)
+GFLOPS = "gflops"
+SETTINGS = "settings"
+
+# --- trial user attrs: progress and outcome ----------------------------------------------------
+EPOCH = "epoch"
+LAST_VAL_DICE = "last_val_foreground_dice"
+BEST_VAL_DICE = "best_val_foreground_dice"
+EPOCHS_RUN = "epochs_run"
+BEST_EPOCH = "best_epoch"
+TRAIN_SECONDS = "train_seconds"
+SECONDS_PER_EPOCH = "seconds_per_epoch"
+STOP_REASON = "stop_reason"  # "pruned", "infeasible", "failed", "over budget", or fit's reason
+FAIL_REASON = "fail_reason"  # why a trial is FAIL ("interrupted", "worker killed (SIGKILL)", ...)
+PREVIOUS_FAIL_REASON = "previous_fail_reason"  # a retry's record of why its original failed
+INFEASIBLE_REASON = "infeasible_reason"  # why a configuration was PRUNED before training
+
+# --- trial user attrs: resuming -----------------------------------------------------------------
+RESUME_ARTIFACT = "resume_artifact"  # artifact id of the trial's last epoch checkpoint
+RESUME_EPOCH = "resume_epoch"  # epochs that checkpoint holds
+RESUMED_FROM_EPOCH = "resumed_from_epoch"  # set on a retry that started from a checkpoint
+
+# --- trial system attrs (Optuna's, from RetryHeartbeatStaleTrialCallback) -----------------------
+FAILED_TRIAL = "failed_trial"  # the number of the first trial of a retry series
+RETRY_HISTORY = "retry_history"  # the numbers of every earlier attempt, oldest first
+# --- trial system attrs (ours) -------------------------------------------------------------------
+OVER_BUDGET = "flexunet_over_budget"  # a trial created after the budget was full; never trained
+
+# Stop reasons set by the trial lifecycle (fit sets its own: "patience", "epochs", "pruned", ...).
+STOP_INFEASIBLE = "infeasible"
+STOP_FAILED = "failed"
+STOP_OVER_BUDGET = "over budget"
+FAIL_INTERRUPTED = "interrupted"
+
+# --- trial user attrs: cross-validated trials (search/cv.py), read by the export and the report ---
 FOLDS = "folds"  # K, the number of folds the trial was cross-validated on
 FOLD_DICE = "fold_val_foreground_dice"  # list: best validation foreground Dice of each finished fold
 POOLED_DICE = "val_foreground_dice_pooled"  # the trial's value: one Dice over every out-of-fold slice
 FOLD = "fold"  # 0-based fold in progress
 RESUMED_FROM_FOLD = "resumed_from_fold"  # a retry: the fold it resumed in (earlier ones were kept)
-STOP_REASON = "stop_reason"

@@ -8,8 +8,6 @@ import hashlib
 import io
 import logging
 import math
-import os
-import socket
 import tempfile
 import time
 import zipfile
@@ -28,27 +26,18 @@ from flexunet.callbacks import MONITOR
 from flexunet.data.dataset import SliceSet, load_split
 from flexunet.evaluate import predict_classes
 from flexunet.model import estimate_cost
-from flexunet.train import MODEL_FILE, TrainOutputs, fit
-from search import cv, paths
+from flexunet.errors import ConfigError
+from flexunet.train import TrainOutputs, fit
+from search import _internals, cv, lifecycle, paths
+from search import keys as k
 from search import space as sp
+from search.lifecycle import Interrupted, TrialFailure
+from search.paths import CURVES_FILE, LOG_FILE, MODEL_FILE, OVERLAYS_FILE
 from search.study_file import StudySpec
 
 _logger = logging.getLogger(__name__)
-OVERLAYS_FILE = "validation_overlays.png"
-LOG_FILE = "train_log.csv"
-CURVES_FILE = "learning_curves.png"
-
-
-class TrialFailure(Exception):
-    """The trial cannot give a value (non-finite loss, out of memory...); it is marked FAIL and
-    the worker goes on to the next trial."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGINT or SIGTERM reached the worker: the running trial ends as FAIL ("interrupted")."""
-
-
-RESUME_ATTR = "resume_artifact"  # user attr: artifact id of the trial's last epoch checkpoint
+__all__ = ["Interrupted", "Objective", "PruningReporter", "TrialFailure"]
+RESUME_ATTR = k.RESUME_ARTIFACT
 _RESUME_FILES = (MODEL_FILE, LOG_FILE, "last.keras", "state.json")
 
 
@@ -89,7 +78,6 @@ class Objective:
     image_size: int
     artifacts: FileSystemArtifactStore
     space: tuple = field(default_factory=tuple)
-    current: optuna.Trial | None = None  # the trial in progress, for the worker's interrupt handling
     dataset_dir: Path | None = None  # the folder of the dataset's config, where folds.csv may be
     _data: dict[int, tuple[SliceSet, SliceSet]] = field(default_factory=dict)
     _folds: cv.FoldDataCache = field(default_factory=dict)
@@ -101,30 +89,26 @@ class Objective:
         return self._data[key]
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        self.current = trial
-        previous = trial.user_attrs.get("fail_reason")
-        if previous:  # a retry carries the attributes of the trial it repeats
-            trial.set_user_attr("previous_fail_reason", previous)
-            trial.set_user_attr("fail_reason", None)
-        trial.set_user_attr("host", socket.gethostname())
-        trial.set_user_attr("pid", os.getpid())
-        baseline = bool(trial.user_attrs.get("baseline"))
+        """Train one trial; its life (start, infeasible, fail, interrupt) is search.lifecycle's."""
+        lifecycle.start(trial)
+        baseline = bool(trial.user_attrs.get(k.BASELINE))
         values = sp.suggest(trial, self.space)
-        config = sp.trial_config(self.base, self.spec, self.image_size, values, baseline=baseline)
-        cost = estimate_cost(config.model)
-        trial.set_user_attr("params", cost.params)
-        trial.set_user_attr("gflops", round(cost.flops / 1e9, 3))
-        trial.set_user_attr("settings", _settings(config))
+        try:
+            config = sp.trial_config(self.base, self.spec, self.image_size, values, baseline=baseline)
+            cost = estimate_cost(config.model)
+        except (ConfigError, ValueError) as exc:  # the config's checks or the model's shapes
+            raise lifecycle.infeasible(trial, str(exc)) from None
+        trial.set_user_attr(k.PARAMS, cost.params)
+        trial.set_user_attr(k.GFLOPS, round(cost.flops / 1e9, 3))
+        trial.set_user_attr(k.SETTINGS, _settings(config))
         reason = sp.infeasible(config, self.spec.budget, baseline=baseline)
         if reason:
-            trial.set_user_attr("stop_reason", "infeasible")
-            trial.set_user_attr("infeasible_reason", reason)
-            raise optuna.TrialPruned(f"infeasible: {reason}")
+            raise lifecycle.infeasible(trial, reason)
         custom_gradients = _custom_gradient_names()
         try:
             return self._train(trial, config, cost.params)
         except Interrupted:
-            trial.set_user_attr("fail_reason", "interrupted")
+            lifecycle.interrupt(trial)
             raise
         except MemoryError as exc:
             raise self._fail(trial, f"out of memory: {exc}") from None
@@ -140,9 +124,7 @@ class Objective:
 
     @staticmethod
     def _fail(trial: optuna.Trial, reason: str) -> TrialFailure:
-        trial.set_user_attr("fail_reason", reason)
-        trial.set_user_attr("stop_reason", "failed")
-        return TrialFailure(reason)
+        return lifecycle.failure(trial, reason)
 
     def _save_resume_point(self, trial: optuna.Trial, folder: Path, epoch: int) -> None:
         """Keep the epoch's checkpoint in the artifact store under one id per trial, so that a
@@ -248,17 +230,8 @@ def _out_of_device_memory(exc: BaseException) -> bool:
     return type(exc).__name__ == "ResourceExhaustedError" or str(exc).lstrip().startswith("RESOURCE_EXHAUSTED")
 
 
-def _gradient_registry() -> dict[str, Any] | None:
-    try:
-        from tensorflow.python.framework import ops
-
-        return ops._gradient_registry._registry
-    except (ImportError, AttributeError):  # another TensorFlow: nothing to clean up
-        return None
-
-
 def _custom_gradient_names() -> set[str]:
-    registry = _gradient_registry()
+    registry = _internals.gradient_registry()
     return set() if registry is None else {k for k in registry if k.startswith("CustomGradient-")}
 
 
@@ -271,7 +244,7 @@ def _forget_custom_gradients(before: set[str]) -> None:
     training graph alive: about 45-60 MB per trial of a U-Net, which ``clear_session`` does not
     release (bench/memory.py). Once the trial's model is gone nothing uses them.
     """
-    registry = _gradient_registry()
+    registry = _internals.gradient_registry()
     if registry is None:
         return
     for name in [k for k in registry if k.startswith("CustomGradient-") and k not in before]:

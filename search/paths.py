@@ -1,6 +1,35 @@
-"""Names of the files a run writes or reads: dataset files and trial artifacts."""
+"""The run folder's layout and the names of the files a trial keeps, in one place.
+
+A study's run folder (``runs/<study name>`` unless the study file or ``--out`` say otherwise)::
+
+    <out>/
+      data/                    the prepared dataset (when the study file prepares one)
+        train_eval_infer.config
+        split.json
+      study.db                 the SQLite storage (when no other storage is given)
+      artifacts/               every trial's files (Optuna's FileSystemArtifactStore)
+      logs/                    one log per local worker, and the spec the launcher handed them
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from flexunet.train import MODEL_FILE
+
+DATA_DIR = "data"
+DATASET_CONFIG = "train_eval_infer.config"
+SPLIT_FILE = "split.json"
+STUDY_DB = "study.db"
+ARTIFACTS_DIR = "artifacts"
+LOGS_DIR = "logs"
+
+# A trial's artifacts (uploaded with optuna.artifacts.upload_artifact under these file names).
+LOG_FILE = "train_log.csv"
+CURVES_FILE = "learning_curves.png"
+OVERLAYS_FILE = "validation_overlays.png"
+TRIAL_FILES = (MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE)
 
 # Beside a dataset's train_eval_infer.config: which fold validates each slice (columns
 # name,fold). Without it, folds are made by patient from the train and valid slices.
@@ -18,3 +47,45 @@ def fold_model(k: int) -> str:
 def fold_log(k: int) -> str:
     """Fold k's per-epoch training log."""
     return f"train_log_fold{k}.csv"
+
+
+__all__ = ["ARTIFACTS_DIR", "CURVES_FILE", "DATASET_CONFIG", "DATA_DIR", "LOGS_DIR", "LOG_FILE", "MODEL_FILE",
+           "OVERLAYS_FILE", "FOLDS_FILE", "OOF_PREDICTIONS", "fold_model", "fold_log", "SPLIT_FILE", "STUDY_DB", "TRIAL_FILES", "RunFolder"]
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of one run folder.
+
+    Example::
+
+        >>> from search.paths import RunFolder
+        >>> RunFolder(Path("/runs/demo")).study_db
+        PosixPath('/runs/demo/study.db')
+    """
+
+    root: Path
+
+    @property
+    def data(self) -> Path:
+        return self.root / DATA_DIR
+
+    @property
+    def dataset_config(self) -> Path:
+        """Where a prepared dataset's config lands."""
+        return self.data / DATASET_CONFIG
+
+    @property
+    def study_db(self) -> Path:
+        return self.root / STUDY_DB
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / ARTIFACTS_DIR
+
+    @property
+    def logs(self) -> Path:
+        return self.root / LOGS_DIR
+
+    def sqlite_url(self) -> str:
+        return f"sqlite:///{self.study_db.absolute()}"

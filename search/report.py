@@ -36,7 +36,8 @@ from flexunet.data.dataset import SliceSet, load_split
 from flexunet.evaluate import load_model, predict_classes, score
 from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.train import MODEL_FILE
-from search.export import _download_model, choose_trial, trial_config
+from search import keys
+from search.export import choose_trial, trial_config, trial_network
 from search.status import baseline_trial
 
 _logger = logging.getLogger(__name__)
@@ -94,21 +95,21 @@ def _summary(study: optuna.Study, public_storage: str) -> str:
     attrs = study.user_attrs
     trials = study.get_trials(deepcopy=False)
     states = Counter(t.state.name.lower() for t in trials)
-    objectives = attrs.get("flexunet_objectives") or [f"objective {i}" for i in range(len(study.directions))]
+    objectives = attrs.get(keys.STUDY_OBJECTIVES) or [f"objective {i}" for i in range(len(study.directions))]
     rows = [
         ("storage", public_storage),
         ("trials", f"{len(trials)}: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))),
         ("objectives", ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(objectives, study.directions))),
         ("sampler, pruner", f"{attrs.get('flexunet_sampler', 'not recorded')}, "
                             f"{attrs.get('flexunet_pruner', 'not recorded')}"),
-        ("image size", f"{attrs['flexunet_image_size']} px" if attrs.get("flexunet_image_size") else "not recorded"),
+        ("image size", f"{attrs['flexunet_image_size']} px" if attrs.get(keys.STUDY_IMAGE_SIZE) else "not recorded"),
     ]
-    dataset = attrs.get("flexunet_dataset") or {}
+    dataset = attrs.get(keys.STUDY_DATASET) or {}
     split, counts = dataset.get("split"), (dataset.get("slices") or {}).get("all", {})
     if split:
         rows.append(("patient split", "; ".join(
             f"{part} {len(ids)} patients, {counts.get(part, '?')} slices" for part, ids in split.items())))
-    budget = {k: v for k, v in (attrs.get("flexunet_budget") or {}).items() if v is not None}
+    budget = {k: v for k, v in (attrs.get(keys.STUDY_BUDGET) or {}).items() if v is not None}
     if budget:
         rows.append(("budget", ", ".join(f"{k} {v}" for k, v in budget.items())))
     return (f"<h1>FlexUNet study <code>{_e(study.study_name)}</code></h1>\n"
@@ -196,7 +197,7 @@ def _parallel(study: optuna.Study, page: _Page) -> str:
 def _pareto(study: optuna.Study, page: _Page) -> str:
     from optuna.visualization import matplotlib as vm
 
-    names = list(study.user_attrs.get("flexunet_objectives") or ["objective 0", "objective 1"])
+    names = list(study.user_attrs.get(keys.STUDY_OBJECTIVES) or ["objective 0", "objective 1"])
     with _quiet():
         ax = vm.plot_pareto_front(study, target_names=names)
     ax.set_title("")
@@ -245,7 +246,7 @@ def _test_predictions(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], b
             runs[trial.number] = _TestRun(data, None, None, f"trial {trial.number} saved no checkpoint")
             continue
         with tempfile.TemporaryDirectory(prefix=f"report-{trial.number}-") as tmp:
-            network = load_model(_download_model(trial, storage, artifacts, Path(tmp)))
+            network = trial_network(trial, storage, artifacts, Path(tmp))
         if tuple(network.input_shape[1:]) != tuple(data.images.shape[1:]):
             runs[trial.number] = _TestRun(data, None, None, f"trial {trial.number}'s model takes "
                                           f"{tuple(network.input_shape[1:])} inputs, not the study's")

@@ -1,9 +1,12 @@
 """``flexunet search run``: prepare the data, create the study once, enqueue the baseline,
-start K local worker processes and follow them until the budget is spent."""
+start K local worker processes and follow them until the budget is spent.
+
+The launcher hands its workers one plan (``logs/plan-*.json``: the resolved spec, the run folder,
+the deadline) and its pid; a worker ends when its launcher does, however the launcher died.
+"""
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -16,16 +19,17 @@ from pathlib import Path
 
 import optuna
 
-from flexunet import config as cfg
 from flexunet import devices
-from flexunet.data import ct_ich
-from flexunet.errors import ConfigError, FlexUNetError
-from search import algorithms, dashboard, progress, recovery, space as sp
+from flexunet.errors import ConfigError
+from search import dashboard, lifecycle, progress
+from search import keys as k
+from search import space as sp
 from search import storage as st
-from search.study_file import ParamSpec, StudySpec
+from search.context import LAUNCHER_ENV, SLOT_ENV, WorkerPlan, create_study, ensure_dataset, out_dir
+from search.paths import RunFolder
+from search.study_file import StudySpec
 
 _logger = logging.getLogger(__name__)
-DATA_DIR = "data"
 
 
 @dataclass(frozen=True)
@@ -34,105 +38,6 @@ class RunOptions:
     workers: int = 1
     gpus: tuple[str, ...] = ()
     out: Path | None = None
-
-
-def out_dir(spec: StudySpec, out: Path | None) -> Path:
-    return (out or spec.out or Path("runs") / _slug(spec.name)).absolute()
-
-
-def _slug(name: str) -> str:
-    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "study"
-
-
-def dataset_config_path(spec: StudySpec, out: Path) -> Path:
-    if spec.dataset_config is not None:
-        return spec.dataset_config
-    return out / DATA_DIR / "train_eval_infer.config"
-
-
-def ensure_dataset(spec: StudySpec, out: Path) -> Path:
-    """Prepare the study's dataset into ``out/data`` unless it is there already."""
-    path = dataset_config_path(spec, out)
-    if spec.prepare is None or path.exists():
-        return path
-    p = spec.prepare
-    print(f"preparing {p.dataset} from {p.source} into {out / DATA_DIR}", flush=True)
-    try:
-        report = ct_ich.prepare(p.source, out / DATA_DIR, size=p.size, fractions=p.split, seed=p.seed)
-    except FlexUNetError:
-        if path.exists():  # another process on this machine prepared it first
-            return path
-        raise
-    for line in report.lines():
-        print(f"  {line}")
-    return path
-
-
-def open_dataset(spec: StudySpec, out: Path) -> tuple[cfg.Config, int]:
-    """The dataset's config and the study's (square) image size."""
-    base = cfg.load(dataset_config_path(spec, out))
-    size = spec.image_size
-    if size is None:
-        if base.model.image_width != base.model.image_height:
-            raise ConfigError(f"{spec.path}: the dataset's images are not square; set [study] image_size")
-        size = base.model.image_width
-    return base, size
-
-
-def study_space(spec: StudySpec, image_size: int) -> tuple[ParamSpec, ...]:
-    return sp.bounded(spec.space, image_size, str(spec.path))
-
-
-def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dict[str, object]:
-    split_file = dataset_config_path(spec, out).parent / "split.json"
-    try:
-        split = json.loads(split_file.read_text(encoding="utf-8")) if split_file.exists() else None
-    except (ValueError, OSError) as exc:
-        raise ConfigError(f"{split_file}: not a readable split file ({exc})") from None
-    if split is not None and not isinstance(split, dict):
-        raise ConfigError(f"{split_file}: not a split file written by flexunet prepare")
-    return {
-        "flexunet_image_size": size,
-        "flexunet_dataset_config": str(dataset_config_path(spec, out).absolute()),
-        "flexunet_artifact_dir": str((out / "artifacts").absolute()),
-        "flexunet_study_file": spec.path.name,
-        "flexunet_objectives": ["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else []),
-        "flexunet_dataset": {
-            "prepared": spec.prepare.dataset if spec.prepare else None,
-            "classes": base.model.num_classes, "channels": base.model.image_channels,
-            "split": split.get("parts") if split else None,
-            "slices": split.get("slices") if split else None,
-        },
-        "flexunet_folds": spec.folds,  # K >= 2: trials are cross-validated (search/cv.py)
-        "flexunet_budget": vars(spec.budget),
-        "flexunet_space": [
-            {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(p).items() if v not in (None, (), {})}
-            for p in spec.space],
-        "flexunet_fixed": dict(spec.fixed),
-        "flexunet_sampler": spec.sampler.name, "flexunet_pruner": spec.pruner.name,
-    }
-
-
-def create_study(spec: StudySpec, url: str, out: Path,
-                 storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
-    """Create (or join) the study, record what it searches, and enqueue the seed baseline."""
-    base, size = open_dataset(spec, out)
-    space = study_space(spec, size)
-    storage = storage or st.open_storage(url)
-    study, created = st.create_once(storage, spec.name, spec.directions, algorithms.make_sampler(spec),
-                                    algorithms.make_pruner(spec))
-    existing = study.user_attrs.get("flexunet_image_size")
-    if existing is not None and existing != size:
-        raise ConfigError(f"study {spec.name!r} searches {existing} px images; this run asks for {size} px")
-    if existing is None:
-        for key, value in _study_attrs(spec, out, base, size).items():
-            study.set_user_attr(key, value)
-        study.set_metric_names(["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else []))
-    if spec.baseline and created:
-        # Only the process that created the study enqueues: launchers started together on
-        # one new study would otherwise each add a baseline.
-        study.enqueue_trial(sp.baseline_params(spec, space, size), user_attrs={"baseline": True})
-    return study
 
 
 def worker_env(index: int, workers: int, gpus: tuple[str, ...],
@@ -160,11 +65,14 @@ def worker_env(index: int, workers: int, gpus: tuple[str, ...],
 class _Workers:
     """The local worker processes: started, restarted when killed, stopped on a signal."""
 
-    def __init__(self, command: list[str], out: Path, url: str, options: RunOptions) -> None:
-        self.command, self.url, self.options = command, url, options
-        self.logs = out / "logs"
+    def __init__(self, plan: WorkerPlan, url: str, options: RunOptions) -> None:
+        self.url, self.options = url, options
+        self.logs = RunFolder(plan.out).logs
         self.logs.mkdir(exist_ok=True)
         self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        # Written once: every worker of this launcher (restarts too) runs exactly this spec.
+        self.plan_path = plan.write(self.logs / f"plan-{os.uname().nodename}-{self.stamp}-{os.getpid()}.json")
+        self.command = [sys.executable, "-m", "search.worker", str(self.plan_path)]
         self.procs: list[subprocess.Popen | None] = [None] * options.workers
         self.log_paths: list[Path] = [self.logs / f"worker-{os.uname().nodename}-{self.stamp}-{i}.log"
                                       for i in range(options.workers)]
@@ -177,7 +85,8 @@ class _Workers:
     def start(self, index: int) -> None:
         env = worker_env(index, self.options.workers, self.options.gpus, self.gpu_memory)
         env[st.ENV_VAR] = self.url  # not on the command line, where `ps` would show a password
-        env["FLEXUNET_WORKER_SLOT"] = f"{index}.{self.started[index]}"
+        env[SLOT_ENV] = f"{index}.{self.started[index]}"
+        env[LAUNCHER_ENV] = str(os.getpid())
         self.started[index] += 1
         with self.log_paths[index].open("a", encoding="utf-8") as handle:
             self.procs[index] = subprocess.Popen(self.command, stdout=handle, stderr=subprocess.STDOUT, env=env,
@@ -190,8 +99,6 @@ class _Workers:
         """A worker killed by a signal (the kernel's OOM killer, a crash, an operator) has its
         trial failed with the reason and queued again, and is replaced while the study still
         has budget."""
-        from search.worker import budget_left
-
         for i, p in enumerate(self.procs):
             if p is None or p.poll() is None or p.returncode >= 0 or self.stopping or i in self._reaped:
                 continue
@@ -204,10 +111,10 @@ class _Workers:
                 # would crash again. A killed worker's trial (operator, OOM killer) is retried.
                 reason = (f"worker crashed ({name}), most likely out of memory" if crashed
                           else f"worker killed ({name})")
-                recovery.fail(study, trial, reason, retry=not crashed)
+                lifecycle.fail(study, trial, reason, retry_it=not crashed)
             if self.restarts >= 3 * self.options.workers or (deadline and time.time() >= deadline):
                 continue
-            if not budget_left(study, n_trials):
+            if not lifecycle.budget_left(study, n_trials):
                 continue
             print(f"worker {p.pid} died ({name}); starting another", file=sys.stderr, flush=True)
             self.restarts += 1
@@ -240,7 +147,7 @@ class _Workers:
 def _running_trials_of(study: optuna.Study, pid: int) -> list[optuna.trial.FrozenTrial]:
     host = socket.gethostname()
     return [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-            if t.user_attrs.get("pid") == pid and t.user_attrs.get("host") == host]
+            if t.user_attrs.get(k.PID) == pid and t.user_attrs.get(k.HOST) == host]
 
 
 def _on_signal(signum: int, frame: object) -> None:
@@ -269,13 +176,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
     study, url, out = setup(spec, options)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
-    command = [sys.executable, "-m", "search.worker", str(spec.path.absolute()), "--out", str(out),
-               "--n-trials", str(spec.budget.n_trials), "--max-epochs", str(spec.budget.max_epochs)]
-    if spec.image_size:
-        command += ["--image-size", str(spec.image_size)]
-    if deadline:
-        command += ["--deadline", str(deadline)]
-    workers = _Workers(command, out, url, options)
+    workers = _Workers(WorkerPlan(spec, out, deadline), url, options)
     previous = signal.signal(signal.SIGTERM, _on_signal)
     watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
     interrupted = False
@@ -288,7 +189,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
             if time.time() - last_check > 5.0:
                 # Any launcher (on any machine) fails trials whose worker stopped sending
                 # heartbeats, so a dead worker's trial is retried even while the others are busy.
-                recovery.recover(study)
+                lifecycle.sweep(study)
                 last_check = time.time()
             workers.restart_killed(study, spec.budget.n_trials, deadline)
             if not workers.alive():

@@ -9,6 +9,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import keys
+
 
 def _value(trial: FrozenTrial) -> str:
     if trial.values is None:
@@ -34,7 +36,7 @@ def best_trials(study: optuna.Study) -> list[FrozenTrial]:
 
 
 def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
-    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("baseline")), None)
+    return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(keys.BASELINE)), None)
 
 
 def describe(trial: FrozenTrial) -> str:
@@ -44,8 +46,8 @@ def describe(trial: FrozenTrial) -> str:
         bits.append(f"{attrs['params']:,} params")
     if attrs.get("epochs_run") is not None:
         bits.append(f"{attrs['epochs_run']} epochs ({attrs.get('stop_reason', '?')})")
-    elif attrs.get("stop_reason"):
-        bits.append(str(attrs["stop_reason"]))
+    elif attrs.get(keys.STOP_REASON):
+        bits.append(str(attrs[keys.STOP_REASON]))
     return ", ".join(bits)
 
 
@@ -56,9 +58,12 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
              + f": {len(trials)} trials (" + ", ".join(
                  f"{counts.get(s.name, 0)} {s.name.lower()}" for s in
                  (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)) + ")"]
-    infeasible = sum(1 for t in trials if t.user_attrs.get("stop_reason") == "infeasible")
+    infeasible = sum(1 for t in trials if t.user_attrs.get(keys.STOP_REASON) == keys.STOP_INFEASIBLE)
     if infeasible:
         lines.append(f"  {infeasible} of the pruned trials were infeasible (rejected before training)")
+    surplus = sum(1 for t in trials if t.system_attrs.get(keys.OVER_BUDGET))
+    if surplus:
+        lines.append(f"  {surplus} of the failed trials started after the budget was full (not trained, not counted)")
     best = best_trials(study)
     if best:
         title = f"Pareto front ({len(best)} trials)" if len(study.directions) > 1 else "best"

@@ -23,7 +23,8 @@ from typing import Any
 import optuna
 
 from flexunet.errors import ConfigError
-from search import _internals, recovery
+from search import _internals, lifecycle
+from search.paths import RunFolder
 
 _logger = logging.getLogger(__name__)
 ENV_VAR = "FLEXUNET_STORAGE"
@@ -36,7 +37,7 @@ def resolve_url(cli_value: str | None, study_value: str | None, out_dir: Path) -
     """``--storage``, then ``$FLEXUNET_STORAGE``, then the study file, then SQLite in ``out_dir``."""
     url = cli_value or os.environ.get(ENV_VAR) or study_value
     if not url:
-        return f"sqlite:///{(out_dir / 'study.db').absolute()}"
+        return RunFolder(out_dir).sqlite_url()
     return normalize(url)
 
 
@@ -117,7 +118,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> op
             kwargs.update(
                 heartbeat_interval=_env_seconds("FLEXUNET_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
                 grace_period=_env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
-                heartbeat_stale_trial_callback=recovery.stale_trial_callback)
+                heartbeat_stale_trial_callback=lifecycle.stale_trial_callback)
         return _create_rdb(url, kwargs)
     except ConfigError:  # already names what is wrong (journal: without a path)
         raise

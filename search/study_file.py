@@ -8,25 +8,23 @@ malformed entry raises :class:`~flexunet.errors.ConfigError` naming its key.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import tomllib
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from flexunet.config import searchable
 from flexunet.errors import ConfigError
 from flexunet.textfiles import read_text
 
-SETTABLE: dict[str, str] = {
-    # name -> the train_eval_infer.config section it sets
-    "base_filters": "model", "base_kernels": "model", "num_layers": "model", "dropout_rate": "model",
-    "dilation": "model", "normalization": "model", "activation": "model", "learning_rate": "model",
-    "optimizer": "model", "weight_decay": "model", "loss": "model", "clipvalue": "model",
-    "batch_size": "train", "steps_per_epoch": "train", "augmentation": "train", "augmentation_strength": "train",
-    "patience": "train", "learning_rate_reducer": "train", "reducer_factor": "train",
-    "reducer_patience": "train", "seed": "train", "save_overhead": "train",
-}
+# name -> the train_eval_infer.config section it sets: every model and training setting the
+# config defines, less those the dataset or the budget decide (flexunet.config.searchable).
+SETTABLE: dict[str, str] = searchable()
 SECOND_OBJECTIVES = ("params", "latency")
 SAMPLERS = ("TPESampler", "RandomSampler", "GPSampler", "NSGAIISampler", "QMCSampler")
 PRUNERS = ("MedianPruner", "PercentilePruner", "SuccessiveHalvingPruner", "HyperbandPruner",
@@ -113,6 +111,61 @@ class StudySpec:
             budget = dataclasses.replace(budget, max_epochs=_positive_int(max_epochs, "--max-epochs"))
         size = self.image_size if image_size is None else _positive_int(image_size, "--image-size")
         return dataclasses.replace(self, budget=budget, image_size=size)
+
+
+def to_json(spec: StudySpec) -> str:
+    """The spec as JSON, as a launcher hands it to its workers (:func:`from_json` reads it
+    back unchanged: a spec built or changed in Python runs as given)."""
+    return json.dumps(_plain(spec), allow_nan=False, indent=1)
+
+
+def from_json(text: str) -> StudySpec:
+    """The spec :func:`to_json` wrote.
+
+    Example::
+
+        >>> spec = loads('[study]\\nname = "s"\\n[dataset]\\nconfig = "d.config"\\n'
+        ...              '[space]\\nnum_layers = { type = "int", low = 2, high = 4 }', Path("s.toml"))
+        >>> from_json(to_json(spec)) == spec
+        True
+    """
+    return _typed(StudySpec, json.loads(text))
+
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, tuple | list):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {key: _plain(v) for key, v in value.items()}
+    return value
+
+
+def _typed(kind: Any, value: Any) -> Any:
+    """``value`` (plain JSON) as the type ``kind`` the spec's dataclasses declare."""
+    if value is None:
+        return None
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        return _typed(options[0], value) if len(options) == 1 else value
+    if kind is Path:
+        return Path(value)
+    if dataclasses.is_dataclass(kind):
+        hints = typing.get_type_hints(kind)
+        return kind(**{f.name: _typed(hints[f.name], value[f.name]) for f in dataclasses.fields(kind)
+                       if f.name in value})
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(args[0], v) for v in value)
+        return tuple(_typed(a, v) for a, v in zip(args, value))
+    if origin in (dict, Mapping, typing.Mapping) or kind in (dict, Mapping):
+        inner = args[1] if len(args) == 2 else Any
+        return {key: _typed(inner, v) for key, v in value.items()}
+    return value
 
 
 def load(path: str | Path) -> StudySpec:

@@ -1,62 +1,58 @@
 """One worker process: load the study and run trials until the study's budget is spent.
 
-Started by ``flexunet search run`` (``python -m search.worker ...``), one per local worker; the
-storage URL comes in ``$FLEXUNET_STORAGE`` so that its password never shows in a process list.
-Workers share nothing but the storage (and the artifact folder): any number of them, on any
-number of machines, can join one study.
+Started by ``flexunet search run`` (``python -m search.worker PLAN.json``), one per local
+worker. The plan (:class:`search.context.WorkerPlan`) holds the resolved spec the launcher
+runs; the storage URL comes in ``$FLEXUNET_STORAGE`` so that its password never shows in a
+process list. Workers share nothing but the storage (and the artifact folder): any number of
+them, on any number of machines, can join one study.
+
+A worker ends with its launcher: ``$FLEXUNET_LAUNCHER_PID`` names it, and the worker asks the
+kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), and watches its parent pid
+where that is not available. SIGTERM interrupts the running trial, which is queued again to
+resume from its last epoch.
 """
 
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
 import socket
 import sys
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+_PR_SET_PDEATHSIG = 1
 _logger = logging.getLogger("search.worker")
 
 
-def budget_left(study: Any, n_trials: int) -> bool:
-    """Whether another trial may start: fewer than ``n_trials`` used, or a trial waits (the
-    enqueued baseline, or a retry of a trial whose worker died or was interrupted)."""
-    from optuna.trial import TrialState
-
-    trials = study.get_trials(deepcopy=False)
-    retried = {t.system_attrs.get("failed_trial") for t in trials} - {None}
-    waiting = any(t.state == TrialState.WAITING for t in trials)
-    used = sum(1 for t in trials
-               if t.state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
-               or (t.state == TrialState.FAIL and t.number not in retried))
-    return waiting or used < n_trials
-
-
-def run_trials(study: Any, objective: Any, n_trials: int, *, deadline: float | None = None,
+def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, deadline: float | None = None,
                catch: tuple[type[Exception], ...] = ()) -> None:
     """Run trials until the budget is spent and no other trial is still running.
 
-    A worker whose budget is spent stays while other workers' trials run: if one of those
-    workers died, its trial goes back to the queue (heartbeat) and someone must be there to
-    run it.
+    Every trial goes through :func:`search.lifecycle.start` first, so ``n_trials`` is met
+    exactly. A worker whose budget is spent stays while other workers' trials run: if one of
+    those workers died, its trial goes back to the queue (heartbeat) and someone must be there
+    to run it.
     """
     from optuna.trial import TrialState
 
-    from search import recovery
+    from search import lifecycle
 
+    guarded = lifecycle.guarded(objective, n_trials)
     while True:
         if deadline and time.time() >= deadline:
             _logger.info("timeout reached; no new trial")
             return
-        recovery.recover(study)
-        if budget_left(study, n_trials):
-            if hasattr(objective, "current"):
-                objective.current = None
-            study.optimize(objective, n_trials=1, catch=catch)
+        lifecycle.sweep(study)
+        if lifecycle.budget_left(study, n_trials):
+            study.optimize(guarded, n_trials=1, catch=(*catch, lifecycle.OverBudget))
             continue
         if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             return
@@ -64,12 +60,13 @@ def run_trials(study: Any, objective: Any, n_trials: int, *, deadline: float | N
 
 
 def _poll_seconds(study: Any) -> float:
-    interval = getattr(study._storage, "get_heartbeat_interval", lambda: None)()
-    return float(min(interval or 5, 5))
+    from search import _internals
+
+    return float(min(_internals.heartbeat_interval(study) or 5, 5))
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
-    from search.objective import Interrupted
+    from search.lifecycle import Interrupted
 
     # Ignore further signals: the first one already stops the trial; a second must not
     # interrupt the bookkeeping that marks it FAIL and puts it back in the queue.
@@ -78,15 +75,28 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signal.Signals(signum).name)
 
 
+def end_with_launcher(launcher: int, poll: float = 1.0) -> None:
+    """SIGTERM this process when the launcher ``launcher`` is gone, whatever killed it."""
+    try:  # Linux: the kernel signals us the moment the parent dies, even of SIGKILL
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != launcher:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+
+    def watch() -> None:  # elsewhere, or if the signal is lost: a re-parented process
+        while os.getppid() == launcher:
+            time.sleep(poll)
+        _logger.warning("launcher %d is gone; stopping", launcher)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="launcher-watch", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="search.worker")
-    parser.add_argument("study_file")
-    parser.add_argument("--out", required=True)
-    parser.add_argument("--n-trials", type=int)
-    parser.add_argument("--timeout", type=float)
-    parser.add_argument("--max-epochs", type=int)
-    parser.add_argument("--image-size", type=int)
-    parser.add_argument("--deadline", type=float, help="Unix time after which no trial starts")
+    parser.add_argument("plan", help="the worker plan (JSON) its launcher wrote")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s",
                         stream=sys.stdout)
@@ -95,12 +105,16 @@ def main(argv: list[str] | None = None) -> int:
 
     from flexunet._tf import quiet_import
     from flexunet.errors import FlexUNetError
-    from search.objective import Interrupted
+    from search.context import LAUNCHER_ENV
+    from search.lifecycle import Interrupted
 
     try:
+        launcher = os.environ.get(LAUNCHER_ENV)
+        if launcher and launcher.isdigit():
+            end_with_launcher(int(launcher))
         quiet_import()
         _limit_threads()
-        return _run(args)
+        return _run(Path(args.plan))
     except FlexUNetError as exc:
         print(f"flexunet: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -121,53 +135,40 @@ def _limit_threads() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(plan_path: Path) -> int:
     import optuna
 
     from flexunet.errors import ConfigError
-    from search import algorithms, study_file
+    from search import algorithms
     from search import storage as st
-    from search.objective import Interrupted, Objective, TrialFailure
-    from search.run import dataset_config_path, open_dataset, study_space
+    from search.context import SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
+    from search.objective import Objective, TrialFailure
+    from search.paths import RunFolder
 
     url = os.environ.get(st.ENV_VAR)
     if not url:
         raise ConfigError(f"the worker needs ${st.ENV_VAR}")
-    spec = study_file.load(args.study_file).with_overrides(
-        n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
-    out = Path(args.out)
-    base, image_size = open_dataset(spec, out)
+    plan = WorkerPlan.read(plan_path)
+    spec = plan.spec
+    base, image_size = open_dataset(spec, plan.out)
     space = study_space(spec, image_size)
     storage = st.open_storage(st.normalize(url))
-    slot = os.environ.get("FLEXUNET_WORKER_SLOT", "")
+    slot = os.environ.get(SLOT_ENV, "")
     # The first worker of a run keeps the study file's seed (a one-worker run repeats exactly);
     # any other draws from its own stream.
     worker_name = "" if slot in ("", "0.0") else f"{socket.gethostname()}:{slot}:{os.getpid()}"
     study = st.load_study(storage, spec.name, algorithms.make_sampler(spec, worker_name),
                           algorithms.make_pruner(spec))
-    artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(out)))
+    artifact_dir = RunFolder(plan.out).artifacts
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
     objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space,
-                          dataset_dir=dataset_config_path(spec, out).parent)
+                          dataset_dir=dataset_config_path(spec, plan.out).parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _logger.info("worker pid %d on %s joined study %r (%s)", os.getpid(), socket.gethostname(), spec.name,
                  st.mask(url))
-    try:
-        run_trials(study, objective, spec.budget.n_trials, deadline=args.deadline, catch=(TrialFailure,))
-    except Interrupted:
-        if objective.current is not None:
-            from search import recovery
-
-            recovery.requeue(study, study._storage.get_trial(objective.current._trial_id))
-            _logger.info("trial %d interrupted; queued again to resume from its last epoch",
-                         objective.current.number)
-        raise
+    run_trials(study, objective, spec.budget.n_trials, deadline=plan.deadline, catch=(TrialFailure,))
     return EXIT_OK
-
-
-def artifact_dir(out: Path) -> Path:
-    path = out / "artifacts"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 if __name__ == "__main__":

@@ -40,6 +40,45 @@ def _two_launchers(tmp_path: Path, url: str) -> optuna.Study:
     return study
 
 
+def _no_op_worker(url: str, name: str, n_trials: int, barrier) -> None:  # type: ignore[no-untyped-def]
+    from search import storage as st
+    from search.worker import run_trials
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    study = st.load_study(st.open_storage(url), name)
+    barrier.wait()  # every worker asks for its first trial at the same moment
+    run_trials(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials)
+
+
+def test_n_trials_is_met_exactly_by_eight_workers(postgres_url: str) -> None:
+    """Eight worker processes race for the last slots of a 40-trial budget with trials that take
+    no time: a trial created after the budget is full ends untrained and uncounted."""
+    import multiprocessing as mp
+
+    from search import keys as k
+    from search import storage as st
+
+    url = st.normalize(postgres_url)
+    study, _ = st.create_once(st.open_storage(url), "exact", ["minimize"])
+    study.enqueue_trial({"x": 0.5})  # an enqueued trial (the baseline) takes the first slot
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(8)
+    workers = [ctx.Process(target=_no_op_worker, args=(url, "exact", 40, barrier)) for _ in range(8)]
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join(timeout=600)
+    assert [w.exitcode for w in workers] == [0] * 8
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    surplus = [t for t in trials if t.system_attrs.get(k.OVER_BUDGET)]
+    assert len(complete) == 40, (len(complete), len(surplus))
+    assert trials[0].params == {"x": 0.5} and trials[0].state == TrialState.COMPLETE
+    assert all(t.state == TrialState.FAIL and t.user_attrs[k.STOP_REASON] == k.STOP_OVER_BUDGET for t in surplus)
+    assert len(complete) + len(surplus) == len(trials)
+    assert all(t.number > max(c.number for c in complete) for t in surplus)  # the last ones
+
+
 def test_postgresql(tmp_path: Path, postgres_url: str) -> None:
     _two_launchers(tmp_path, postgres_url)
 

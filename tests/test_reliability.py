@@ -79,9 +79,12 @@ def test_a_killed_worker_is_caught_by_the_heartbeat_and_its_trial_resumes(tmp_pa
     check = _running_at_epoch(postgres_url, "killed", 1)
     _wait_for(lambda: _study(postgres_url, "killed") if _study_exists(postgres_url, "killed") else None, 120,
               "the study", launcher, log)
-    # The lone worker of the other machine: the prepared data is shared through the study folder.
+    # The lone worker of the other machine, with no launcher watching it, runs the plan the
+    # launcher wrote (the prepared data is shared through the study folder).
+    plan = _wait_for(lambda: next(iter((tmp_path / "here" / "logs").glob("plan-*.json")), None), 60,
+                     "the launcher's worker plan", launcher, log)
     elsewhere = subprocess.Popen(
-        [sys.executable, "-m", "search.worker", str(study_file), "--out", str(tmp_path / "here")],
+        [sys.executable, "-m", "search.worker", str(plan)],
         env={**os.environ, **FAST_HEARTBEAT, "FLEXUNET_STORAGE": postgres_url, "FLEXUNET_THREADS": "1"},
         stdout=(tmp_path / "elsewhere.log").open("w"), stderr=subprocess.STDOUT)
     victim = _wait_for(lambda: (lambda t: t if t and t.user_attrs.get("pid") == elsewhere.pid else None)(check()),
@@ -170,6 +173,48 @@ def test_an_interrupted_run_fails_its_trials_and_resumes(tmp_path: Path, signum:
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 2
 
 
+def test_workers_end_with_a_killed_launcher_and_the_rerun_resumes_their_trial(tmp_path: Path) -> None:
+    """``kill -9`` of a launcher's whole process group (a batch scheduler's cancel): its workers,
+    each in a session of its own, learn it from the kernel (PR_SET_PDEATHSIG), interrupt their
+    trials (queued to resume) and exit."""
+    study_file = tiny_study(tmp_path / "study.toml", "orphans", n_trials=2, **SLOW_TRIALS)
+    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
+    log = tmp_path / "first.log"
+    launcher = subprocess.Popen([sys.executable, "-m", "flexunet.cli", "search", "run", str(study_file),
+                                 "--workers", "2", "--out", str(tmp_path / "run")],
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    victim = _wait_for(_running_at_epoch(url, "orphans", 2), 300, "a trial past epoch 2", launcher, log)
+    pids = {t.user_attrs["pid"] for t in _study(url, "orphans").get_trials(states=(TrialState.RUNNING,))}
+    os.killpg(launcher.pid, signal.SIGKILL)
+    launcher.wait()
+    end = time.time() + 10
+    while time.time() < end and any(_alive(pid) for pid in pids):
+        time.sleep(0.2)
+    assert not [pid for pid in pids if _alive(pid)], "workers outlived their launcher by 10 s"
+    trials = _study(url, "orphans").get_trials()
+    stopped = next(t for t in trials if t.number == victim.number)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
+
+    log = tmp_path / "second.log"
+    again = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
+    assert again.wait(timeout=600) == 0, log.read_text()
+    trials = _check_complete(_study(url, "orphans"), 2)
+    retry = _retry_of(trials, victim.number)
+    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 2
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie is dead, only not yet reaped by its new parent.
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 def test_a_non_finite_loss_fails_the_trial_and_the_worker_goes_on(tmp_path: Path) -> None:
     # Decoupled weight decay of lr * wd = 10 multiplies every weight by -9 at each step: the
     # loss overflows to inf within a few dozen batches, every time. The other choice is sane.
@@ -198,7 +243,7 @@ def test_out_of_memory_fails_the_trial_and_the_worker_slot_goes_on(tmp_path: Pat
     text = study_file.read_text().replace('base_filters = { type = "int", low = 4, high = 8, step = 4 }\n', "")
     study_file.write_text(text.replace("[budget]", "[budget]\nmax_memory_gb = 1000"))
     # The huge trial first, then a sane one: queued trials run in order, whatever the sampler.
-    from search import run as runner
+    from search import context as runner
     from search import study_file as sf
 
     spec = sf.load(study_file)

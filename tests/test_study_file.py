@@ -160,3 +160,38 @@ def test_unreachable_storage_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match=r"u:\*\*\*@127.0.0.1:1/none: cannot connect") as info:
         st.open_storage("postgresql+psycopg://u:secret@127.0.0.1:1/none", heartbeat=False)
     assert "secret" not in str(info.value)
+
+
+def test_the_spec_a_launcher_hands_its_workers_reads_back_unchanged(tmp_path: Path) -> None:
+    import dataclasses
+
+    from search.context import WorkerPlan
+
+    for path in sorted((ROOT / "studies").glob("*.toml")):
+        spec = study_file.load(path).with_overrides(n_trials=3, image_size=32)
+        spec = dataclasses.replace(spec, fixed={**spec.fixed, "base_kernels": [5, 5]})  # changed in Python
+        back = study_file.from_json(study_file.to_json(spec))
+        assert back == spec, path
+        assert isinstance(back.space[0].choices, tuple) and isinstance(back.budget, study_file.Budget)
+        spec = dataclasses.replace(spec, storage="postgresql+psycopg://user:s3cret@db/flexunet")
+        plan = WorkerPlan(spec, tmp_path / "run", deadline=123.5).write(tmp_path / "plan.json")
+        assert "s3cret" not in plan.read_text()  # workers take the URL from the environment
+        assert WorkerPlan.read(plan) == WorkerPlan(dataclasses.replace(spec, storage=None), tmp_path / "run", 123.5)
+
+
+def test_a_damaged_worker_plan_is_a_config_error(tmp_path: Path) -> None:
+    from search.context import WorkerPlan
+
+    (tmp_path / "plan.json").write_text('{"spec": {"name": "x"}}')
+    with pytest.raises(ConfigError, match="plan.json: not a worker plan"):
+        WorkerPlan.read(tmp_path / "plan.json")
+
+
+def test_settable_keys_come_from_the_config_definition() -> None:
+    import dataclasses
+
+    fields = {f.name for kind in (cfg.ModelConfig, cfg.TrainConfig) for f in dataclasses.fields(kind)}
+    assert set(study_file.SETTABLE) < fields
+    assert study_file.SETTABLE["dropout_rate"] == "model" and study_file.SETTABLE["batch_size"] == "train"
+    for decided in ("image_width", "num_classes", "epochs", "model_dir", "images_dir"):  # dataset, budget, paths
+        assert decided not in study_file.SETTABLE

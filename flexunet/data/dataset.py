@@ -2,7 +2,7 @@
 even imported). Augmentation runs on the device: :mod:`flexunet.data.augment`.
 
 A small dataset is decoded once and held as uint8: on a 2-core CPU this beats a tf.data
-pipeline (see DESIGN.md). Pairs are matched by file stem in sorted order.
+pipeline (see docs/design.md). Pairs are matched by file stem in sorted order.
 """
 
 from __future__ import annotations

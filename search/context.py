@@ -1,0 +1,167 @@
+"""What every process of a study shares: its run folder, its dataset, its search space, the
+study in the storage, and the plan a launcher hands its workers.
+
+A launcher (``search.run``) and its workers (``search.worker``) both build on this module and
+never on each other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+
+from flexunet import config as cfg
+from flexunet.data import ct_ich
+from flexunet.errors import ConfigError, FlexUNetError
+from search import algorithms, space as sp
+from search import keys as k
+from search import storage as st
+from search import study_file
+from search.paths import SPLIT_FILE, RunFolder
+from search.study_file import ParamSpec, StudySpec
+
+_logger = logging.getLogger(__name__)
+LAUNCHER_ENV = "FLEXUNET_LAUNCHER_PID"  # a local worker's launcher: the worker ends with it
+SLOT_ENV = "FLEXUNET_WORKER_SLOT"  # "<slot>.<launch>" of a local worker, to give each its own seed
+
+
+def out_dir(spec: StudySpec, out: Path | None) -> Path:
+    """The study's run folder: ``out``, the study file's ``out``, or ``runs/<name>``."""
+    return (out or spec.out or Path("runs") / _slug(spec.name)).absolute()
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "study"
+
+
+def dataset_config_path(spec: StudySpec, out: Path) -> Path:
+    if spec.dataset_config is not None:
+        return spec.dataset_config
+    return RunFolder(out).dataset_config
+
+
+def ensure_dataset(spec: StudySpec, out: Path) -> Path:
+    """Prepare the study's dataset into ``out/data`` unless it is there already."""
+    path = dataset_config_path(spec, out)
+    if spec.prepare is None or path.exists():
+        return path
+    p = spec.prepare
+    data = RunFolder(out).data
+    print(f"preparing {p.dataset} from {p.source} into {data}", flush=True)
+    try:
+        report = ct_ich.prepare(p.source, data, size=p.size, fractions=p.split, seed=p.seed)
+    except FlexUNetError:
+        if path.exists():  # another process on this machine prepared it first
+            return path
+        raise
+    for line in report.lines():
+        print(f"  {line}")
+    return path
+
+
+def open_dataset(spec: StudySpec, out: Path) -> tuple[cfg.Config, int]:
+    """The dataset's config and the study's (square) image size."""
+    base = cfg.load(dataset_config_path(spec, out))
+    size = spec.image_size
+    if size is None:
+        if base.model.image_width != base.model.image_height:
+            raise ConfigError(f"{spec.path}: the dataset's images are not square; set [study] image_size")
+        size = base.model.image_width
+    return base, size
+
+
+def study_space(spec: StudySpec, image_size: int) -> tuple[ParamSpec, ...]:
+    return sp.bounded(spec.space, image_size, str(spec.path))
+
+
+def objectives(spec: StudySpec) -> list[str]:
+    return ["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else [])
+
+
+def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dict[str, object]:
+    split_file = dataset_config_path(spec, out).parent / SPLIT_FILE
+    try:
+        split = json.loads(split_file.read_text(encoding="utf-8")) if split_file.exists() else None
+    except (ValueError, OSError) as exc:
+        raise ConfigError(f"{split_file}: not a readable split file ({exc})") from None
+    if split is not None and not isinstance(split, dict):
+        raise ConfigError(f"{split_file}: not a split file written by flexunet prepare")
+    return {
+        k.STUDY_IMAGE_SIZE: size,
+        k.STUDY_DATASET_CONFIG: str(dataset_config_path(spec, out).absolute()),
+        k.STUDY_ARTIFACT_DIR: str(RunFolder(out).artifacts.absolute()),
+        k.STUDY_FILE: spec.path.name,
+        k.STUDY_OBJECTIVES: objectives(spec),
+        k.STUDY_DATASET: {
+            "prepared": spec.prepare.dataset if spec.prepare else None,
+            "classes": base.model.num_classes, "channels": base.model.image_channels,
+            "split": split.get("parts") if split else None,
+            "slices": split.get("slices") if split else None,
+        },
+        k.STUDY_FOLDS: spec.folds,  # K >= 2: trials are cross-validated (search/cv.py)
+        k.STUDY_BUDGET: vars(spec.budget),
+        k.STUDY_SPACE: [
+            {key: (list(v) if isinstance(v, tuple) else v) for key, v in vars(p).items() if v not in (None, (), {})}
+            for p in spec.space],
+        k.STUDY_FIXED: dict(spec.fixed),
+        k.STUDY_SAMPLER: spec.sampler.name, k.STUDY_PRUNER: spec.pruner.name,
+    }
+
+
+def create_study(spec: StudySpec, url: str, out: Path,
+                 storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create (or join) the study, record what it searches, and enqueue the seed baseline."""
+    base, size = open_dataset(spec, out)
+    space = study_space(spec, size)
+    storage = storage or st.open_storage(url)
+    study, created = st.create_once(storage, spec.name, spec.directions, algorithms.make_sampler(spec),
+                                    algorithms.make_pruner(spec))
+    existing = study.user_attrs.get(k.STUDY_IMAGE_SIZE)
+    if existing is not None and existing != size:
+        raise ConfigError(f"study {spec.name!r} searches {existing} px images; this run asks for {size} px")
+    if existing is None:
+        for key, value in _study_attrs(spec, out, base, size).items():
+            study.set_user_attr(key, value)
+        study.set_metric_names(objectives(spec))
+    if spec.baseline and created:
+        # Only the process that created the study enqueues: launchers started together on
+        # one new study would otherwise each add a baseline.
+        study.enqueue_trial(sp.baseline_params(spec, space, size), user_attrs={k.BASELINE: True})
+    return study
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """What a launcher hands each of its workers, written once as JSON: the resolved spec
+    (overrides and changes made in Python included), the run folder, and the time after
+    which no trial starts. The storage URL travels in ``$FLEXUNET_STORAGE`` instead (the plan
+    leaves the spec's ``storage`` out), so that its password is in no file and no process list."""
+
+    spec: StudySpec
+    out: Path
+    deadline: float | None = None
+
+    def write(self, path: Path) -> Path:
+        # Without the study file's storage URL, which may hold a password: workers take theirs
+        # from the environment.
+        spec = dataclasses.replace(self.spec, storage=None)
+        text = json.dumps({"spec": json.loads(study_file.to_json(spec)), "out": str(self.out),
+                           "deadline": self.deadline}, indent=1)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        tmp.replace(path)  # a worker never reads half a plan
+        return path
+
+    @classmethod
+    def read(cls, path: Path) -> WorkerPlan:
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            return cls(study_file.from_json(json.dumps(data["spec"])), Path(data["out"]), data.get("deadline"))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{path}: not a worker plan written by flexunet search run ({exc})") from None

@@ -1,0 +1,189 @@
+"""Each transition of a trial's life (search.lifecycle), in-process, on Optuna's in-memory storage
+or on flexunet's own SQLite storage: start, budget, infeasible, fail, retry, interrupt, stale."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
+
+from search import keys as k
+from search import lifecycle
+
+X = {"x": FloatDistribution(0.0, 1.0)}
+
+
+def _study() -> optuna.Study:
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    return optuna.create_study()
+
+
+def _heartbeat_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> optuna.Study:
+    from search import storage as st
+
+    monkeypatch.setenv("FLEXUNET_HEARTBEAT_INTERVAL", "1")
+    monkeypatch.setenv("FLEXUNET_GRACE_PERIOD", "1")
+    study, _ = st.create_once(st.open_storage(f"sqlite:///{tmp_path / 'study.db'}"), "life", ["minimize"])
+    return study
+
+
+def test_start_records_the_worker_and_a_retry_keeps_its_previous_reason() -> None:
+    study = _study()
+    study.enqueue_trial({"x": 0.5}, user_attrs={k.FAIL_REASON: "interrupted", k.BASELINE: True})
+    trial = study.ask(X)
+    lifecycle.start(trial, n_trials=1)
+    attrs = study.trials[0].user_attrs
+    assert attrs[k.PID] == os.getpid() and attrs[k.HOST]
+    assert attrs[k.PREVIOUS_FAIL_REASON] == "interrupted" and attrs[k.FAIL_REASON] is None
+    assert attrs[k.BASELINE] is True
+
+
+def test_a_trial_created_after_the_budget_is_full_ends_without_counting() -> None:
+    study = _study()
+    # Three workers ask at the same moment; the budget is two trials.
+    trials = [study.ask(X) for _ in range(3)]
+    lifecycle.start(trials[0], n_trials=2)
+    lifecycle.start(trials[1], n_trials=2)
+    with pytest.raises(lifecycle.OverBudget):
+        lifecycle.start(trials[2], n_trials=2)
+    frozen = study.tell(trials[2], state=TrialState.FAIL)
+    assert frozen.system_attrs[k.OVER_BUDGET] is True
+    assert frozen.user_attrs[k.STOP_REASON] == k.STOP_OVER_BUDGET
+    assert not lifecycle.retry(study, frozen)  # nothing to retry: it never counted
+    for t in trials[:2]:
+        study.tell(t, 1.0)
+    assert not lifecycle.budget_left(study, 2)
+    assert lifecycle.budget_left(study, 3)  # the surplus trial took no slot
+
+
+def test_optimize_through_guarded_meets_n_trials_exactly() -> None:
+    study = _study()
+    objective = lifecycle.guarded(lambda t: t.suggest_float("x", 0, 1), n_trials=3)
+    study.optimize(objective, n_trials=5, catch=(lifecycle.OverBudget,))
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.COMPLETE] * 3 + [TrialState.FAIL] * 2
+    assert all(t.system_attrs.get(k.OVER_BUDGET) for t in study.trials[3:])
+
+
+def test_a_retry_runs_in_its_original_slot_even_when_the_budget_is_full() -> None:
+    study = _study()
+    first = study.ask(X)
+    first.set_user_attr(k.RESUME_ARTIFACT, "resume-1")
+    first.report(0.25, step=0)
+    assert lifecycle.retry(study, lifecycle.frozen(study, first.number))
+    study.tell(first, state=TrialState.FAIL)
+    assert lifecycle.budget_left(study, 1)  # the copy waits
+    copy = study.ask(X)
+    lifecycle.start(copy, n_trials=1)  # a retry is never over budget
+    assert copy.number == 1 and copy.params == first.params
+    stored = study.trials[1]
+    assert stored.system_attrs[k.FAILED_TRIAL] == 0 and stored.system_attrs[k.RETRY_HISTORY] == [0]
+    assert stored.user_attrs[k.RESUME_ARTIFACT] == "resume-1" and stored.intermediate_values == {0: 0.25}
+
+
+def test_retry_queues_one_copy_keeps_no_reasons_and_stops_after_max_retry() -> None:
+    study = _study()
+    trial = study.ask(X)
+    trial.set_user_attr(k.STOP_REASON, "failed")
+    trial.set_user_attr(k.FAIL_REASON, "worker killed (SIGKILL)")
+    original = study.tell(trial, state=TrialState.FAIL)
+    assert lifecycle.retry(study, original)
+    assert not lifecycle.retry(study, original)  # never twice
+    copy = study.trials[-1]
+    assert copy.state == TrialState.WAITING
+    assert k.FAIL_REASON not in copy.user_attrs and k.STOP_REASON not in copy.user_attrs
+    # Each attempt fails in turn: attempts 1..3 are retries, the 4th failure is final.
+    for attempt in range(lifecycle.MAX_RETRY):
+        running = study.ask(X)
+        assert lifecycle.frozen(study, running.number).system_attrs[k.RETRY_HISTORY] == list(range(attempt + 1))
+        queued = lifecycle.retry(study, study.tell(running, state=TrialState.FAIL))
+        assert queued == (attempt + 1 < lifecycle.MAX_RETRY)
+    assert sum(1 for t in study.trials if t.state == TrialState.WAITING) == 0
+    assert len(study.trials) == 1 + lifecycle.MAX_RETRY
+
+
+def test_fail_queues_the_copy_first_and_the_oom_crash_is_not_retried() -> None:
+    study = _study()
+    killed, crashed = study.ask(X), study.ask(X)
+    lifecycle.fail(study, lifecycle.frozen(study, killed.number), "worker killed (SIGKILL)")
+    lifecycle.fail(study, lifecycle.frozen(study, crashed.number), "worker crashed (SIGSEGV)", retry_it=False)
+    by_number = {t.number: t for t in study.trials}
+    assert by_number[0].state == TrialState.FAIL and by_number[0].user_attrs[k.FAIL_REASON] == "worker killed (SIGKILL)"
+    assert by_number[1].state == TrialState.FAIL
+    copies = [t for t in study.trials if t.state == TrialState.WAITING]
+    assert [t.system_attrs[k.FAILED_TRIAL] for t in copies] == [0]
+    # Failing it again (another launcher saw the same death) changes nothing.
+    lifecycle.fail(study, lifecycle.frozen(study, killed.number), "worker killed (SIGKILL)")
+    assert len(study.trials) == 3
+
+
+def test_infeasible_is_pruned_with_its_reason_and_failure_is_fail() -> None:
+    study = _study()
+
+    def objective(trial: optuna.Trial) -> float:
+        x = trial.suggest_float("x", 0, 1)
+        if trial.number == 0:
+            raise lifecycle.infeasible(trial, "too big")
+        raise lifecycle.failure(trial, "non-finite loss")
+
+    study.optimize(objective, n_trials=2, catch=(lifecycle.TrialFailure,))
+    pruned, failed = study.trials
+    assert pruned.state == TrialState.PRUNED and pruned.user_attrs[k.INFEASIBLE_REASON] == "too big"
+    assert pruned.user_attrs[k.STOP_REASON] == k.STOP_INFEASIBLE
+    assert failed.state == TrialState.FAIL and failed.user_attrs[k.FAIL_REASON] == "non-finite loss"
+    assert not [t for t in study.trials if t.state == TrialState.WAITING]  # a decided failure is final
+
+
+def test_an_interrupted_trial_is_queued_to_resume_and_then_failed() -> None:
+    study = _study()
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        trial.set_user_attr(k.RESUME_ARTIFACT, "resume-0")
+        trial.set_user_attr(k.RESUME_EPOCH, 2)
+        lifecycle.interrupt(trial)
+        raise lifecycle.Interrupted("SIGTERM")
+
+    with pytest.raises(lifecycle.Interrupted):
+        study.optimize(objective, n_trials=1)
+    stopped, copy = study.trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs[k.FAIL_REASON] == k.FAIL_INTERRUPTED
+    assert copy.state == TrialState.WAITING and copy.params == stopped.params
+    assert copy.user_attrs[k.RESUME_ARTIFACT] == "resume-0" and copy.user_attrs[k.RESUME_EPOCH] == 2
+
+
+def test_a_silent_trial_gets_its_copy_queued_then_is_failed(tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from search import _internals
+
+    study = _heartbeat_study(tmp_path, monkeypatch)
+    trial = study.ask(X)
+    _internals.study_storage(study).record_heartbeat(_internals.trial_id(trial))
+    time.sleep(2.5)  # past the 1 s grace period: the worker "died" after its first heartbeat
+    lifecycle.sweep(study)
+    stale, copy = study.get_trials()
+    assert stale.state == TrialState.FAIL and stale.user_attrs[k.FAIL_REASON] == lifecycle.STALE_REASON
+    assert copy.state == TrialState.WAITING and copy.system_attrs[k.FAILED_TRIAL] == 0
+    lifecycle.sweep(study)
+    assert len(study.get_trials()) == 2  # swept again: no second copy
+
+
+def test_a_failure_whose_copy_was_lost_is_queued_by_the_sweep(tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # Optuna's fail_stale_trials fails first and calls the retry callback after: a process
+    # killed in between leaves a FAIL trial with no reason and no copy.
+    study = _heartbeat_study(tmp_path, monkeypatch)
+    trial = study.ask(X)
+    study.tell(trial, state=TrialState.FAIL)
+    lifecycle.sweep(study)
+    # At first the process that failed it may still be about to queue the copy: not yet.
+    assert len(study.get_trials()) == 1
+    time.sleep(1.5)  # past the 1 s grace period: that process is gone
+    lifecycle.sweep(study)
+    original, copy = study.get_trials()
+    assert copy.state == TrialState.WAITING and copy.params == original.params

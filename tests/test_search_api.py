@@ -1,0 +1,50 @@
+"""The Python API (search.Study) end to end on SQLite with two real worker processes: a spec
+changed in Python runs as given, and configurations the config rejects are PRUNED, not crashes."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from optuna.trial import TrialState
+
+from conftest import tiny_study
+from search import Study
+from search import keys as k
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_study_changed_in_python_runs_as_given_and_infeasible_configs_are_pruned(tmp_path: Path) -> None:
+    path = tiny_study(tmp_path / "study.toml", "api", n_trials=3, baseline=False)
+    # dropout_rate * (num_layers - 1) must stay below 1: many samples of this space break it.
+    text = path.read_text().replace('num_layers = { type = "int", low = 2, high = 3 }',
+                                    'num_layers = { type = "int", low = 2, high = 4 }\n'
+                                    'dropout_rate = { type = "float", low = 0.4, high = 0.6 }')
+    path.write_text(text)
+    study = Study.from_file(path, out=tmp_path / "run", n_trials=5)
+    # Changed in Python after loading: the workers must train with one batch per epoch.
+    study.spec = dataclasses.replace(study.spec, fixed={**study.spec.fixed, "steps_per_epoch": 1})
+    created = study.create()
+    created.enqueue_trial({"base_filters": 4, "num_layers": 4, "dropout_rate": 0.5})  # 0.5 * 3 >= 1
+
+    assert study.run(workers=2) == 0
+
+    trials = study.optuna_study.get_trials()
+    assert {t.state for t in trials} <= {TrialState.COMPLETE, TrialState.PRUNED}, [(t.number, t.state) for t in trials]
+    assert len(trials) == 5  # n_trials, as overridden, exactly
+    infeasible = [t for t in trials if t.user_attrs.get(k.STOP_REASON) == k.STOP_INFEASIBLE]
+    assert infeasible and infeasible[0].number == 0
+    assert all(t.state == TrialState.PRUNED and "dropout_rate" in t.user_attrs[k.INFEASIBLE_REASON]
+               for t in infeasible)
+    trained = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert trained and all(t.user_attrs[k.SETTINGS]["steps_per_epoch"] == 1 for t in trained)
+    assert all(t.params["dropout_rate"] * (t.params["num_layers"] - 1) < 1 for t in trained)
+    assert len({t.user_attrs[k.PID] for t in trials}) == 2  # both workers took trials
+
+    lines = study.status()
+    assert lines[0].startswith("study 'api'") and "5 trials" in lines[0]
+    assert study.best_trial.number in {t.number for t in trained}
+    report = study.report(tmp_path / "report")
+    assert (report.out / "report.html").is_file() and report.best.number == study.best_trial.number
