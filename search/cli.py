@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # imported where used: the command starts without loading the
     import optuna
 
     from flexunet.config import Config
+    from search.artifacts import Store
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
     options = runner.RunOptions(storage=args.storage, workers=args.workers, gpus=gpus,
-                                out=Path(args.out) if args.out else None)
+                                out=Path(args.out) if args.out else None, artifacts=args.artifacts)
     return runner.run(spec, options)
 
 
@@ -70,7 +71,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     from search.status import summary_lines
 
     spec = study_file.load(args.study_file).with_overrides(image_size=args.image_size)
-    study, _, _ = runner.setup(spec, runner.RunOptions(storage=args.storage, out=Path(args.out) if args.out else None))
+    study, _, _ = runner.setup(spec, runner.RunOptions(storage=args.storage, out=Path(args.out) if args.out else None,
+                                                       artifacts=args.artifacts))
     for line in summary_lines(study):
         print(line)
     print("workers join with: flexunet search run " + str(args.study_file) + " --storage URL")
@@ -88,8 +90,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _study_files(args: argparse.Namespace, target: _Target, study: optuna.Study) -> tuple[Config, Path]:
-    """The study's dataset config (loaded) and artifact folder: from --data and --artifacts, the
+def _artifacts(args: argparse.Namespace, target: _Target, study: optuna.Study) -> Store:
+    """The study's artifact store: --artifacts, else the study file's (or its folder's), else
+    the one the study recorded. Only a store named with --artifacts must be there: without it,
+    report draws what it can and export names the store it looked in."""
+    from search import artifacts as af
+
+    if args.artifacts:
+        return af.open_store(af.parse(args.artifacts, where="--artifacts"))
+    if target.out is not None:
+        location = af.resolve(None, getattr(target.spec, "artifacts", None), target.out)
+    else:
+        location = af.recorded(study)
+        if location is None:
+            raise FlexUNetError(f"study {study.study_name!r} records no artifact store ({af.HINT})")
+    return af.open_store(location, check=False)
+
+
+def _study_files(args: argparse.Namespace, target: _Target, study: optuna.Study) -> tuple[Config, Store]:
+    """The study's dataset config (loaded) and artifact store: from --data and --artifacts, the
     study file's folder, or what the study recorded."""
     from flexunet import config as cfg
 
@@ -102,15 +121,13 @@ def _study_files(args: argparse.Namespace, target: _Target, study: optuna.Study)
         data_config = dataset_config_path(target.spec, target.out)
     else:
         data_config = Path(attrs.get("flexunet_dataset_config", ""))
-    artifacts = Path(args.artifacts) if args.artifacts else (
-        target.out / "artifacts" if target.out else Path(attrs.get("flexunet_artifact_dir", "")))
     if not data_config.is_file():
         raise FlexUNetError(f"{data_config}: the study's dataset config is not on this machine (pass --data)")
-    return cfg.load(data_config), artifacts
+    return cfg.load(data_config), _artifacts(args, target, study)
 
 
-def _open_with_files(args: argparse.Namespace):  # -> (target, storage, study, base config, artifacts)
-    """The study a command names, its dataset config and artifact folder, with Keras imported
+def _open_with_files(args: argparse.Namespace):  # -> (target, storage, study, base config, artifact store)
+    """The study a command names, its dataset config and artifact store, with Keras imported
     (export and report both train nothing but load models)."""
     from flexunet._tf import quiet_import
 
@@ -143,6 +160,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
     import optuna
 
+    from search import artifacts as af
     from search import dashboard as db
     from search import storage as st
 
@@ -162,22 +180,21 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         studies = [st.load_study(storage, name) for name in optuna.study.get_all_study_names(storage)]
         target, first = None, (studies[0] if len(studies) == 1 else None)
     if args.artifacts:
-        folders, missing = [Path(args.artifacts)], []
-        if not folders[0].is_dir():
-            raise FlexUNetError(f"{args.artifacts}: artifact folder not found")
+        stores, missing = [af.open_store(af.parse(args.artifacts, where="--artifacts"))], []
     elif target is not None and target.out is not None:
-        folders, missing = [target.out / "artifacts"], []
+        stores, missing = db.artifact_stores(studies, [af.resolve(None, getattr(target.spec, "artifacts", None),
+                                                                  target.out)])
     else:
-        folders, missing = db.artifact_folders(studies)
+        stores, missing = db.artifact_stores(studies)
     for line in missing:
-        print(f"{line}: its artifacts are not shown (pass --artifacts DIR)", file=sys.stderr)
+        print(f"{line}: its artifacts are not shown ({af.HINT})", file=sys.stderr)
     for study in studies:
         if "flexunet_dataset" in study.user_attrs:  # a flexunet study: refresh its note
             db.write_study_note(study, st.mask(url))
     page = f"/dashboard/studies/{storage.get_study_id_from_name(first.study_name)}" if first else "/dashboard"
     print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {st.mask(url)}, "
-          f"artifacts from {', '.join(map(str, folders)) or 'nowhere'}")
-    db.serve(storage, [f for f in folders if f.is_dir()], host=args.host, port=args.port,
+          f"artifacts from {', '.join(str(s.location) for s in stores) or 'nowhere'}")
+    db.serve(storage, stores, host=args.host, port=args.port,
              ready=lambda base: print(f"open {base}{page} (Ctrl-C stops it)", flush=True))
     return 0
 
@@ -196,6 +213,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     print(f"report of study {study.study_name!r}: best trial {result.best.number}{against}")
     print(f"open {result.out / REPORT_FILE}")
     print("files: " + ", ".join(result.files))
+    if result.missing:
+        import sys
+
+        from search.artifacts import HINT
+
+        print(f"warning: the page lacks {len(result.missing)} trial file(s) the "
+              f"{artifacts.location.describe()} does not give: "
+              + "; ".join(f"trial {m.trial}'s {m.filename}" + (f" ({m.reason})" if m.reason else "")
+                          for m in result.missing) + f" ({HINT})", file=sys.stderr)
     return 0
 
 
@@ -205,6 +231,11 @@ def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
                                           "or SQLite in the study's folder)")
     parser.add_argument("--run-dir", help="the study's output folder, when not the default")
+
+
+_ARTIFACTS_HELP_RUN = ("where trials keep their files: a folder or s3://BUCKET/PREFIX (endpoint and credentials "
+                       "from AWS_* variables; default: the study file's, or OUT/artifacts)")
+_ARTIFACTS_HELP = "the study's artifact store, a folder or s3://BUCKET/PREFIX (default: from the study)"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -222,6 +253,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--max-epochs", type=int, help="override [budget] max_epochs")
     run.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
     run.add_argument("--out", help="output folder (default: runs/<study name>)")
+    run.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     run.set_defaults(func=_cmd_run)
 
     create = sub.add_parser("create", help="prepare the data and create the study (with its baseline) "
@@ -230,6 +262,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--storage", help="storage URL (as for run)")
     create.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
     create.add_argument("--out", help="output folder (default: runs/<study name>)")
+    create.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     create.set_defaults(func=_cmd_create)
 
     status = sub.add_parser("status", help="trials by state, the best so far, the running trials")
@@ -240,14 +273,14 @@ def register(commands: argparse._SubParsersAction) -> None:
     _study_arguments(export)
     export.add_argument("--out", required=True, help="the folder to create")
     export.add_argument("--trial", type=int, help="export this trial instead of the best")
-    export.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    export.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     export.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     export.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     export.set_defaults(func=_cmd_export)
 
     dashboard = sub.add_parser("dashboard", help="watch studies in optuna-dashboard, with every trial's artifacts")
     _study_arguments(dashboard)
-    dashboard.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    dashboard.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     dashboard.add_argument("--host", default="127.0.0.1",
                            help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
     dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free)")
@@ -258,7 +291,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _study_arguments(report)
     report.add_argument("--out", required=True, help="the folder to create")
     report.add_argument("--slices", type=int, default=4, help="test slices to draw (default 4)")
-    report.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    report.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     report.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     report.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     report.set_defaults(func=_cmd_report)

@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial, TrialState
 
 from flexunet import config as cfg
@@ -29,6 +28,7 @@ from flexunet.errors import FlexUNetError
 from flexunet.evaluate import evaluate, load_model
 from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.train import MODEL_FILE
+from search.artifacts import Store
 from search.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
@@ -57,19 +57,10 @@ def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     return best[0]
 
 
-def _download_model(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path) -> Path:
-    metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == MODEL_FILE]
-    if not metas:
-        raise FlexUNetError(f"trial {trial.number} has no {MODEL_FILE} artifact")
-    if not artifacts.is_dir():
-        raise FlexUNetError(f"{artifacts}: artifact folder not found (pass --artifacts)")
-    path = into / MODEL_FILE
-    try:
-        download_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
-                          artifact_id=metas[-1].artifact_id)
-    except Exception as exc:  # ArtifactNotFound and I/O errors
-        raise FlexUNetError(f"{artifacts}: cannot read trial {trial.number}'s model ({exc})") from None
-    return path
+def _download_model(trial: FrozenTrial, storage: Any, artifacts: Store, into: Path) -> Path:
+    """The trial's model, fetched into ``into``; a model that is not in the store stops the
+    export in one line naming the store (search.artifacts.MissingArtifact)."""
+    return artifacts.download(storage, trial, MODEL_FILE, into)
 
 
 def trial_config(base: cfg.Config, trial: FrozenTrial, out: Path) -> cfg.Config:
@@ -93,7 +84,7 @@ def _replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Path, masked_storage: str,
+def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Store, masked_storage: str,
            trial_number: int | None = None, force: bool = False) -> ExportResult:
     """Write the export folder (all or nothing) and evaluate the model on the test split."""
     trial = choose_trial(study, trial_number)

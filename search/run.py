@@ -20,6 +20,7 @@ from flexunet import config as cfg
 from flexunet.data import ct_ich
 from flexunet.errors import ConfigError, FlexUNetError
 from search import algorithms, dashboard, progress, recovery, space as sp
+from search import artifacts as af
 from search import storage as st
 from search.study_file import ParamSpec, StudySpec
 
@@ -33,6 +34,7 @@ class RunOptions:
     workers: int = 1
     gpus: tuple[str, ...] = ()
     out: Path | None = None
+    artifacts: str | None = None  # --artifacts: a folder or s3://BUCKET/PREFIX
 
 
 def out_dir(spec: StudySpec, out: Path | None) -> Path:
@@ -82,7 +84,8 @@ def study_space(spec: StudySpec, image_size: int) -> tuple[ParamSpec, ...]:
     return sp.bounded(spec.space, image_size, str(spec.path))
 
 
-def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dict[str, object]:
+def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int,
+                 artifacts: af.Location) -> dict[str, object]:
     split_file = dataset_config_path(spec, out).parent / "split.json"
     try:
         split = json.loads(split_file.read_text(encoding="utf-8")) if split_file.exists() else None
@@ -93,7 +96,7 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dic
     return {
         "flexunet_image_size": size,
         "flexunet_dataset_config": str(dataset_config_path(spec, out).absolute()),
-        "flexunet_artifact_dir": str((out / "artifacts").absolute()),
+        af.STUDY_ATTR: artifacts.url,
         "flexunet_study_file": spec.path.name,
         "flexunet_objectives": ["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else []),
         "flexunet_dataset": {
@@ -111,9 +114,11 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dic
     }
 
 
-def create_study(spec: StudySpec, url: str, out: Path,
-                 storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
-    """Create (or join) the study, record what it searches, and enqueue the seed baseline."""
+def create_study(spec: StudySpec, url: str, out: Path, storage: optuna.storages.BaseStorage | None = None,
+                 artifacts: af.Location | None = None) -> optuna.Study:
+    """Create (or join) the study, record what it searches and where its trials keep their files
+    (default: the study file's store, or ``out/artifacts``), and enqueue the seed baseline."""
+    artifacts = artifacts or af.resolve(None, spec.artifacts, out)
     base, size = open_dataset(spec, out)
     space = study_space(spec, size)
     storage = storage or st.open_storage(url)
@@ -123,7 +128,7 @@ def create_study(spec: StudySpec, url: str, out: Path,
     if existing is not None and existing != size:
         raise ConfigError(f"study {spec.name!r} searches {existing} px images; this run asks for {size} px")
     if existing is None:
-        for key, value in _study_attrs(spec, out, base, size).items():
+        for key, value in _study_attrs(spec, out, base, size, artifacts).items():
             study.set_user_attr(key, value)
         study.set_metric_names(["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else []))
     if spec.baseline and created:
@@ -246,11 +251,16 @@ def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path
     url = st.resolve_url(options.storage, spec.storage, out)
     # The storage is opened first: a wrong URL must not leave a study folder behind.
     storage = st.open_storage(url)
+    # So is the artifact store: a wrong bucket fails here, once, not in every worker.
+    artifacts = af.open_store(af.resolve(options.artifacts, spec.artifacts, out), create=True).location
     out.mkdir(parents=True, exist_ok=True)
     ensure_dataset(spec, out)
-    study = create_study(spec, url, out, storage)
+    study = create_study(spec, url, out, storage, artifacts)
+    warning = af.mismatch_warning(study, artifacts)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     dashboard.write_study_note(study, st.mask(url))
-    print(f"study {spec.name!r} on {st.mask(url)}; output in {out}", flush=True)
+    print(f"study {spec.name!r} on {st.mask(url)}; output in {out}; trial files in {artifacts}", flush=True)
     return study, url, out
 
 
@@ -261,6 +271,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     study, url, out = setup(spec, options)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
     command = [sys.executable, "-m", "search.worker", str(spec.path.absolute()), "--out", str(out),
+               "--artifacts", af.resolve(options.artifacts, spec.artifacts, out).url,
                "--n-trials", str(spec.budget.n_trials), "--max-epochs", str(spec.budget.max_epochs)]
     if spec.image_size:
         command += ["--image-size", str(spec.image_size)]

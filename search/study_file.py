@@ -17,6 +17,8 @@ from typing import Any
 
 from flexunet.errors import ConfigError
 from flexunet.textfiles import read_text
+from search.artifacts import Location
+from search.artifacts import parse as parse_artifacts
 
 SETTABLE: dict[str, str] = {
     # name -> the train_eval_infer.config section it sets
@@ -91,6 +93,7 @@ class StudySpec:
     baseline: bool = True
     storage: str | None = None
     out: Path | None = None
+    artifacts: Location | None = None  # [study] artifacts: a folder or s3://BUCKET/PREFIX
 
     @property
     def directions(self) -> list[str]:
@@ -129,7 +132,8 @@ def loads(text: str, path: Path) -> StudySpec:
     _only(data, ("study", "dataset", "fixed", "space", "budget", "sampler", "pruner"), where)
 
     study = _table(data, "study", where, required=True)
-    _only(study, ("name", "second_objective", "image_size", "baseline", "storage", "out"), where.sub("study"))
+    _only(study, ("name", "second_objective", "image_size", "baseline", "storage", "out", "artifacts"),
+          where.sub("study"))
     name = _string(study, "name", where.sub("study"), required=True)
     if not name.strip() or len(name) > 200 or any(ord(c) < 32 for c in name):
         raise ConfigError(f"{where.sub('study').key('name')}: expected a printable name of 1..200 characters")
@@ -145,6 +149,7 @@ def loads(text: str, path: Path) -> StudySpec:
         raise ConfigError(f"{where.sub('study').key('baseline')}: expected true or false")
     storage = _string(study, "storage", where.sub("study"))
     out = _string(study, "out", where.sub("study"))
+    artifacts = _string(study, "artifacts", where.sub("study"))
 
     dataset_config, prepare = _dataset(_table(data, "dataset", where, required=True), base, where.sub("dataset"))
     fixed = _fixed(_table(data, "fixed", where), where.sub("fixed"))
@@ -159,6 +164,8 @@ def loads(text: str, path: Path) -> StudySpec:
         name=name, path=path, dataset_config=dataset_config, prepare=prepare, fixed=fixed, space=space,
         second_objective=second, budget=budget, sampler=sampler, pruner=pruner, image_size=image_size,
         baseline=baseline, storage=storage, out=(base / out) if out else None,
+        artifacts=None if artifacts is None else parse_artifacts(artifacts, where=where.sub("study").key("artifacts"),
+                                                                base=base),
     )
 
 

@@ -2,8 +2,8 @@
 
 Started by ``flexunet search run`` (``python -m search.worker ...``), one per local worker; the
 storage URL comes in ``$FLEXUNET_STORAGE`` so that its password never shows in a process list.
-Workers share nothing but the storage (and the artifact folder): any number of them, on any
-number of machines, can join one study.
+Workers share nothing but the storage and the artifact store (a shared folder or a bucket):
+any number of them, on any number of machines, can join one study.
 """
 
 from __future__ import annotations
@@ -82,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="search.worker")
     parser.add_argument("study_file")
     parser.add_argument("--out", required=True)
+    parser.add_argument("--artifacts", help="artifact store: a folder or s3://BUCKET/PREFIX (default: the "
+                                            "study file's, or OUT/artifacts)")
     parser.add_argument("--n-trials", type=int)
     parser.add_argument("--timeout", type=float)
     parser.add_argument("--max-epochs", type=int)
@@ -126,6 +128,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from flexunet.errors import ConfigError
     from search import algorithms, study_file
+    from search import artifacts as af
     from search import storage as st
     from search.objective import Interrupted, Objective, TrialFailure
     from search.run import open_dataset, study_space
@@ -145,11 +148,11 @@ def _run(args: argparse.Namespace) -> int:
     worker_name = "" if slot in ("", "0.0") else f"{socket.gethostname()}:{slot}:{os.getpid()}"
     study = st.load_study(storage, spec.name, algorithms.make_sampler(spec, worker_name),
                           algorithms.make_pruner(spec))
-    artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir(out)))
+    artifacts = af.open_store(af.resolve(args.artifacts, spec.artifacts, out), create=True)
     objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _logger.info("worker pid %d on %s joined study %r (%s)", os.getpid(), socket.gethostname(), spec.name,
-                 st.mask(url))
+    _logger.info("worker pid %d on %s joined study %r (%s), trial files in %s", os.getpid(), socket.gethostname(),
+                 spec.name, st.mask(url), artifacts.location)
     try:
         run_trials(study, objective, spec.budget.n_trials, deadline=args.deadline, catch=(TrialFailure,))
     except Interrupted:
@@ -161,12 +164,6 @@ def _run(args: argparse.Namespace) -> int:
                          objective.current.number)
         raise
     return EXIT_OK
-
-
-def artifact_dir(out: Path) -> Path:
-    path = out / "artifacts"
-    path.mkdir(parents=True, exist_ok=True)
-    return path
 
 
 if __name__ == "__main__":
