@@ -249,10 +249,11 @@ def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out_dir(spec, options.out)
     url = st.resolve_url(options.storage, spec.storage, out)
-    # The storage is opened first: a wrong URL must not leave a study folder behind.
+    # The stores are opened first: a wrong URL must not leave a study folder behind, and a wrong
+    # bucket fails here, once, not in every worker (they make an artifact folder themselves).
+    artifacts = af.resolve(options.artifacts, spec.artifacts, out)
+    af.open_store(artifacts, check=artifacts.folder is None)
     storage = st.open_storage(url)
-    # So is the artifact store: a wrong bucket fails here, once, not in every worker.
-    artifacts = af.open_store(af.resolve(options.artifacts, spec.artifacts, out), create=True).location
     out.mkdir(parents=True, exist_ok=True)
     ensure_dataset(spec, out)
     study = create_study(spec, url, out, storage, artifacts)

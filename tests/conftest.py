@@ -145,6 +145,24 @@ def redis_url():  # type: ignore[no-untyped-def]
     client.flushdb()
 
 
+@pytest.fixture
+def s3_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A local S3-compatible server of the test's own (moto's standalone server, a process on a
+    free port of 127.0.0.1), stopped afterwards."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        _unavailable("moto's S3 server (pip install 'flexunet-search[test]')", exc)
+    from servers import S3Server
+
+    server = S3Server(tmp_path / "s3-server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 def tiny_study(path: Path, name: str, *, n_trials: int = 6, max_epochs: int = 1, baseline: bool = True,
                pruner: str = 'name = "NopPruner"', fixed: str = "", space: str = "",
                steps_per_epoch: int = 2) -> Path:
