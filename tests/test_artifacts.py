@@ -6,6 +6,7 @@ looked."""
 
 from __future__ import annotations
 
+import html
 import json
 import os
 import re
@@ -230,7 +231,7 @@ def test_without_a_shared_store_report_marks_what_is_missing_and_export_says_whe
         run = run_cli("search", "report", "--study", "local", "--storage", postgres_url, "--out", out,
                       "--artifacts", folder)
         assert run.returncode == 0, run.stdout + run.stderr
-        page = (out / "report.html").read_text(encoding="utf-8")
+        page = html.unescape((out / "report.html").read_text(encoding="utf-8"))
         marks = re.findall(r'<p class="missing">Missing: trial (\d+)\'s (\S+) is not in the artifact folder '
                            rf'machine-{i}/artifacts\.</p>', page)
         assert sorted((int(n), name) for n, name in marks) == expected, (i, marks, expected)
