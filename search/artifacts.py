@@ -236,6 +236,9 @@ def _s3_client(location: Location) -> Any:
     except ImportError:
         raise FlexUNetError(f"{location.url}: an S3 artifact store needs boto3 "
                             "(pip install 'flexunet-search[s3]')") from None
+    import logging
+
+    logging.getLogger("botocore").setLevel(logging.WARNING)  # not "Found credentials in ..." on every start
     # Standard retries: a worker rides out a brief outage of the server instead of failing its
     # trial; a wrong endpoint still fails within seconds.
     config = Config(retries={"mode": "standard", "max_attempts": 5}, connect_timeout=10, read_timeout=120)

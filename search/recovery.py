@@ -26,11 +26,13 @@ def requeue(study: optuna.Study, trial: FrozenTrial, trials: list[FrozenTrial] |
     history = list(trial.system_attrs.get("retry_history", [])) + [trial.number]
     if len(history) > MAX_RETRY:
         return False
+    # The parameters go in as fixed ones, as enqueue_trial does: the baseline's seed values may lie
+    # outside the searched ranges, and create_trial refuses those as sampled parameters.
     study.add_trial(optuna.trial.create_trial(
-        state=TrialState.WAITING, params=trial.params, distributions=trial.distributions,
+        state=TrialState.WAITING,
         user_attrs={k: v for k, v in trial.user_attrs.items() if k not in _NOT_INHERITED},
         intermediate_values=trial.intermediate_values,
-        system_attrs={"failed_trial": trial.number, "retry_history": history}))
+        system_attrs={"fixed_params": trial.params, "failed_trial": trial.number, "retry_history": history}))
     return True
 
 
