@@ -170,7 +170,8 @@ def test_two_launchers_share_only_the_database_and_the_bucket(tmp_path: Path, po
     # The study records the bucket and no secret; neither the launchers nor status print one.
     assert study.user_attrs[af.STUDY_ATTR] == url
     secret = env["AWS_SECRET_ACCESS_KEY"]
-    assert secret not in json.dumps([study.user_attrs, study.system_attrs, [t.user_attrs for t in trials]])
+    assert secret not in json.dumps([study.user_attrs, study._storage.get_study_system_attrs(study._study_id),
+                                    [t.user_attrs for t in trials], [t.system_attrs for t in trials]])
     status = run_cli("search", "status", "--study", "bucket", "--storage", postgres_url, env=env)
     assert status.returncode == 0 and f"trial files in bucket {url}" in status.stdout, status.stdout + status.stderr
     assert secret not in "".join(p.read_text() for p in logs) + status.stdout + status.stderr
