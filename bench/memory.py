@@ -60,7 +60,7 @@ def main() -> None:
     from search import context as runner
     from search import storage as st
     from search.objective import Objective, TrialFailure
-    from search.paths import RunFolder
+    from search import artifacts as af
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.without_registry_cleanup:
@@ -85,7 +85,7 @@ def main() -> None:
         study = st.load_study(st.open_storage(url), spec.name, algorithms.make_sampler(spec, ""),
                               algorithms.make_pruner(spec))
         objective = Objective(spec=spec, base=base, image_size=image_size,
-                              artifacts=optuna.artifacts.FileSystemArtifactStore(str(RunFolder(out).artifacts)),
+                              artifacts=af.open_store(af.resolve(None, spec.artifacts, out), create=True),
                               space=space)
         c.log("machine:", c.machine())
         c.log(f"sample study copy: {image_size} px, {args.trials} trials, {args.max_epochs} epochs of "

@@ -49,25 +49,29 @@ class Study:
         storage: a storage URL; default ``$FLEXUNET_STORAGE``, the spec's, or SQLite in the
             run folder.
         out: the run folder; default the spec's ``out``, or ``runs/<study name>``.
+        artifacts: where trials keep their files: a folder or ``s3://BUCKET/PREFIX`` (credentials
+            and endpoint from the AWS environment variables); default the spec's, or
+            ``<out>/artifacts``; a study opened by name reads the store it recorded.
     """
 
     spec: StudySpec | None
     storage: str | None = None
     out: Path | str | None = None
     name: str | None = None  # the study's name when it is opened without a spec
+    artifacts: str | None = None
     _optuna: optuna.Study | None = field(default=None, repr=False)
 
     @classmethod
     def from_file(cls, path: str | Path, *, storage: str | None = None, out: str | Path | None = None,
-                  **overrides: Any) -> Study:
+                  artifacts: str | None = None, **overrides: Any) -> Study:
         """The study of a study file, with the command line's overrides (``n_trials``,
         ``timeout``, ``max_epochs``, ``image_size``: see ``StudySpec.with_overrides``)."""
-        return cls(study_file.load(path).with_overrides(**overrides), storage=storage, out=out)
+        return cls(study_file.load(path).with_overrides(**overrides), storage=storage, out=out, artifacts=artifacts)
 
     @classmethod
-    def load(cls, name: str, storage: str) -> Study:
+    def load(cls, name: str, storage: str, artifacts: str | None = None) -> Study:
         """An existing study by name, without its study file (to read, export or report it)."""
-        return cls(None, storage=storage, name=name)
+        return cls(None, storage=storage, name=name, artifacts=artifacts)
 
     # --------------------------------------------------------------------- where it lives
 
@@ -102,7 +106,7 @@ class Study:
         from search.run import RunOptions
 
         return RunOptions(storage=self.storage, workers=workers, gpus=tuple(gpus),
-                          out=Path(self.out) if self.out else None)
+                          out=Path(self.out) if self.out else None, artifacts=self.artifacts)
 
     def _need_spec(self, what: str) -> StudySpec:
         if self.spec is None:
@@ -158,27 +162,39 @@ class Study:
             raise FlexUNetError(f"study {self.study_name!r} has no completed trial yet")
         return best[0]
 
-    def files(self, data: str | Path | None = None, artifacts: str | Path | None = None) -> tuple[Any, Path]:
-        """The study's dataset config (loaded) and artifact folder: given, from the run folder,
-        or as the study recorded them."""
+    def files(self, data: str | Path | None = None, artifacts: str | None = None) -> tuple[Any, Any]:
+        """The study's dataset config (loaded) and artifact store (``search.artifacts.Store``):
+        given, from the run folder, or as the study recorded them. Only a store named here (or
+        in ``Study(artifacts=)``) must be reachable: without one, a report draws what it can and
+        an export names the store it looked in."""
         from flexunet import config as cfg
+        from search import artifacts as af
         from search.context import dataset_config_path
 
-        attrs = self.optuna_study.user_attrs
+        study = self.optuna_study
         if data:
             data_config = Path(data)
         elif self.spec is not None:
             data_config = dataset_config_path(self.spec, self.run_dir)
         else:
-            data_config = Path(attrs.get(k.STUDY_DATASET_CONFIG, ""))
-        folder = Path(artifacts) if artifacts else (
-            RunFolder(self.run_dir).artifacts if self.run_dir else Path(attrs.get(k.STUDY_ARTIFACT_DIR, "")))
+            data_config = Path(study.user_attrs.get(k.STUDY_DATASET_CONFIG, ""))
         if not data_config.is_file():
             raise FlexUNetError(f"{data_config}: the study's dataset config is not on this machine (pass --data)")
-        return cfg.load(data_config), folder
+        named = artifacts or self.artifacts
+        if named:
+            store = af.open_store(af.parse(str(named), where="--artifacts"))
+        elif self.run_dir is not None:
+            store = af.open_store(af.resolve(None, self.spec.artifacts if self.spec else None, self.run_dir),
+                                  check=False)
+        else:
+            location = af.recorded(study)
+            if location is None:
+                raise FlexUNetError(f"study {study.study_name!r} records no artifact store ({af.HINT})")
+            store = af.open_store(location, check=False)
+        return cfg.load(data_config), store
 
     def export(self, out: str | Path, *, trial: int | None = None, force: bool = False,
-               data: str | Path | None = None, artifacts: str | Path | None = None,
+               data: str | Path | None = None, artifacts: str | None = None,
                tta: bool = True):  # -> ExportResult
         """Export the best trial (or ``trial``) into ``out`` and evaluate it on the test split,
         as ``flexunet search export`` does. A cross-validated trial exports as one ensemble of
@@ -194,7 +210,7 @@ class Study:
                       masked_storage=st.public(self.url), trial_number=trial, force=force, tta=tta)
 
     def report(self, out: str | Path, *, slices: int = 4, force: bool = False,
-               data: str | Path | None = None, artifacts: str | Path | None = None):  # -> ReportResult
+               data: str | Path | None = None, artifacts: str | None = None):  # -> ReportResult
         """Write the study's HTML report into ``out``, as ``flexunet search report`` does."""
         from flexunet._tf import quiet_import
 

@@ -29,8 +29,9 @@ def _study(args: argparse.Namespace):  # -> search.Study
 def _cmd_run(args: argparse.Namespace) -> int:
     from search.api import Study
 
-    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, n_trials=args.n_trials,
-                            timeout=args.timeout, max_epochs=args.max_epochs, image_size=args.image_size)
+    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts,
+                            n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs,
+                            image_size=args.image_size)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
     return study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
 
@@ -39,7 +40,8 @@ def _cmd_create(args: argparse.Namespace) -> int:
     from search.api import Study
     from search.status import summary_lines
 
-    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, image_size=args.image_size)
+    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts,
+                            image_size=args.image_size)
     for line in summary_lines(study.create()):
         print(line)
     print("workers join with: flexunet search run " + str(args.study_file) + " --storage URL")
@@ -75,6 +77,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     import optuna
 
     from search import _internals
+    from search import artifacts as af
     from search import dashboard as db
     from search.keys import STUDY_DATASET
     from search import storage as st
@@ -96,22 +99,21 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         studies = [st.load_study(storage, name) for name in optuna.study.get_all_study_names(storage)]
         target, first = None, (studies[0] if len(studies) == 1 else None)
     if args.artifacts:
-        folders, missing = [Path(args.artifacts)], []
-        if not folders[0].is_dir():
-            raise FlexUNetError(f"{args.artifacts}: artifact folder not found")
+        stores, missing = [af.open_store(af.parse(args.artifacts, where="--artifacts"))], []
     elif target is not None and target.run_dir is not None:
-        folders, missing = [RunFolder(target.run_dir).artifacts], []
+        stores, missing = db.artifact_stores(studies, [af.resolve(None, getattr(target.spec, "artifacts", None),
+                                                                  target.run_dir)])
     else:
-        folders, missing = db.artifact_folders(studies)
+        stores, missing = db.artifact_stores(studies)
     for line in missing:
-        print(f"{line}: its artifacts are not shown (pass --artifacts DIR)", file=sys.stderr)
+        print(f"{line}: its artifacts are not shown ({af.HINT})", file=sys.stderr)
     for study in studies:
         if STUDY_DATASET in study.user_attrs:  # a flexunet study: refresh its note
             db.write_study_note(study, st.mask(url))
     page = f"/dashboard/studies/{storage.get_study_id_from_name(first.study_name)}" if first else "/dashboard"
     print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {st.mask(url)}, "
-          f"artifacts from {', '.join(map(str, folders)) or 'nowhere'}")
-    db.serve(storage, [f for f in folders if f.is_dir()], host=args.host, port=args.port,
+          f"artifacts from {', '.join(str(s.location) for s in stores) or 'nowhere'}")
+    db.serve(storage, stores, host=args.host, port=args.port,
              ready=lambda base: print(f"open {base}{page} (Ctrl-C stops it)", flush=True))
     return 0
 
@@ -125,6 +127,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
           + (f" against the baseline (trial {result.baseline.number})" if result.baseline else ""))
     print(f"open {result.out / REPORT_FILE}")
     print("files: " + ", ".join(result.files))
+    if result.missing:
+        import sys
+
+        from search.artifacts import HINT
+
+        print(f"warning: the page lacks {len(result.missing)} trial file(s) the "
+              f"{result.missing[0].location.describe()} does not give: "
+              + "; ".join(f"trial {m.trial}'s {m.filename}" + (f" ({m.reason})" if m.reason else "")
+                          for m in result.missing) + f" ({HINT})", file=sys.stderr)
     return 0
 
 
@@ -134,6 +145,11 @@ def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
                                           "or SQLite in the study's folder)")
     parser.add_argument("--run-dir", help="the study's output folder, when not the default")
+
+
+_ARTIFACTS_HELP_RUN = ("where trials keep their files: a folder or s3://BUCKET/PREFIX (endpoint and credentials "
+                       "from AWS_* variables; default: the study file's, or OUT/artifacts)")
+_ARTIFACTS_HELP = "the study's artifact store, a folder or s3://BUCKET/PREFIX (default: from the study)"
 
 
 def register(commands: argparse._SubParsersAction) -> None:
@@ -154,6 +170,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--max-epochs", type=int, help="override [budget] max_epochs")
     run.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
     run.add_argument("--out", help="output folder (default: runs/<study name>)")
+    run.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     run.set_defaults(func=_cmd_run)
 
     create = sub.add_parser("create", help="prepare the data and create the study (with its baseline) "
@@ -162,6 +179,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     create.add_argument("--storage", help="storage URL (as for run)")
     create.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
     create.add_argument("--out", help="output folder (default: runs/<study name>)")
+    create.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     create.set_defaults(func=_cmd_create)
 
     status = sub.add_parser("status", help="trials by state, the best so far, the running trials")
@@ -172,7 +190,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _study_arguments(export)
     export.add_argument("--out", required=True, help="the folder to create")
     export.add_argument("--trial", type=int, help="export this trial instead of the best")
-    export.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    export.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     export.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     export.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     export.add_argument("--no-tta", dest="tta", action="store_false",
@@ -181,7 +199,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     dashboard = sub.add_parser("dashboard", help="watch studies in optuna-dashboard, with every trial's artifacts")
     _study_arguments(dashboard)
-    dashboard.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    dashboard.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     dashboard.add_argument("--host", default="127.0.0.1",
                            help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
     dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free)")
@@ -192,7 +210,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     _study_arguments(report)
     report.add_argument("--out", required=True, help="the folder to create")
     report.add_argument("--slices", type=int, default=4, help="test slices to draw (default 4)")
-    report.add_argument("--artifacts", help="the study's artifact folder (default: from the study)")
+    report.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     report.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     report.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     report.set_defaults(func=_cmd_report)

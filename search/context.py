@@ -19,6 +19,7 @@ from flexunet import config as cfg
 from flexunet.data import ct_ich
 from flexunet.errors import ConfigError, FlexUNetError
 from search import algorithms, space as sp
+from search import artifacts as af
 from search import keys as k
 from search import storage as st
 from search import study_file
@@ -83,7 +84,8 @@ def objectives(spec: StudySpec) -> list[str]:
     return ["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else [])
 
 
-def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dict[str, object]:
+def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int,
+                 artifacts: af.Location) -> dict[str, object]:
     split_file = dataset_config_path(spec, out).parent / SPLIT_FILE
     try:
         split = json.loads(split_file.read_text(encoding="utf-8")) if split_file.exists() else None
@@ -94,7 +96,7 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dic
     return {
         k.STUDY_IMAGE_SIZE: size,
         k.STUDY_DATASET_CONFIG: str(dataset_config_path(spec, out).absolute()),
-        k.STUDY_ARTIFACT_DIR: str(RunFolder(out).artifacts.absolute()),
+        k.STUDY_ARTIFACTS: artifacts.url,
         k.STUDY_FILE: spec.path.name,
         k.STUDY_OBJECTIVES: objectives(spec),
         k.STUDY_DATASET: {
@@ -113,9 +115,11 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int) -> dic
     }
 
 
-def create_study(spec: StudySpec, url: str, out: Path,
-                 storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
-    """Create (or join) the study, record what it searches, and enqueue the seed baseline."""
+def create_study(spec: StudySpec, url: str, out: Path, storage: optuna.storages.BaseStorage | None = None,
+                 artifacts: af.Location | None = None) -> optuna.Study:
+    """Create (or join) the study, record what it searches and where its trials keep their files
+    (default: the study file's store, or ``out/artifacts``), and enqueue the seed baseline."""
+    artifacts = artifacts or af.resolve(None, spec.artifacts, out)
     base, size = open_dataset(spec, out)
     space = study_space(spec, size)
     storage = storage or st.open_storage(url)
@@ -125,7 +129,7 @@ def create_study(spec: StudySpec, url: str, out: Path,
     if existing is not None and existing != size:
         raise ConfigError(f"study {spec.name!r} searches {existing} px images; this run asks for {size} px")
     if existing is None:
-        for key, value in _study_attrs(spec, out, base, size).items():
+        for key, value in _study_attrs(spec, out, base, size, artifacts).items():
             study.set_user_attr(key, value)
         study.set_metric_names(objectives(spec))
     if spec.baseline and created:
@@ -139,19 +143,27 @@ def create_study(spec: StudySpec, url: str, out: Path,
 class WorkerPlan:
     """What a launcher hands each of its workers, written once as JSON: the resolved spec
     (overrides and changes made in Python included), the run folder, and the time after
-    which no trial starts. The storage URL travels in ``$FLEXUNET_STORAGE`` instead (the plan
+    which no trial starts, and the artifact store (a folder or ``s3://``: credentials come from
+    the environment, as the storage's password does). The storage URL travels in ``$FLEXUNET_STORAGE`` instead (the plan
     leaves the spec's ``storage`` out), so that its password is in no file and no process list."""
 
     spec: StudySpec
     out: Path
     deadline: float | None = None
+    artifacts: af.Location | None = None  # None: the spec's store, or <out>/artifacts
+
+    @property
+    def store(self) -> af.Location:
+        """Where this plan's trials keep their files."""
+        return self.artifacts or af.resolve(None, self.spec.artifacts, self.out)
 
     def write(self, path: Path) -> Path:
         # Without the study file's storage URL, which may hold a password: workers take theirs
         # from the environment.
         spec = dataclasses.replace(self.spec, storage=None)
         text = json.dumps({"spec": json.loads(study_file.to_json(spec)), "out": str(self.out),
-                           "deadline": self.deadline}, indent=1)
+                           "deadline": self.deadline,
+                           "artifacts": self.artifacts.url if self.artifacts else None}, indent=1)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
         tmp.write_text(text, encoding="utf-8")
@@ -162,6 +174,9 @@ class WorkerPlan:
     def read(cls, path: Path) -> WorkerPlan:
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-            return cls(study_file.from_json(json.dumps(data["spec"])), Path(data["out"]), data.get("deadline"))
+            spec, out = study_file.from_json(json.dumps(data["spec"])), Path(data["out"])
+            store = data.get("artifacts")
+            return cls(spec, out, data.get("deadline"),
+                       af.parse(store, where=f"{path}: artifacts") if store else None)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: not a worker plan written by flexunet search run ({exc})") from None

@@ -38,7 +38,7 @@ from typing import Any
 import keras
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 
 from flexunet import config as cfg
 from flexunet import metrics as m
@@ -49,6 +49,7 @@ from flexunet.errors import ConfigError
 from flexunet.textfiles import read_text
 from flexunet.model import build
 from flexunet.train import MODEL_FILE, TrainOutputs, compile_model, fit
+from search.artifacts import Store
 from search import keys, paths
 
 _logger = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class CrossValidation:
     trial: optuna.Trial
     config: cfg.Config
     data: FoldData
-    artifacts: FileSystemArtifactStore
+    artifacts: Store  # a folder or a bucket (search.artifacts)
     prune: bool = True
     _finished: dict[int, _Fold] = field(default_factory=dict)
     _network: Any = None
@@ -434,7 +435,7 @@ class CrossValidation:
         return resume_fold, float(best) if best is not None else -math.inf
 
 
-def train_folds(trial: optuna.Trial, config: cfg.Config, data: FoldData, artifacts: FileSystemArtifactStore,
+def train_folds(trial: optuna.Trial, config: cfg.Config, data: FoldData, artifacts: Store,
                 prune: bool = True) -> CVResult:
     """Cross-validate one trial's config on ``data``; see :class:`CrossValidation`."""
     return CrossValidation(trial, config, data, artifacts, prune).run()

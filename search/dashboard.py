@@ -1,4 +1,4 @@
-"""``flexunet search dashboard``: optuna-dashboard over a study's storage and artifact folder,
+"""``flexunet search dashboard``: optuna-dashboard over a study's storage and artifact store,
 and the study note (markdown) the dashboard shows on the study's page.
 
 The dashboard has no authentication and can delete studies, so it listens on 127.0.0.1 unless
@@ -12,18 +12,17 @@ import logging
 import shlex
 import socketserver
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, BinaryIO
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import optuna
 import optuna_dashboard
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.artifacts.exceptions import ArtifactNotFound
 from optuna.trial import TrialState
 
 from flexunet.errors import FlexUNetError
 from search import keys
+from search.artifacts import Location, Store, open_store, recorded
 from search.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
@@ -180,27 +179,32 @@ def _export_section(name: str, masked_storage: str) -> list[str]:
 # Serving
 
 
-def artifact_folders(studies: Sequence[optuna.Study]) -> tuple[list[Path], list[str]]:
-    """The artifact folders the studies recorded that exist on this machine, and a line for
-    each study whose folder is not here."""
-    found: list[Path] = []
+def artifact_stores(studies: Sequence[optuna.Study],
+                    locations: Sequence[Location] | None = None) -> tuple[list[Store], list[str]]:
+    """The artifact stores to serve, opened: ``locations`` (default: the ones the studies
+    recorded) that are reachable from this machine, and a line for each that is not."""
+    named = ([(f"study {s.study_name!r}", location) for s in studies
+              if (location := recorded(s)) is not None] if locations is None
+             else [(f"artifact store {location}", location) for location in locations])
+    found: list[Store] = []
     missing: list[str] = []
-    for study in studies:
-        recorded = study.user_attrs.get(keys.STUDY_ARTIFACT_DIR)
-        if not recorded:
+    seen: set[Location] = set()
+    for name, location in named:
+        if location in seen:  # several studies of one storage often share one store
             continue
-        if Path(recorded).is_dir():
-            found.append(Path(recorded))
-        else:
-            missing.append(f"study {study.study_name!r}: artifact folder {recorded} is not on this machine")
+        seen.add(location)
+        try:
+            found.append(open_store(location))
+        except FlexUNetError as exc:
+            missing.append(f"{name}: {location.describe()} is not reachable from this machine ({exc})")
     return found, missing
 
 
 class _ChainedArtifactStore:
-    """Several studies' artifact folders behind one store: reads look in each in turn."""
+    """Several studies' artifact stores behind one: reads look in each in turn."""
 
-    def __init__(self, folders: Sequence[Path]) -> None:
-        self._stores = [FileSystemArtifactStore(str(f)) for f in folders]
+    def __init__(self, stores: Sequence[Store]) -> None:
+        self._stores = list(stores)
 
     def open_reader(self, artifact_id: str) -> BinaryIO:
         for store in self._stores:
@@ -208,7 +212,7 @@ class _ChainedArtifactStore:
                 return store.open_reader(artifact_id)
             except ArtifactNotFound:
                 continue
-        raise ArtifactNotFound(f"artifact {artifact_id} is in none of the artifact folders")
+        raise ArtifactNotFound(f"artifact {artifact_id} is in none of the artifact stores")
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         self._stores[0].write(artifact_id, content_body)
@@ -220,15 +224,14 @@ class _ChainedArtifactStore:
                 return
             except ArtifactNotFound:
                 continue
-        raise ArtifactNotFound(f"artifact {artifact_id} is in none of the artifact folders")
+        raise ArtifactNotFound(f"artifact {artifact_id} is in none of the artifact stores")
 
 
-def artifact_store(folders: Sequence[Path]) -> Any:
-    """One artifact store over ``folders`` (None when there is none)."""
-    unique = list(dict.fromkeys(Path(f).absolute() for f in folders))
-    if not unique:
+def artifact_store(stores: Sequence[Store]) -> Any:
+    """One artifact store over ``stores`` (None when there is none)."""
+    if not stores:
         return None
-    return FileSystemArtifactStore(str(unique[0])) if len(unique) == 1 else _ChainedArtifactStore(unique)
+    return stores[0] if len(stores) == 1 else _ChainedArtifactStore(stores)
 
 
 class _Server(socketserver.ThreadingMixIn, WSGIServer):
@@ -243,10 +246,11 @@ class _QuietHandler(WSGIRequestHandler):
         _logger.debug("dashboard: " + format, *args)
 
 
-def serve(storage: optuna.storages.BaseStorage, folders: Sequence[Path], *, host: str = DEFAULT_HOST,
+def serve(storage: optuna.storages.BaseStorage, stores: Sequence[Store], *, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, ready: Any = None) -> None:
-    """Serve optuna-dashboard until interrupted; ``ready(url)`` is called once it listens."""
-    app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store(folders))
+    """Serve optuna-dashboard until interrupted, with the trials' files from ``stores`` (any
+    of search.artifacts' stores: folders, S3 buckets); ``ready(url)`` is called once it listens."""
+    app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store(stores))
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
     except OSError as exc:

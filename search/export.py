@@ -27,7 +27,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial, TrialState
 
 from flexunet import config as cfg
@@ -40,6 +39,7 @@ from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.postprocess import PostProcessing
 from flexunet.train import MODEL_FILE
 from search import keys, paths
+from search.artifacts import Store
 from search.objective import latency_ms
 from search.status import baseline_trial, best_trials
 
@@ -83,21 +83,11 @@ def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
     return best[0]
 
 
-def _download_artifact(trial: FrozenTrial, storage: Any, artifacts: Path, filename: str, into: Path) -> Path:
-    """The trial's last artifact called ``filename``, copied into ``into`` (the one reader of
-    artifacts here)."""
-    metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == filename]
-    if not metas:
-        raise FlexUNetError(f"trial {trial.number} has no {filename} artifact")
-    if not artifacts.is_dir():
-        raise FlexUNetError(f"{artifacts}: artifact folder not found (pass --artifacts)")
-    path = into / filename
-    try:
-        download_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
-                          artifact_id=metas[-1].artifact_id)
-    except Exception as exc:  # ArtifactNotFound and I/O errors
-        raise FlexUNetError(f"{artifacts}: cannot read trial {trial.number}'s {filename} ({exc})") from None
-    return path
+def _download_artifact(trial: FrozenTrial, storage: Any, artifacts: Store, filename: str, into: Path) -> Path:
+    """The trial's file called ``filename``, fetched into ``into`` (the one reader of artifacts
+    here); a file that is not in the store stops the export in one line naming the store
+    (search.artifacts.MissingArtifact)."""
+    return artifacts.download(storage, trial, filename, into)
 
 
 def fold_count(trial: FrozenTrial) -> int:
@@ -106,7 +96,7 @@ def fold_count(trial: FrozenTrial) -> int:
     return folds if isinstance(folds, int) and not isinstance(folds, bool) and folds >= 2 else 1
 
 
-def _package(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path, tta: bool) -> Package:
+def _package(trial: FrozenTrial, storage: Any, artifacts: Store, into: Path, tta: bool) -> Package:
     folds = fold_count(trial)
     if folds == 1:
         return Package(load_model(_download_artifact(trial, storage, artifacts, MODEL_FILE, into)))
@@ -116,7 +106,7 @@ def _package(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path, tta:
     return _ensemble_package(members, probabilities, masks, tta)
 
 
-def trial_network(trial: FrozenTrial, storage: Any, artifacts: Path, into: Path) -> Any:
+def trial_network(trial: FrozenTrial, storage: Any, artifacts: Store, into: Path) -> Any:
     """The model a trial delivers: its best checkpoint, or for a cross-validated trial the
     ensemble of its fold models (with the flip), as the export builds it."""
     return _package(trial, storage, artifacts, into, tta=True).network
@@ -171,7 +161,7 @@ def _replace(obj: Any, **changes: Any) -> Any:
     return dataclasses.replace(obj, **changes)
 
 
-def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Path, masked_storage: str,
+def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Store, masked_storage: str,
            trial_number: int | None = None, force: bool = False, tta: bool = True) -> ExportResult:
     """Write the export folder (all or nothing) and evaluate the model on the test split; a
     cross-validated trial exports as the ensemble of its folds (flip TTA unless ``tta`` is False)."""

@@ -11,7 +11,8 @@ from __future__ import annotations
 # --- study user attrs -------------------------------------------------------------------------
 STUDY_IMAGE_SIZE = "flexunet_image_size"
 STUDY_DATASET_CONFIG = "flexunet_dataset_config"
-STUDY_ARTIFACT_DIR = "flexunet_artifact_dir"
+STUDY_ARTIFACTS = "flexunet_artifacts"  # the URL of the store the trials keep their files in
+STUDY_ARTIFACT_DIR = "flexunet_artifact_dir"  # what studies recorded before object stores (a folder)
 STUDY_FILE = "flexunet_study_file"
 STUDY_OBJECTIVES = "flexunet_objectives"
 STUDY_DATASET = "flexunet_dataset"

@@ -199,9 +199,20 @@ def retry(study: optuna.Study, trial: FrozenTrial, trials: Sequence[FrozenTrial]
         return False
     template = copy.deepcopy(trial)  # the callback extends the trial's own retry history list
     template.user_attrs = {key: v for key, v in trial.user_attrs.items() if key not in _NOT_INHERITED}
+    callback = RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)
+    pristine = copy.deepcopy(template)  # a refused first attempt has extended the history already
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        RetryHeartbeatStaleTrialCallback(max_retry=MAX_RETRY, inherit_intermediate_values=True)(study, template)
+        try:
+            callback(study, template)
+        except ValueError:
+            # The baseline's seed values may lie outside the searched ranges, and create_trial
+            # refuses those as sampled parameters: they go in as fixed ones, as enqueue_trial
+            # puts them.
+            template = pristine
+            template.system_attrs = {**template.system_attrs, "fixed_params": dict(trial.params)}
+            template.params, template.distributions = {}, {}
+            callback(study, template)
     return True
 
 

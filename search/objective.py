@@ -18,7 +18,7 @@ from typing import Any
 import keras
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, upload_artifact
+from optuna.artifacts import upload_artifact
 
 from flexunet import config as cfg
 from flexunet import plots
@@ -28,6 +28,7 @@ from flexunet.evaluate import predict_classes
 from flexunet.model import estimate_cost
 from flexunet.errors import ConfigError
 from flexunet.train import TrainOutputs, fit
+from search.artifacts import Store
 from search import _internals, cv, lifecycle, paths
 from search import keys as k
 from search import space as sp
@@ -76,7 +77,7 @@ class Objective:
     spec: StudySpec
     base: cfg.Config
     image_size: int
-    artifacts: FileSystemArtifactStore
+    artifacts: Store  # a folder or a bucket (search.artifacts)
     space: tuple = field(default_factory=tuple)
     dataset_dir: Path | None = None  # the folder of the dataset's config, where folds.csv may be
     _data: dict[int, tuple[SliceSet, SliceSet]] = field(default_factory=dict)

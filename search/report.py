@@ -15,7 +15,6 @@ import contextlib
 import csv
 import html
 import io
-import logging
 import tempfile
 import time
 import warnings
@@ -27,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import optuna
-from optuna.artifacts import FileSystemArtifactStore, download_artifact, get_all_artifact_meta
 from optuna.trial import FrozenTrial, TrialState
 
 from flexunet import config as cfg
@@ -37,12 +35,12 @@ from flexunet.evaluate import load_model, predict_classes, score
 from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.train import MODEL_FILE
 from search import keys
-from search.export import choose_trial, trial_config, trial_network
+from search.artifacts import MissingArtifact, Store, find
+from search.export import choose_trial, fold_count, trial_config, trial_network
+from search import paths
 from search.status import baseline_trial
 
-_logger = logging.getLogger(__name__)
 REPORT_FILE = "report.html"
-LOG_FILE = "train_log.csv"  # the learning-curve log each trial uploads (search.objective)
 DICE = "validation foreground Dice"
 
 
@@ -52,6 +50,13 @@ class _Page:
 
     sections: list[str] = field(default_factory=list)
     figures: dict[str, bytes] = field(default_factory=dict)
+    missing: list[MissingArtifact] = field(default_factory=list)  # trial files the store did not give
+
+    def mark_missing(self, problem: MissingArtifact) -> str:
+        """Note a trial file that could not be read; returns the mark the page shows in place
+        of what it would have drawn."""
+        self.missing.append(problem)
+        return f'<p class="missing">Missing: {_e(problem.fact())}.</p>'
 
     def figure(self, name: str, png: bytes, alt: str) -> str:
         self.figures[name] = png
@@ -65,11 +70,16 @@ class ReportResult:
     files: list[str]
     best: FrozenTrial
     baseline: FrozenTrial | None
+    missing: list[MissingArtifact]  # trial files the page had to leave out
 
 
-def write_report(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Path,
+def write_report(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Store,
                  public_storage: str, slices: int = 4, force: bool = False) -> ReportResult:
-    """Write ``out/report.html`` and a PNG of each of its figures (all or nothing)."""
+    """Write ``out/report.html`` and a PNG of each of its figures (all or nothing).
+
+    Everything but the trials' files comes from the study's storage. A trial file ``artifacts``
+    cannot give (another machine's folder, an unreachable bucket) leaves its figure out, with a
+    mark on the page naming the trial, the file and the store; the result lists them."""
     best = choose_trial(study, None)
     baseline = baseline_trial(study)
     page = _Page()
@@ -84,7 +94,7 @@ def write_report(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Conf
         for name, png in page.figures.items():
             (stage / name).write_bytes(png)
         write_text_atomic(stage / REPORT_FILE, _html(study.study_name, page.sections))
-    return ReportResult(out, [REPORT_FILE, *page.figures], best, baseline)
+    return ReportResult(out, [REPORT_FILE, *page.figures], best, baseline, page.missing)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -206,7 +216,7 @@ def _pareto(study: optuna.Study, page: _Page) -> str:
 
 
 def _comparison(storage: Any, best: FrozenTrial, baseline: FrozenTrial | None, base: cfg.Config,
-                artifacts: Path, slices: int, page: _Page) -> str:
+                artifacts: Store, slices: int, page: _Page) -> str:
     parts = ["<h2>Best trial against the baseline</h2>"]
     trials = [("best", best)]
     if baseline is None:
@@ -216,7 +226,7 @@ def _comparison(storage: Any, best: FrozenTrial, baseline: FrozenTrial | None, b
                      "trial: the search has not beaten it.</p>")
     else:
         trials.append(("baseline", baseline))
-    test = _test_predictions(storage, trials, base, artifacts)
+    test = _test_predictions(storage, trials, base, artifacts, page)
     parts.append(_metrics_table(trials, test))
     parts.append(_curves(storage, trials, artifacts, page))
     parts.append(_overlays(trials, test, base, slices, page))
@@ -230,11 +240,11 @@ class _TestRun:
     data: SliceSet
     predictions: np.ndarray | None
     dice: float | None
-    problem: str | None = None
+    problem: str | None = None  # the page's HTML saying why there are no predictions
 
 
 def _test_predictions(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], base: cfg.Config,
-                      artifacts: Path) -> dict[int, _TestRun]:
+                      artifacts: Store, page: _Page) -> dict[int, _TestRun]:
     import keras
 
     with tempfile.TemporaryDirectory(prefix="report-") as tmp:  # the config's outputs: never written
@@ -242,14 +252,18 @@ def _test_predictions(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], b
         data = load_split(config, "test")
     runs: dict[int, _TestRun] = {}
     for _, trial in trials:
-        if not any(m.filename == MODEL_FILE for m in get_all_artifact_meta(trial, storage=storage)):
-            runs[trial.number] = _TestRun(data, None, None, f"trial {trial.number} saved no checkpoint")
+        if find(storage, trial, _first_model_file(trial)) is None:
+            runs[trial.number] = _TestRun(data, None, None, f"<p>Trial {trial.number} saved no checkpoint.</p>")
             continue
         with tempfile.TemporaryDirectory(prefix=f"report-{trial.number}-") as tmp:
-            network = trial_network(trial, storage, artifacts, Path(tmp))
+            try:
+                network = trial_network(trial, storage, artifacts, Path(tmp))
+            except MissingArtifact as problem:
+                runs[trial.number] = _TestRun(data, None, None, page.mark_missing(problem))
+                continue
         if tuple(network.input_shape[1:]) != tuple(data.images.shape[1:]):
-            runs[trial.number] = _TestRun(data, None, None, f"trial {trial.number}'s model takes "
-                                          f"{tuple(network.input_shape[1:])} inputs, not the study's")
+            runs[trial.number] = _TestRun(data, None, None, f"<p>Trial {trial.number}'s model takes "
+                                          f"{_e(tuple(network.input_shape[1:]))} inputs, not the study's.</p>")
             continue
         predicted = predict_classes(network, data)
         evaluation = score(predicted, data.masks, data.names, config.model.num_classes)
@@ -287,10 +301,18 @@ def _metrics_table(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _T
     return _table(rows, header=["", *[role for role, _ in trials]])
 
 
-def _curves(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], artifacts: Path, page: _Page) -> str:
-    logs = {t.number: _training_log(storage, t, artifacts) for _, t in trials}
+def _curves(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], artifacts: Store, page: _Page) -> str:
+    logs: dict[int, list[dict[str, float | None]]] = {}
+    marks = []
+    for _, trial in trials:
+        try:
+            logs[trial.number] = _training_log(storage, trial, artifacts)
+        except MissingArtifact as problem:
+            logs[trial.number] = []
+            marks.append(page.mark_missing(problem))
+    note = "\n".join(marks)
     if not any(logs.values()):
-        return "<h3>Learning curves</h3>\n<p>No trial here left a training log.</p>"
+        return "<h3>Learning curves</h3>\n" + (note or "<p>No trial here left a training log.</p>")
     plt = _pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for (role, trial), colour in zip(trials, ("#c0392b", "#2c7bb6")):
@@ -310,7 +332,7 @@ def _curves(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], artifacts: 
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    return ("<h3>Learning curves</h3>\n<p>Train (solid) and validation (dashed), per epoch.</p>\n"
+    return ("<h3>Learning curves</h3>\n<p>Train (solid) and validation (dashed), per epoch.</p>\n" + note
             + page.figure("learning_curves.png", _png(fig), "learning curves"))
 
 
@@ -319,7 +341,7 @@ def _overlays(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _TestRu
     title = "<h3>Test slices</h3>\n"
     ready = [(role, t) for role, t in trials if test[t.number].predictions is not None]
     problems = [test[t.number].problem for _, t in trials if test[t.number].problem]
-    note = "".join(f"<p>{_e(p)}.</p>" for p in problems)
+    note = "".join(problems)
     if not ready:
         return title + note
     data = test[ready[0][1].number].data
@@ -354,21 +376,19 @@ def pick_slices(masks: np.ndarray, count: int) -> list[int]:
 # Helpers
 
 
-def _training_log(storage: Any, trial: FrozenTrial, artifacts: Path) -> list[dict[str, float | None]]:
-    """The trial's per-epoch training log, or [] if it has none."""
-    metas = [m for m in get_all_artifact_meta(trial, storage=storage) if m.filename == LOG_FILE]
-    if not metas or not artifacts.is_dir():
+def _training_log(storage: Any, trial: FrozenTrial, artifacts: Store) -> list[dict[str, float | None]]:
+    """The trial's per-epoch training log, or [] if it left none; raises MissingArtifact when
+    it left one that ``artifacts`` cannot give."""
+    log = paths.LOG_FILE if fold_count(trial) == 1 else paths.fold_log(0)  # a CV trial: its first fold
+    if find(storage, trial, log) is None:
         return []
-    with tempfile.TemporaryDirectory(prefix="report-log-") as tmp:
-        path = Path(tmp) / LOG_FILE
-        try:
-            download_artifact(artifact_store=FileSystemArtifactStore(str(artifacts)), file_path=str(path),
-                              artifact_id=metas[-1].artifact_id)
-        except Exception as exc:  # ArtifactNotFound and I/O errors: the page says the log is missing
-            _logger.warning("trial %d: cannot read its training log (%s)", trial.number, exc)
-            return []
-        with path.open(newline="", encoding="utf-8") as handle:
-            return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(handle)]
+    text = artifacts.read(storage, trial, log).decode("utf-8", errors="replace")
+    return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(io.StringIO(text, newline=""))]
+
+
+def _first_model_file(trial: FrozenTrial) -> str:
+    """A checkpoint the trial uploads: its best model, or a CV trial's first fold model."""
+    return MODEL_FILE if fold_count(trial) == 1 else paths.fold_model(0)
 
 
 def _number(text: str | None) -> float | None:
@@ -433,7 +453,7 @@ h1 { font-size: 1.7em; } h2 { margin-top: 1.8em; border-bottom: 1px solid #ddd; 
 table { border-collapse: collapse; margin: .8em 0; } th, td { padding: .3em .8em; border: 1px solid #ddd;
 text-align: left; vertical-align: top; } th { background: #f5f5f5; font-weight: 600; }
 img { max-width: 100%; border: 1px solid #eee; } .meta { color: #666; } code { background: #f3f3f3;
-padding: 0 .2em; }
+padding: 0 .2em; } .missing { color: #8a4b00; background: #fff4e0; padding: .3em .6em; }
 """
 
 

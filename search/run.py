@@ -21,6 +21,7 @@ import optuna
 
 from flexunet import devices
 from flexunet.errors import ConfigError
+from search import artifacts as af
 from search import dashboard, lifecycle, progress
 from search import keys as k
 from search import space as sp
@@ -38,6 +39,7 @@ class RunOptions:
     workers: int = 1
     gpus: tuple[str, ...] = ()
     out: Path | None = None
+    artifacts: str | None = None  # --artifacts: a folder or s3://BUCKET/PREFIX
 
 
 def worker_env(index: int, workers: int, gpus: tuple[str, ...],
@@ -160,13 +162,19 @@ def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out_dir(spec, options.out)
     url = st.resolve_url(options.storage, spec.storage, out)
-    # The storage is opened first: a wrong URL must not leave a study folder behind.
+    # The stores are opened first: a wrong URL must not leave a study folder behind, and a wrong
+    # bucket fails here, once, not in every worker (they make an artifact folder themselves).
+    artifacts = af.resolve(options.artifacts, spec.artifacts, out)
+    af.open_store(artifacts, check=artifacts.folder is None)
     storage = st.open_storage(url)
     out.mkdir(parents=True, exist_ok=True)
     ensure_dataset(spec, out)
-    study = create_study(spec, url, out, storage)
+    study = create_study(spec, url, out, storage, artifacts)
+    warning = af.mismatch_warning(study, artifacts)
+    if warning:
+        print(warning, file=sys.stderr, flush=True)
     dashboard.write_study_note(study, st.mask(url))
-    print(f"study {spec.name!r} on {st.mask(url)}; output in {out}", flush=True)
+    print(f"study {spec.name!r} on {st.mask(url)}; output in {out}; trial files in {artifacts}", flush=True)
     return study, url, out
 
 
@@ -176,7 +184,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
     study, url, out = setup(spec, options)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
-    workers = _Workers(WorkerPlan(spec, out, deadline), url, options)
+    workers = _Workers(WorkerPlan(spec, out, deadline, af.resolve(options.artifacts, spec.artifacts, out)), url, options)
     previous = signal.signal(signal.SIGTERM, _on_signal)
     watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
     interrupted = False

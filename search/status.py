@@ -9,7 +9,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import keys
+from search import artifacts, keys
 
 
 def _value(trial: FrozenTrial) -> str:
@@ -58,6 +58,9 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
              + f": {len(trials)} trials (" + ", ".join(
                  f"{counts.get(s.name, 0)} {s.name.lower()}" for s in
                  (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING, TrialState.WAITING)) + ")"]
+    store = artifacts.recorded(study)
+    if store is not None:
+        lines.append(f"trial files in {store.describe()}")
     infeasible = sum(1 for t in trials if t.user_attrs.get(keys.STOP_REASON) == keys.STOP_INFEASIBLE)
     if infeasible:
         lines.append(f"  {infeasible} of the pruned trials were infeasible (rejected before training)")

@@ -21,6 +21,8 @@ from typing import Any
 from flexunet.config import searchable
 from flexunet.errors import ConfigError
 from flexunet.textfiles import read_text
+from search.artifacts import Location
+from search.artifacts import parse as parse_artifacts
 
 # name -> the train_eval_infer.config section it sets: every model and training setting the
 # config defines, less those the dataset or the budget decide (flexunet.config.searchable).
@@ -90,6 +92,7 @@ class StudySpec:
     storage: str | None = None
     out: Path | None = None
     folds: int = 1  # K >= 2: every trial is K-fold cross-validated (search/cv.py); 1: one split
+    artifacts: Location | None = None  # [study] artifacts: a folder or s3://BUCKET/PREFIX
 
     @property
     def cross_validated(self) -> bool:
@@ -187,7 +190,7 @@ def loads(text: str, path: Path) -> StudySpec:
     _only(data, ("study", "dataset", "fixed", "space", "budget", "sampler", "pruner"), where)
 
     study = _table(data, "study", where, required=True)
-    _only(study, ("name", "second_objective", "image_size", "baseline", "storage", "out", "folds"),
+    _only(study, ("name", "second_objective", "image_size", "baseline", "storage", "out", "folds", "artifacts"),
           where.sub("study"))
     name = _string(study, "name", where.sub("study"), required=True)
     if not name.strip() or len(name) > 200 or any(ord(c) < 32 for c in name):
@@ -205,6 +208,7 @@ def loads(text: str, path: Path) -> StudySpec:
     storage = _string(study, "storage", where.sub("study"))
     out = _string(study, "out", where.sub("study"))
     folds = _positive_int(study.get("folds", 1), where.sub("study").key("folds"))
+    artifacts = _string(study, "artifacts", where.sub("study"))
 
     dataset_config, prepare = _dataset(_table(data, "dataset", where, required=True), base, where.sub("dataset"))
     fixed = _fixed(_table(data, "fixed", where), where.sub("fixed"))
@@ -222,6 +226,8 @@ def loads(text: str, path: Path) -> StudySpec:
         name=name, path=path, dataset_config=dataset_config, prepare=prepare, fixed=fixed, space=space,
         second_objective=second, budget=budget, sampler=sampler, pruner=pruner, image_size=image_size,
         baseline=baseline, storage=storage, out=(base / out) if out else None, folds=folds,
+        artifacts=None if artifacts is None else parse_artifacts(artifacts, where=where.sub("study").key("artifacts"),
+                                                                base=base),
     )
 
 

@@ -2,9 +2,9 @@
 
 Started by ``flexunet search run`` (``python -m search.worker PLAN.json``), one per local
 worker. The plan (:class:`search.context.WorkerPlan`) holds the resolved spec the launcher
-runs; the storage URL comes in ``$FLEXUNET_STORAGE`` so that its password never shows in a
-process list. Workers share nothing but the storage (and the artifact folder): any number of
-them, on any number of machines, can join one study.
+runs and its artifact store; the storage URL comes in ``$FLEXUNET_STORAGE`` so that its password
+never shows in a process list. Workers share nothing but the storage and the artifact store (a
+shared folder or a bucket): any number of them, on any number of machines, can join one study.
 
 A worker ends with its launcher: ``$FLEXUNET_LAUNCHER_PID`` names it, and the worker asks the
 kernel for SIGTERM when its parent dies (``PR_SET_PDEATHSIG``), and watches its parent pid
@@ -140,10 +140,10 @@ def _run(plan_path: Path) -> int:
 
     from flexunet.errors import ConfigError
     from search import algorithms
+    from search import artifacts as af
     from search import storage as st
     from search.context import SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
     from search.objective import Objective, TrialFailure
-    from search.paths import RunFolder
 
     url = os.environ.get(st.ENV_VAR)
     if not url:
@@ -159,14 +159,12 @@ def _run(plan_path: Path) -> int:
     worker_name = "" if slot in ("", "0.0") else f"{socket.gethostname()}:{slot}:{os.getpid()}"
     study = st.load_study(storage, spec.name, algorithms.make_sampler(spec, worker_name),
                           algorithms.make_pruner(spec))
-    artifact_dir = RunFolder(plan.out).artifacts
-    artifact_dir.mkdir(parents=True, exist_ok=True)
-    artifacts = optuna.artifacts.FileSystemArtifactStore(str(artifact_dir))
+    artifacts = af.open_store(plan.store, create=True)
     objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space,
                           dataset_dir=dataset_config_path(spec, plan.out).parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    _logger.info("worker pid %d on %s joined study %r (%s)", os.getpid(), socket.gethostname(), spec.name,
-                 st.mask(url))
+    _logger.info("worker pid %d on %s joined study %r (%s), trial files in %s", os.getpid(), socket.gethostname(),
+                 spec.name, st.mask(url), artifacts.location)
     run_trials(study, objective, spec.budget.n_trials, deadline=plan.deadline, catch=(TrialFailure,))
     return EXIT_OK
 

@@ -170,9 +170,14 @@ class ThrowawayPostgres:
     def stop(self) -> None:
         self._pg_ctl("-w", "-t", "60", "-m", "fast", "stop")
 
-    def restart(self) -> None:
+    def restart(self, while_down: Callable[[], None] | None = None) -> None:
+        """Stop the server, wait (for ``while_down`` to return, else 3 s: the database is really
+        gone for a while), start it again."""
         self.stop()
-        time.sleep(3)  # the database is really gone for a while
+        if while_down is None:
+            time.sleep(3)
+        else:
+            while_down()
         self.start()
 
     def remove(self) -> None:
@@ -200,9 +205,25 @@ def postgres_server() -> Iterator[ThrowawayPostgres]:
 
 
 @pytest.fixture
-def throwaway_postgres(postgres_server: ThrowawayPostgres) -> tuple[str, Callable[[], None]]:
+def throwaway_postgres(postgres_server: ThrowawayPostgres) -> tuple[str, Callable[..., None]]:
     """A server's URL and a function that restarts it."""
     return postgres_server.url, postgres_server.restart
+@pytest.fixture
+def s3_server(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """A local S3-compatible server of the test's own (moto's standalone server, a process on a
+    free port of 127.0.0.1), stopped afterwards."""
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        _unavailable("moto's S3 server (pip install 'flexunet-search[test]')", exc)
+    from servers import S3Server
+
+    server = S3Server(tmp_path / "s3-server.log")
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def tiny_study(path: Path, name: str, *, n_trials: int = 6, max_epochs: int = 1, baseline: bool = True,

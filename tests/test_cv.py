@@ -58,7 +58,8 @@ def _objective(study_path: Path, out: Path) -> tuple[optuna.Study, object]:
     """The study and the objective a worker builds for it (in this process)."""
     from search import study_file
     from search.objective import Objective
-    from search.run import RunOptions, dataset_config_path, open_dataset, setup, study_space
+    from search.context import dataset_config_path, open_dataset, study_space
+    from search.run import RunOptions, setup
 
     spec = study_file.load(study_path)
     study, _, out = setup(spec, RunOptions(out=out))

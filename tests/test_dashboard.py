@@ -5,15 +5,7 @@ and the trial's artifact image."""
 from __future__ import annotations
 
 import json
-import os
-import queue
 import re
-import signal
-import subprocess
-import sys
-import threading
-import time
-import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,8 +17,10 @@ import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from browser import dump_dom, screenshot
-from conftest import assert_user_error, ctrl_c_as_from_a_terminal, run_cli
+from conftest import assert_user_error, run_cli
+from search import artifacts as af
 from search import dashboard as db
+from servers import Dashboard
 
 STUDY = "dash-check"
 DATASET = {"prepared": "ct-ich", "classes": 2, "channels": 1,
@@ -52,7 +46,7 @@ def tiny_study(tmp_path_factory: pytest.TempPathFactory) -> TinyStudy:
     url = f"sqlite:///{root / 'study.db'}"
     study = optuna.create_study(storage=url, study_name=STUDY, direction="maximize")
     for key, value in {
-        "flexunet_dataset": DATASET, "flexunet_image_size": 32, "flexunet_artifact_dir": str(artifacts),
+        "flexunet_dataset": DATASET, "flexunet_image_size": 32, af.STUDY_ATTR: str(artifacts),
         "flexunet_study_file": "dash.toml", "flexunet_objectives": ["val_foreground_dice"],
         "flexunet_space": [{"name": "base_filters", "kind": "int", "low": 4, "high": 16, "step": 4},
                            {"name": "optimizer", "kind": "categorical", "choices": ["Adam", "SGD"]}],
@@ -138,58 +132,8 @@ def test_the_command_never_shows_a_password() -> None:
     assert "s3cret" not in run.stdout + run.stderr
 
 
-class _Dashboard:
-    """``flexunet search dashboard`` in a subprocess; ``url`` is the page it says to open."""
-
-    def __init__(self, *args: str) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "flexunet.cli", "search", "dashboard", *args],
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
-                                     preexec_fn=ctrl_c_as_from_a_terminal)
-        self.lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-        self.url = self._wait_for_url(timeout=60)
-        self.base = re.match(r"http://[^/]+", self.url).group(0)  # type: ignore[union-attr]
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.put(line)
-
-    def _wait_for_url(self, timeout: float) -> str:
-        deadline = time.time() + timeout
-        seen = []
-        while time.time() < deadline:
-            try:
-                line = self.lines.get(timeout=0.5)
-            except queue.Empty:
-                if self.proc.poll() is not None:
-                    break
-                continue
-            seen.append(line)
-            found = re.search(r"open (http://\S+)", line)
-            if found:
-                return found.group(1)
-        self.stop()
-        raise AssertionError(f"the dashboard did not start: {''.join(seen)} {self.proc.stderr.read()}")  # type: ignore[union-attr]
-
-    def get(self, path: str) -> bytes:
-        with urllib.request.urlopen(self.base + path, timeout=30) as answer:
-            return answer.read()
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-
 def test_dashboard_shows_study_trials_and_artifacts(tiny_study: TinyStudy, tmp_path: Path) -> None:
-    server = _Dashboard("--storage", tiny_study.url, "--artifacts", str(tiny_study.artifacts), "--port", "0")
+    server = Dashboard("--storage", tiny_study.url, "--artifacts", str(tiny_study.artifacts), "--port", "0")
     try:
         assert server.base.startswith("http://127.0.0.1:")
         study_id = int(server.url.rsplit("/", 1)[1])
@@ -217,8 +161,8 @@ def test_dashboard_shows_study_trials_and_artifacts(tiny_study: TinyStudy, tmp_p
 
 
 def test_dashboard_of_a_study_name_finds_its_artifacts(tiny_study: TinyStudy) -> None:
-    # No --artifacts: the folder comes from the study's flexunet_artifact_dir attribute.
-    server = _Dashboard("--study", STUDY, "--storage", tiny_study.url, "--port", "0")
+    # No --artifacts: the folder comes from the study's record of its artifact store.
+    server = Dashboard("--study", STUDY, "--storage", tiny_study.url, "--port", "0")
     try:
         study_id = int(server.url.rsplit("/", 1)[1])
         detail = json.loads(server.get(f"/api/studies/{study_id}"))
