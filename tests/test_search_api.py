@@ -28,6 +28,8 @@ def test_a_study_changed_in_python_runs_as_given_and_infeasible_configs_are_prun
     study.spec = dataclasses.replace(study.spec, fixed={**study.spec.fixed, "steps_per_epoch": 1})
     created = study.create()
     created.enqueue_trial({"base_filters": 4, "num_layers": 4, "dropout_rate": 0.5})  # 0.5 * 3 >= 1
+    # ... and one that fits (0.45 * 1 < 1): the other three samples may all be infeasible.
+    created.enqueue_trial({"base_filters": 4, "num_layers": 2, "dropout_rate": 0.45})
 
     assert study.run(workers=2) == 0
 
