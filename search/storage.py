@@ -125,26 +125,45 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> op
     except (ImportError, ValueError, TypeError) as exc:
         raise ConfigError(f"storage {mask(url)}: {_first_line(exc)}") from None
     except Exception as exc:  # sqlalchemy.exc.*, redis errors: the server is not reachable
-        raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(exc)})") from None
+        raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(_root_cause(exc))})") from None
 
 
 def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> RetryingStorage:
     """RDBStorage creates Optuna's tables on first use; processes that start together on a new
     database race to do so and the losers fail (a duplicate key, a table that already exists).
-    Losing that race is retried after a short random wait."""
+    A server that is briefly out of connections fails the same way. Both are retried after a
+    short random wait; a server that refuses connections is not (there is no race to wait out)."""
     from sqlalchemy import exc as sa_exc
 
     for attempt in range(attempts):
         try:
             return RetryingStorage(url, **kwargs)
-        except (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError) as exc:
-            refused = isinstance(exc, sa_exc.OperationalError) and any(
-                words in str(exc).lower() for words in ("refused", "could not connect", "can't connect",
-                                                       "name or service not known", "connection failed"))
-            if refused or attempt == attempts - 1:  # no server there: no race to wait out
+        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
+            # Optuna wraps SQLAlchemy's errors in StorageInternalError: look at what caused it.
+            raced = (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError)
+            if not (isinstance(exc, raced) or isinstance(exc.__cause__, raced)):
+                raise  # not a race nor a busy server: a file that is not a database, a bad schema
+            cause = _root_cause(exc)
+            refused = any(words in str(cause).lower() for words in (
+                "refused", "could not connect", "can't connect", "name or service not known",
+                "connection failed", "does not exist", "unknown database", "authentication failed",
+                "access denied"))
+            if refused or attempt == attempts - 1:
                 raise
+            _logger.info("opening storage %s failed (%s); retrying", mask(url), _first_line(cause))
             time.sleep(0.2 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def _root_cause(exc: BaseException) -> BaseException:
+    """The innermost error under Optuna's and SQLAlchemy's wrappers: the one that says what went wrong."""
+    seen = {id(exc)}
+    while True:
+        inner = getattr(exc, "orig", None) or exc.__cause__ or exc.__context__
+        if inner is None or id(inner) in seen:
+            return exc
+        seen.add(id(inner))
+        exc = inner
 
 
 def _env_seconds(name: str, default: int) -> int:

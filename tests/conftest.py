@@ -100,6 +100,31 @@ def _unavailable(what: str, exc: BaseException) -> None:
     pytest.skip(message)
 
 
+_SHARED_STORAGES: dict[str, object] = {}
+
+
+def shared_storage(url: str):  # type: ignore[no-untyped-def]
+    """One storage per database URL for a test's polling loops.
+
+    A new RDBStorage per poll keeps its connection pool open until the garbage collector finds
+    it: a test that polls every half second for minutes runs the server out of connections
+    (PostgreSQL's "too many clients", seen by Optuna as a failed commit). The database fixtures
+    close these before they drop their database.
+    """
+    from search import storage as st
+
+    if url not in _SHARED_STORAGES:
+        _SHARED_STORAGES[url] = st.open_storage(url, heartbeat=False)
+    return _SHARED_STORAGES[url]
+
+
+def _close_shared_storage(url: str) -> None:
+    storage = _SHARED_STORAGES.pop(url, None)
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
+
+
 def _fresh_database(url: str, create: str, drop: str):  # type: ignore[no-untyped-def]
     """A new, empty database on the server ``url`` points to; dropped afterwards."""
     import uuid
@@ -115,9 +140,11 @@ def _fresh_database(url: str, create: str, drop: str):  # type: ignore[no-untype
             connection.execute(sqlalchemy.text(create.format(name=name)))
     except Exception as exc:  # connection refused, auth, driver missing
         _unavailable(server.get_backend_name(), exc)
+    fresh = server.set(database=name).render_as_string(hide_password=False)
     try:
-        yield server.set(database=name).render_as_string(hide_password=False)
+        yield fresh
     finally:
+        _close_shared_storage(fresh)
         with engine.connect() as connection:
             connection.execute(sqlalchemy.text(drop.format(name=name)))
         engine.dispose()

@@ -17,7 +17,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import assert_user_error, run_cli, start_cli, tiny_study
+from conftest import assert_user_error, run_cli, shared_storage, start_cli, tiny_study
 from flexunet.errors import ConfigError
 from flexunet.train import MODEL_FILE
 from search import artifacts as af
@@ -31,9 +31,7 @@ FIGURES = ("history.png", "learning_curves.png", "test_overlays.png")
 
 
 def _study(url: str, name: str) -> optuna.Study:
-    from search import storage as st
-
-    return optuna.load_study(study_name=name, storage=st.open_storage(url, heartbeat=False))
+    return optuna.load_study(study_name=name, storage=shared_storage(url))
 
 
 def _with_study_keys(path: Path, **keys: str) -> Path:

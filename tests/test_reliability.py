@@ -18,7 +18,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import start_cli, tiny_study
+from conftest import shared_storage, start_cli, tiny_study
 
 pytestmark = pytest.mark.slow
 FAST_HEARTBEAT = {"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "4"}
@@ -27,9 +27,7 @@ SLOW_TRIALS = dict(max_epochs=6, baseline=False, steps_per_epoch=4)
 
 
 def _study(url: str, name: str) -> optuna.Study:
-    from search import storage as st
-
-    return optuna.load_study(study_name=name, storage=st.open_storage(url, heartbeat=False))
+    return optuna.load_study(study_name=name, storage=shared_storage(url))
 
 
 def _wait_for(condition: Callable[[], Any], timeout: float, what: str,
@@ -108,10 +106,8 @@ def test_a_killed_worker_is_caught_by_the_heartbeat_and_its_trial_resumes(tmp_pa
 
 
 def _study_exists(url: str, name: str) -> bool:
-    from search import storage as st
-
     try:
-        return name in [s.study_name for s in optuna.get_all_study_summaries(st.open_storage(url, heartbeat=False))]
+        return name in [s.study_name for s in optuna.get_all_study_summaries(shared_storage(url))]
     except Exception:
         return False
 

@@ -94,3 +94,40 @@ def test_processes_starting_together_on_a_new_database_create_one_study(postgres
         thread.join()
     assert errors == []
     assert sorted(results) == [("together", False)] * 5 + [("together", True)]
+
+
+def _busy_then_open(failures: int, message: str):  # type: ignore[no-untyped-def]
+    """A RetryingStorage.__init__ that fails ``failures`` times as Optuna reports a server that
+    is out of connections (a StorageInternalError caused by an OperationalError), then opens."""
+    import sqlalchemy.exc
+
+    real = st.RetryingStorage.__init__
+    calls = []
+
+    def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        if len(calls) <= failures:
+            try:
+                raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception(message))
+            except sqlalchemy.exc.OperationalError as exc:
+                raise optuna.exceptions.StorageInternalError(
+                    "An exception is raised during the commit.") from exc
+        real(self, *args, **kwargs)
+
+    return init, calls
+
+
+def test_a_busy_server_at_open_is_waited_for(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    init, calls = _busy_then_open(2, "FATAL: sorry, too many clients already")
+    monkeypatch.setattr(st.RetryingStorage, "__init__", init)
+    monkeypatch.setattr(st.time, "sleep", lambda seconds: None)
+    storage = st.open_storage(f"sqlite:///{tmp_path / 'busy.db'}", heartbeat=False)
+    assert isinstance(storage, st.RetryingStorage) and len(calls) == 3
+
+
+def test_a_refused_connection_at_open_fails_at_once_naming_the_cause(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    init, calls = _busy_then_open(10, "connection refused (is the server running?)")
+    monkeypatch.setattr(st.RetryingStorage, "__init__", init)
+    with pytest.raises(st.ConfigError, match=r"cannot connect \(Exception: connection refused"):
+        st.open_storage(f"sqlite:///{tmp_path / 'refused.db'}", heartbeat=False)
+    assert len(calls) == 1
