@@ -19,6 +19,7 @@ from typing import TextIO
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from search import keys as k
 from search.status import describe, summary_lines
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -75,10 +76,22 @@ def study_line(trials: list[FrozenTrial], n_trials: int, elapsed: float, best: f
     """The study's summary line; the pace counts only trials finished since this launcher
     started (``finished_before`` were done already), so a resumed study is not timed by work
     done in an earlier run."""
-    counts = Counter(t.state for t in trials)
+    # A trial that found the budget full never trained, and a failed trial that is retried is
+    # done again by its retry (a series shares one of the n_trials slots): only the latest
+    # trial of each series counts, as lifecycle counts the budget.
+    latest: dict[int, FrozenTrial] = {}
+    over = 0
+    for t in sorted(trials, key=lambda t: t.number):
+        if t.system_attrs.get(k.OVER_BUDGET):
+            over += 1
+        else:
+            latest[t.system_attrs.get(k.FAILED_TRIAL, t.number)] = t
+    retried = len(trials) - over - len(latest)
+    counts = Counter(t.state for t in latest.values())
     finished = sum(counts[s] for s in _FINISHED)
+    others = "".join(f", {n} {what}" for n, what in ((retried, "retried"), (over, "over budget")) if n)
     text = (f"  study: {finished}/{n_trials} finished ({counts[TrialState.COMPLETE]} complete, "
-            f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed), "
+            f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed{others}), "
             f"best {'-' if best is None else f'{best:.4f}'}, elapsed {_duration(elapsed)}")
     estimate = estimate_left(finished - finished_before, n_trials - finished, elapsed, timeout_left)
     if estimate is not None:

@@ -96,3 +96,25 @@ def test_study_line_counts_only_trials_finished_in_this_run_and_respects_the_tim
     left = line.split("at most ")[1].split(" left")[0]
     assert left.endswith("s") and int(left.split("m")[0]) <= 13
     assert "(the timeout ends the study first)" in line
+
+
+def test_study_line_counts_a_retry_series_once_and_not_the_trials_over_budget() -> None:
+    from search import _internals
+    from search import keys as k
+
+    study = optuna.create_study(direction="maximize")
+    for _ in range(2):
+        study.tell(study.ask(), 0.5)
+    first = study.ask()
+    study.tell(first, state=TrialState.FAIL)  # its worker died
+    for value in (None, 0.75):  # retried twice: the first retry fails too
+        retry = study.ask()
+        _internals.set_trial_system_attr(study, retry, k.FAILED_TRIAL, first.number)
+        study.tell(retry, value, state=TrialState.FAIL if value is None else TrialState.COMPLETE)
+    late = study.ask()  # found the budget of 3 full: never trained
+    _internals.set_trial_system_attr(study, late, k.OVER_BUDGET, True)
+    study.tell(late, state=TrialState.FAIL)
+    stream = io.StringIO()
+    Watcher(study, n_trials=3, max_epochs=2, stream=stream, live=True).update()
+    line = [x for x in stream.getvalue().splitlines() if "study:" in x][-1]
+    assert "3/3 finished (3 complete, 0 pruned, 0 failed, 2 retried, 1 over budget)" in line, line
