@@ -73,7 +73,7 @@ class PostProcessing:
     def describe(self) -> str:
         """One line for people: what the rules do."""
         if self.is_identity:
-            return "none (no rule raised the out-of-fold Dice)"
+            return "none (no rule passed the guards on the out-of-fold Dice)"
         parts = []
         if self.threshold is not None:
             parts.append(f"foreground where its probability > {self.threshold:g}")
