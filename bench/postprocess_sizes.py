@@ -8,7 +8,7 @@ It reads the test masks to *report* test Dice for each rule; nothing here choose
 export's choice never sees the test split).
 
     python bench/postprocess_sizes.py studies/ct_ich_sample.toml --out runs/ct-ich-sample \\
-        --export runs/ct-ich-sample/best [--trial N]
+        --export runs/ct-ich-sample/best [--trial N] [--rule none:2 --rule 0.4:4]
 
 Last line: ``postprocess_sizes: guarded=... unguarded=...`` (the two rules' test Dice).
 """
@@ -48,6 +48,9 @@ def main() -> None:
     parser.add_argument("--out", help="the study's run folder (as given to search run --out)")
     parser.add_argument("--export", required=True, help="the export folder of the trial")
     parser.add_argument("--trial", type=int)
+    parser.add_argument("--rule", action="append", default=[], metavar="THRESHOLD:SIZE",
+                        help="also report the out-of-fold (with the flip) and test Dice of this rule, e.g. "
+                             "none:2 or 0.4:4 (repeatable; reporting only)")
     args = parser.parse_args()
 
     from flexunet._tf import quiet_import
@@ -100,6 +103,14 @@ def main() -> None:
             "test_dice_guarded": postprocess.pooled_dice(test_probabilities, test.masks, sel.rules),
             "test_dice_unguarded": postprocess.pooled_dice(test_probabilities, test.masks, sel.unguarded),
         }
+    for text in args.rule:
+        threshold, _, size = text.partition(":")
+        rule = PostProcessing(None if threshold.lower() == "none" else float(threshold), (int(size or 0),))
+        report.setdefault("rules", {})[text] = {
+            "oof_flip_dice": postprocess.pooled_dice(flipped, oof.masks, rule),
+            "oof_flip_fold_dice": [postprocess.pooled_dice(flipped[oof.folds == k], oof.masks[oof.folds == k], rule)
+                                   for k in sorted(set(oof.folds.tolist()))],
+            "test_dice": postprocess.pooled_dice(test_probabilities, test.masks, rule)}
     print(json.dumps(report, indent=1, default=float))
     chosen = report["choices"]["oof_flip"]
     print(f"postprocess_sizes: guarded={chosen['test_dice_guarded']:.4f} unguarded={chosen['test_dice_unguarded']:.4f}")
