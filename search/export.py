@@ -139,6 +139,10 @@ def _with_postprocessing(package: Package, oof: OutOfFold, config: cfg.Config) -
     if oof.probabilities.shape[-1] != classes:
         raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: {oof.probabilities.shape[-1]} probability channels, but the "
                             f"fold models predict {classes}")
+    unknown = sorted(set(oof.folds.tolist()) - set(range(package.members)))
+    if unknown:
+        raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: fold {unknown[0]} has no fold model (the trial has "
+                            f"{package.members})")
     probabilities = oof_predictions(package.fold_models, oof, _development_images(config, oof.names), package.tta,
                                     config.train.batch_size)
     selection = postprocess.select(probabilities, oof.masks, oof.folds)
