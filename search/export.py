@@ -58,14 +58,15 @@ class ExportResult:
 @dataclass(frozen=True)
 class Package:
     """What is exported besides the files: how many models it averages, with or without the
-    flip, and the post-processing with the out-of-fold Dice it was chosen on."""
+    flip, and the post-processing with the out-of-fold figures it was chosen on."""
 
     network: Any
     members: int = 1
     tta: bool = False
     postprocessing: PostProcessing = PostProcessing()
-    oof_dice: float | None = None  # pooled out-of-fold foreground Dice, no post-processing
-    oof_dice_postprocessed: float | None = None
+    selection: postprocess.Selection | None = None  # on the out-of-fold predictions, as exported
+    stored_oof_dice: float | None = None  # the trial's value: out-of-fold, each fold model alone, no flip
+    fold_models: tuple[Any, ...] = ()
 
 
 def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -97,13 +98,17 @@ def fold_count(trial: FrozenTrial) -> int:
 
 
 def _package(trial: FrozenTrial, storage: Any, artifacts: Store, into: Path, tta: bool) -> Package:
+    """The trial's network (its model, or its fold models' ensemble), without post-processing."""
     folds = fold_count(trial)
     if folds == 1:
         return Package(load_model(_download_artifact(trial, storage, artifacts, MODEL_FILE, into)))
     members = [load_model(_download_artifact(trial, storage, artifacts, paths.fold_model(k), into))
                for k in range(folds)]
-    probabilities, masks = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, into))
-    return _ensemble_package(members, probabilities, masks, tta)
+    try:
+        network = build_ensemble(members, tta=tta)
+    except ValueError as exc:  # fold models of different shapes
+        raise FlexUNetError(f"cannot ensemble the fold models: {exc}") from None
+    return Package(network, len(members), tta, fold_models=tuple(members))
 
 
 def trial_network(trial: FrozenTrial, storage: Any, artifacts: Store, into: Path) -> Any:
@@ -112,32 +117,78 @@ def trial_network(trial: FrozenTrial, storage: Any, artifacts: Store, into: Path
     return _package(trial, storage, artifacts, into, tta=True).network
 
 
-def _ensemble_package(members: list[Any], probabilities: np.ndarray, masks: np.ndarray, tta: bool) -> Package:
-    """The fold models as one ensemble, with post-processing chosen on their out-of-fold outputs."""
-    classes = members[0].output_shape[-1]
-    if probabilities.shape[-1] != classes:
-        raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: {probabilities.shape[-1]} probability channels, but the "
+@dataclass(frozen=True)
+class OutOfFold:
+    """A cross-validated trial's stored out-of-fold predictions (search/cv.py writes them)."""
+
+    probabilities: np.ndarray  # (N,H,W,C), each slice by the fold model that did not train on it
+    masks: np.ndarray  # (N,H,W)
+    names: list[str]
+    folds: np.ndarray  # (N,) the fold that validated each slice
+
+
+def _with_postprocessing(package: Package, oof: OutOfFold, config: cfg.Config) -> Package:
+    """The package with post-processing chosen on out-of-fold predictions made as the export
+    predicts: each slice by the fold model that did not train on it, with the export's flip.
+
+    The stored out-of-fold outputs (no flip) were what the trial was scored on; the ensemble
+    averages 2K passes, which smooths the probabilities and the components. Re-predicting with
+    the flip brings the choice nearer what the rules will see (the fold mean itself cannot be
+    had out of fold: every slice trained all but one fold model)."""
+    classes = package.fold_models[0].output_shape[-1]
+    if oof.probabilities.shape[-1] != classes:
+        raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: {oof.probabilities.shape[-1]} probability channels, but the "
                             f"fold models predict {classes}")
-    try:
-        network = build_ensemble(members, tta=tta)
-    except ValueError as exc:  # fold models of different shapes
-        raise FlexUNetError(f"cannot ensemble the fold models: {exc}") from None
-    rules = postprocess.choose(probabilities, masks)
-    return Package(network, len(members), tta, rules,
-                   postprocess.pooled_dice(probabilities, masks, PostProcessing()),
-                   postprocess.pooled_dice(probabilities, masks, rules))
+    unknown = sorted(set(oof.folds.tolist()) - set(range(package.members)))
+    if unknown:
+        raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: fold {unknown[0]} has no fold model (the trial has "
+                            f"{package.members})")
+    probabilities = oof_predictions(package.fold_models, oof, _development_images(config, oof.names), package.tta,
+                                    config.train.batch_size)
+    selection = postprocess.select(probabilities, oof.masks, oof.folds)
+    stored = postprocess.pooled_dice(oof.probabilities, oof.masks, PostProcessing())
+    return dataclasses.replace(package, postprocessing=selection.rules, selection=selection, stored_oof_dice=stored)
 
 
-def _read_oof(path: Path) -> tuple[np.ndarray, np.ndarray]:
+def oof_predictions(members: tuple[Any, ...] | list[Any], oof: OutOfFold, images: np.ndarray, tta: bool,
+                    batch_size: int = 4) -> np.ndarray:
+    """Each slice of ``images`` (ordered as ``oof``) predicted by its fold's model, with the
+    horizontal flip averaged in when ``tta`` (what the exported ensemble does with every member)."""
+    out = np.zeros(oof.probabilities.shape, np.float32)
+    for k, member in enumerate(members):
+        rows = np.flatnonzero(oof.folds == k)
+        if len(rows):
+            network = build_ensemble([member], tta=tta, name=f"fold_{k}_oof")
+            out[rows] = network.predict(images[rows].astype(np.float32), batch_size=batch_size, verbose=0)
+    return out
+
+
+def _development_images(config: cfg.Config, names: list[str]) -> np.ndarray:
+    """The images of the named train/valid slices of the trial's dataset, at its model size."""
+    from flexunet.data.dataset import load_split
+
+    pool = [load_split(config, "train"), load_split(config, "valid")]
+    where = {name: (part, i) for part in pool for i, name in enumerate(part.names)}
+    missing = [n for n in names if n not in where]
+    if missing:
+        raise FlexUNetError(f"{paths.OOF_PREDICTIONS}: slice {missing[0]!r} (and {len(missing) - 1} more) is not "
+                            "in the dataset's train or valid folders; export with the --data the study ran on")
+    return np.stack([where[n][0].images[where[n][1]] for n in names])
+
+
+def _read_oof(path: Path) -> OutOfFold:
     try:
         with np.load(path, allow_pickle=False) as arrays:
             probabilities, masks = arrays["probabilities"], arrays["masks"]
+            names, folds = [str(n) for n in arrays["names"]], np.asarray(arrays["folds"], np.int64)
     except (OSError, ValueError, KeyError) as exc:
         raise FlexUNetError(f"{path.name}: not readable out-of-fold predictions ({exc})") from None
     if probabilities.ndim != 4 or masks.shape != probabilities.shape[:3]:
         raise FlexUNetError(f"{path.name}: probabilities {probabilities.shape} and masks {masks.shape} "
                             "are not (N,H,W,C) and (N,H,W)")
-    return probabilities, masks
+    if len(names) != len(masks) or folds.shape != (len(masks),):
+        raise FlexUNetError(f"{path.name}: {len(names)} names and {folds.shape} folds for {len(masks)} slices")
+    return OutOfFold(probabilities, masks, names, folds)
 
 
 def trial_config(base: cfg.Config, trial: FrozenTrial, out: Path) -> cfg.Config:
@@ -166,8 +217,15 @@ def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, ar
     """Write the export folder (all or nothing) and evaluate the model on the test split; a
     cross-validated trial exports as the ensemble of its folds (flip TTA unless ``tta`` is False)."""
     trial = choose_trial(study, trial_number)
+    if not tta and fold_count(trial) == 1:
+        raise FlexUNetError(f"--no-tta: trial {trial.number} is a single-split trial, exported as its one model "
+                            "without test-time augmentation; only a cross-validated trial's ensemble has the "
+                            "flip to leave out")
     with tempfile.TemporaryDirectory() as tmp:
         package = _package(trial, storage, artifacts, Path(tmp), tta)
+        if package.members > 1:
+            oof = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, Path(tmp)))
+            package = _with_postprocessing(package, oof, trial_config(base, trial, Path(tmp)))
     network = package.network
     with staged_dir(out, replace=force) as stage, _quiet_exporters():
         # Saved again uncompiled: no training objects, so plain Keras loads it with no imports.
@@ -181,8 +239,8 @@ def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, ar
         else:
             _logger.info("ONNX skipped: install the 'export' extra (tf2onnx, onnxruntime)")
         config = trial_config(base, trial, stage).replace(postprocess=package.postprocessing)
-        cfg.dump(config, stage / "train_eval_infer.config")
-        files.append("train_eval_infer.config")
+        cfg.dump(config, stage / paths.CONFIG_FILE)
+        files.append(paths.CONFIG_FILE)
         evaluation = evaluate(config, stage / MODEL_FILE)
         files += ["evaluation.csv", "evaluation.json"]
         metrics = _metrics(study, trial, evaluation.summary, masked_storage)
@@ -197,7 +255,7 @@ def _package_metrics(package: Package, trial: FrozenTrial, config: cfg.Config) -
     from flexunet.evaluate import json_ready
 
     passes = forward_passes(package.members, package.tta)
-    pp = package.postprocessing
+    pp, sel = package.postprocessing, package.selection
     return json_ready({
         "inference": {
             "models": package.members, "flip_tta": package.tta, "forward_passes": passes,
@@ -205,14 +263,31 @@ def _package_metrics(package: Package, trial: FrozenTrial, config: cfg.Config) -
             # Median of single-image predictions on this machine's CPU, measured at export.
             "ms_per_image": latency_ms(package.network, config),
         },
-        "cross_validation": None if package.members == 1 else {
+        "cross_validation": None if sel is None else {
             "folds": package.members,
             "fold_val_foreground_dice": trial.user_attrs.get(keys.FOLD_DICE),
-            "oof_foreground_dice_pooled": package.oof_dice,
-            "oof_foreground_dice_pooled_postprocessed": package.oof_dice_postprocessed,
+            # The trial's value: each fold model alone on its validation slices, no flip.
+            "oof_foreground_dice_pooled_stored": package.stored_oof_dice,
+            # Re-predicted as the export predicts (with the flip when it has it): the choice's basis.
+            "oof_foreground_dice_pooled": sel.dice,
+            "oof_foreground_dice_pooled_postprocessed": sel.dice_postprocessed,
+            "oof_fold_foreground_dice": sel.fold_dice,
+            "oof_fold_foreground_dice_postprocessed": sel.fold_dice_postprocessed,
         },
         "postprocess": {"threshold": pp.threshold, "min_component_size": pp.min_component_size,
-                        "rule": pp.describe()},
+                        "rule": pp.describe(),
+                        "chosen_on": None if sel is None else (
+                            f"out-of-fold predictions of the {package.members} fold models"
+                            + (" with the horizontal flip" if package.tta else "")),
+                        "guards": None if sel is None else {
+                            "min_gain": postprocess.TOLERANCE, "no_fold_worse": True,
+                            "max_true_lesions_removed": postprocess.MAX_LESIONS_REMOVED,
+                            "max_min_component_size": sel.size_caps},
+                        "refused": None if sel is None else sel.describe_refused(),
+                        "unguarded": None if sel is None else {
+                            "threshold": sel.unguarded.threshold,
+                            "min_component_size": sel.unguarded.min_component_size,
+                            "oof_foreground_dice_pooled": sel.unguarded_dice}},
     })
 
 
@@ -303,9 +378,18 @@ def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
                  f"{f(run['gflops_per_image'])} GFLOPs, {f(run['ms_per_image'])} ms (median of 10 single-image "
                  "predictions, measured at export on the exporting machine).")
     if cv:
-        lines.append(f"- Post-processing ([postprocess] in train_eval_infer.config): {pp['rule']}; out-of-fold "
-                     f"pooled foreground Dice {f(cv['oof_foreground_dice_pooled'])} without, "
-                     f"{f(cv['oof_foreground_dice_pooled_postprocessed'])} with it.")
+        guards = pp["guards"]
+        lines.append(f"- Post-processing ([postprocess] in train_eval_infer.config): {pp['rule']}; chosen on the "
+                     f"{pp['chosen_on']}: pooled foreground Dice {f(cv['oof_foreground_dice_pooled'])} without, "
+                     f"{f(cv['oof_foreground_dice_pooled_postprocessed'])} with it (per fold "
+                     f"{', '.join(f(d) for d in cv['oof_fold_foreground_dice'])} without, "
+                     f"{', '.join(f(d) for d in cv['oof_fold_foreground_dice_postprocessed'])} with). A rule is kept "
+                     f"only if it gains more than {guards['min_gain']:g}, leaves no fold worse, and (a size rule) "
+                     f"removes at most {guards['max_true_lesions_removed']:.0%} of the true lesions of those slices "
+                     f"(here: at most {', '.join(map(str, guards['max_min_component_size']))} px); of those, the "
+                     "mildest within that gain of the best.")
+        if pp.get("refused"):
+            lines.append(f"- Refused: {pp['refused']}.")
     else:
         lines.append("- Post-processing: none (it is chosen on out-of-fold predictions, which only "
                      "cross-validated trials have).")

@@ -93,7 +93,7 @@ class Objective:
         """Train one trial; its life (start, infeasible, fail, interrupt) is search.lifecycle's."""
         lifecycle.start(trial)
         baseline = bool(trial.user_attrs.get(k.BASELINE))
-        values = sp.suggest(trial, self.space)
+        values = sp.suggest(trial, self.space, sp.baseline_unsampled(self.space, self.image_size) if baseline else None)
         try:
             config = sp.trial_config(self.base, self.spec, self.image_size, values, baseline=baseline)
             cost = estimate_cost(config.model)

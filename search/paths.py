@@ -19,7 +19,9 @@ from pathlib import Path
 from flexunet.train import MODEL_FILE
 
 DATA_DIR = "data"
-DATASET_CONFIG = "train_eval_infer.config"
+# The seed-format config: a prepared dataset's, and an export's (what evaluate/infer read).
+CONFIG_FILE = "train_eval_infer.config"
+DATASET_CONFIG = CONFIG_FILE
 SPLIT_FILE = "split.json"
 STUDY_DB = "study.db"
 ARTIFACTS_DIR = "artifacts"
@@ -49,7 +51,7 @@ def fold_log(k: int) -> str:
     return f"train_log_fold{k}.csv"
 
 
-__all__ = ["ARTIFACTS_DIR", "CURVES_FILE", "DATASET_CONFIG", "DATA_DIR", "LOGS_DIR", "LOG_FILE", "MODEL_FILE",
+__all__ = ["ARTIFACTS_DIR", "CONFIG_FILE", "CURVES_FILE", "DATASET_CONFIG", "DATA_DIR", "LOGS_DIR", "LOG_FILE", "MODEL_FILE",
            "OVERLAYS_FILE", "FOLDS_FILE", "OOF_PREDICTIONS", "fold_model", "fold_log", "SPLIT_FILE", "STUDY_DB", "TRIAL_FILES", "RunFolder"]
 
 

@@ -71,13 +71,20 @@ def bounded(space: tuple[ParamSpec, ...], size: int, where: str) -> tuple[ParamS
     return tuple(out)
 
 
-def suggest(trial: optuna.Trial, space: tuple[ParamSpec, ...]) -> dict[str, Any]:
-    """Sample every parameter whose conditions hold, in the order of the study file."""
+def suggest(trial: optuna.Trial, space: tuple[ParamSpec, ...],
+            given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Sample every parameter whose conditions hold, in the order of the study file; a
+    parameter in ``given`` takes that value without being sampled or stored as an Optuna
+    parameter (the baseline's values outside a categorical's choices: see
+    :func:`baseline_unsampled`)."""
     values: dict[str, Any] = {}
+    given = given or {}
     for p in space:
         if any(values.get(parent, _MISSING) not in allowed for parent, allowed in p.when.items()):
             continue
-        if p.kind == "categorical":
+        if p.name in given:
+            values[p.name] = given[p.name]
+        elif p.kind == "categorical":
             values[p.name] = trial.suggest_categorical(p.name, list(p.choices))
         elif p.kind == "int":
             values[p.name] = trial.suggest_int(p.name, int(p.low), int(p.high), step=int(p.step or 1), log=p.log)
@@ -133,17 +140,36 @@ def trial_config(base: cfg.Config, spec: StudySpec, image_size: int, values: Map
 
 
 def baseline_params(spec: StudySpec, space: tuple[ParamSpec, ...], image_size: int) -> dict[str, Any]:
-    """The seed's values of the searched parameters, to enqueue as trial 0."""
-    seed = {**SEED_BASELINE, "num_layers": seed_layers(image_size)}
-    params = {}
-    for p in space:
-        if p.name not in seed:
-            continue
-        value = seed[p.name]
-        if p.kind == "categorical" and value not in p.choices:
-            continue  # the trial samples it; its user attrs still mark it as the baseline
-        params[p.name] = value
-    return params
+    """The seed's values of the searched parameters, to enqueue as trial 0 (Optuna's fixed
+    parameters); those outside a categorical's choices are left out (:func:`baseline_unsampled`)."""
+    seed = _seed_values(image_size)
+    unsampled = baseline_unsampled(space, image_size)
+    return {p.name: seed[p.name] for p in space if p.name in seed and p.name not in unsampled}
+
+
+def baseline_unsampled(space: tuple[ParamSpec, ...], image_size: int) -> dict[str, Any]:
+    """The seed's values that lie outside their categorical's choices (the seed's 11x11 kernel
+    where the space offers 3, 5 and 7): the baseline trial takes them without suggesting them.
+
+    Optuna cannot hold them as parameters: an enqueued (fixed) value outside a numeric range
+    is stored with a warning, but ``CategoricalDistribution.to_internal_repr`` raises for a
+    value that is not among the choices. Keeping the value among the choices only for the
+    baseline made every searched trial able to sample it (the sample study's kernel 11 is over
+    its FLOP budget: a third of its trials were infeasible). The value stays in the trial's
+    ``settings`` user attribute; samplers see a trial without that parameter, as for a
+    conditional one.
+
+    >>> from search.study_file import ParamSpec
+    >>> baseline_unsampled((ParamSpec("base_kernels", "categorical", choices=(3, 5, 7)),), 96)
+    {'base_kernels': 11}
+    """
+    seed = _seed_values(image_size)
+    return {p.name: seed[p.name] for p in space
+            if p.kind == "categorical" and p.name in seed and seed[p.name] not in p.choices}
+
+
+def _seed_values(image_size: int) -> dict[str, Any]:
+    return {**SEED_BASELINE, "num_layers": seed_layers(image_size)}
 
 
 def infeasible(config: cfg.Config, budget: Budget, *, baseline: bool = False) -> str | None:
