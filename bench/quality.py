@@ -37,21 +37,31 @@ Figures per arm: foreground Dice pooled over every outer-test slice of the finis
 hemorrhage slices, then the mean over patients: here every slice has hemorrhage), and both per
 outer fold. Targets, printed as met or missed: (a) >= 0.30 pooled, (a) >= (b) + 0.05, (a) >= (d).
 
-Sizing of the full mode (128 px, 3 outer folds, each search ``timeout = 360`` s, ``n_trials =
-60``, ``max_epochs = 8``: the study's own budget but its 900 s timeout). One outer fold costs
-about 2 x timeout (the two searches; no trial starts after it) + the last CV trial that runs past
-it (up to ~150 s at 128 px) + the last single-split trial (~50 s) + three exports (~40 s each:
-ensemble, SavedModel, ONNX, evaluation, latency) + the default model (~130 s: 50 epochs of ~2.5 s,
-or fewer with early stopping) + preparing and worker start-ups (~30 s): about 2 x 360 + 480 =
-1,200 s, so 3 folds take about 60 minutes on a quiet 2-core machine. The per-step figures come from
-BENCHMARKS.md section 9 (the sample study at 96 px: 60 trials in 13m34s, a full 3-fold trial
-60-110 s) scaled by 1.8 for 128 px, section 1 (~15 images/s at 128 px) and the overheads measured
-on a loaded machine by ``--size 128 --outer-folds 3 --max-outer 1 --timeout 60`` (BENCHMARKS.md
-section 4). On a busy machine (load 4-6 on 2 cores) expect up to twice as long; every finished
-outer fold is in ``--json`` as soon as it ends.
+Sizing of the full mode: 128 px, 2 outer folds (23 slices each with --outer-seed 1), each search
+``timeout = 600`` s and ``n_trials = 60`` (the study's ``n_trials``; the timeout ends a search
+first), ``max_epochs = 8`` (the study's). Estimate for a quiet 2-core machine, per outer fold:
+
+    CV search        600 s + the last trial, which may run past the timeout (<= ~150-200 s)
+    CV export        ~100 s  (ensemble + SavedModel + ONNX + evaluation + latency; measured
+                              113 CPU s for the largest case, the seed's 3 x 10.1M-parameter ensemble)
+    single search    600 s + the last trial (~55 s: the seed baseline, 8 epochs, 77 CPU s)
+    single export    ~20 s (20 CPU s), and ~20 s more for trial 0 when it is not the best
+    default model    ~50-140 s (48 CPU s for 17 epochs with early stopping; 50 epochs at most)
+    prepare, starts  ~15 s
+    total            ~1,600-1,750 s, so 2 outer folds take ~55-60 minutes.
+
+The CPU seconds were measured (on a machine at load 10-19, where the wall clock ran ~4x longer)
+by ``python bench/quality.py --size 128 --outer-folds 3 --max-outer 1 --timeout 60 --work DIR``:
+its searches ran only the seed baseline, the most expensive trial (223 CPU s for 3 folds x 8
+epochs, i.e. ~150 s on a quiet machine, where TensorFlow's two threads run in parallel; the
+sample study's 96 px baseline took 83 s in BENCHMARKS.md section 9). The last-trial overrun
+takes BENCHMARKS.md section 9's full 3-fold trials (60-110 s at 96 px) x 1.8 for 128 px. On a
+busy machine the two timeouts stay 2 x 600 s per fold (fewer trials fit in them) and the rest
+stretches with the load: at load ~10 on 2 cores expect ~100 minutes. Every finished arm of every
+outer fold is written to ``--json`` as soon as it is scored.
 
     python bench/quality.py [--quick] [--size 128] [--outer-folds 2] [--timeout 600] [--n-trials 60]
-                            [--max-outer N] [--work DIR] [--json FILE]
+                            [--outer-seed 1] [--max-outer N] [--work DIR] [--json FILE]
 
 ``--quick``: 32 px, 2 outer folds, searches of one trial (the seed baseline) of 1 epoch of 2
 batches per fold, the default model for 1 epoch, exports without ONNX: a check that the pipeline
@@ -196,8 +206,8 @@ def export_and_predict(study: Any, out: Path, trial: int | None = None) -> dict[
     with its post-processing and without it."""
     from flexunet import config as cfg
     from flexunet.data.dataset import load_split
-    from flexunet.evaluate import load_model, predict_classes
-    from flexunet.postprocess import PostProcessing
+    from flexunet.evaluate import load_model
+    from flexunet.postprocess import PostProcessing, apply
     from flexunet.train import MODEL_FILE
 
     started = time.perf_counter()
@@ -214,9 +224,10 @@ def export_and_predict(study: Any, out: Path, trial: int | None = None) -> dict[
         "inner_value": result.trial.values[0] if result.trial.values else None,
         "oof_dice": package.oof_dice, "oof_dice_postprocessed": package.oof_dice_postprocessed,
     }
+    # One prediction, both ways (as flexunet.evaluate.predict_classes does it, without predicting twice).
+    probabilities = network.predict(test.images.astype(np.float32), batch_size=batch, verbose=0)
     return {"info": info, "test": test,
-            "pred": predict_classes(network, test, batch, config.postprocess),
-            "pred_raw": predict_classes(network, test, batch, PostProcessing()),
+            "pred": apply(probabilities, config.postprocess), "pred_raw": apply(probabilities, PostProcessing()),
             "num_classes": config.model.num_classes, "pattern": config.dataset.patient_pattern}
 
 
