@@ -51,7 +51,7 @@ first), ``max_epochs = 8`` (the study's). Estimate for a quiet 2-core machine, p
     total            ~1,600-1,750 s, so 2 outer folds take ~55-60 minutes.
 
 The CPU seconds were measured (on a machine at load 10-19, where the wall clock ran ~4x longer)
-by ``python bench/quality.py --size 128 --outer-folds 3 --max-outer 1 --timeout 60 --work DIR``:
+by ``python bench/quality.py --size 128 --outer-folds 3 --outer-seed 0 --max-outer 1 --timeout 60 --work DIR``:
 its searches ran only the seed baseline, the most expensive trial (223 CPU s for 3 folds x 8
 epochs, i.e. ~150 s on a quiet machine, where TensorFlow's two threads run in parallel; the
 sample study's 96 px baseline took 83 s in BENCHMARKS.md section 9). The last-trial overrun
