@@ -3,11 +3,12 @@ bundled CT-ICH sample (17 patients, 46 slices, all with hemorrhage).
 
 Outer folds. The patients are split into ``--outer-folds`` groups balanced by slice count
 (``flexunet.data.split.cv_folds``, ``--outer-seed 1``: with seed 0 its greedy balance puts both
-10-slice patients, 078 and 080, in one group, 28 against 18 slices; seed 1 gives 23 and 23). For outer fold k the sample is prepared with group k
-as its test part and the other patients split into train and valid (``flexunet prepare ct-ich
-SRC OUT --size S --test-patients ...``: ``ct_ich.prepare(test_patients=...)``). Everything
-below sees only that dataset's train and valid patients; its test patients are scored once,
-at the end, and are never seen by a search, a post-processing choice or early stopping.
+10-slice patients, 078 and 080, in one group, 28 against 18 slices; seed 1 gives 23 and 23).
+For outer fold k the sample is prepared with group k as its test part and the other patients
+split into train and valid (``flexunet prepare ct-ich SRC OUT --size S --test-patients ...``:
+``ct_ich.prepare(test_patients=...)``). Everything below sees only that dataset's train and
+valid patients; its test patients are scored once, at the end, and are never seen by a search,
+a post-processing choice or early stopping.
 
 Four arms, on the same outer folds, each scored on the outer-test patients with
 ``flexunet.evaluate.score``:
@@ -51,8 +52,8 @@ first), ``max_epochs = 8`` (the study's). Estimate for a quiet 2-core machine, p
     total            ~1,600-1,750 s, so 2 outer folds take ~55-60 minutes.
 
 The CPU seconds were measured (on a machine at load 10-19, where the wall clock ran ~4x longer)
-by ``python bench/quality.py --size 128 --outer-folds 3 --outer-seed 0 --max-outer 1 --timeout 60 --work DIR``:
-its searches ran only the seed baseline, the most expensive trial (223 CPU s for 3 folds x 8
+by ``python bench/quality.py --size 128 --outer-folds 3 --outer-seed 0 --max-outer 1
+--timeout 60 --work DIR``: its searches ran only the seed baseline, the most expensive trial (223 CPU s for 3 folds x 8
 epochs, i.e. ~150 s on a quiet machine, where TensorFlow's two threads run in parallel; the
 sample study's 96 px baseline took 83 s in BENCHMARKS.md section 9). The last-trial overrun
 takes BENCHMARKS.md section 9's full 3-fold trials (60-110 s at 96 px) x 1.8 for 128 px. On a
