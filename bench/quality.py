@@ -53,12 +53,13 @@ first), ``max_epochs = 8`` (the study's). Estimate for a quiet 2-core machine, p
 
 The CPU seconds were measured (on a machine at load 10-19, where the wall clock ran ~4x longer)
 by ``python bench/quality.py --size 128 --outer-folds 3 --outer-seed 0 --max-outer 1
---timeout 60 --work DIR``: its searches ran only the seed baseline, the most expensive trial (223 CPU s for 3 folds x 8
-epochs, i.e. ~150 s on a quiet machine, where TensorFlow's two threads run in parallel; the
-sample study's 96 px baseline took 83 s in BENCHMARKS.md section 9). The last-trial overrun
-takes BENCHMARKS.md section 9's full 3-fold trials (60-110 s at 96 px) x 1.8 for 128 px. On a
-busy machine the two timeouts stay 2 x 600 s per fold (fewer trials fit in them) and the rest
-stretches with the load: at load ~10 on 2 cores expect ~100 minutes. Every finished arm of every
+--timeout 60 --work DIR``: its searches ran only the seed baseline, the most expensive trial
+(223 CPU s for 3 folds x 8 epochs, i.e. ~150 s on a quiet machine, where TensorFlow's two
+threads run in parallel; the sample study's 96 px baseline took 83 s in BENCHMARKS.md section
+9). The last-trial overrun takes BENCHMARKS.md section 9's full 3-fold trials (60-110 s at 96
+px) x 1.8 for 128 px. On a busy machine the two timeouts stay 2 x 600 s per fold (fewer trials
+fit in them) and the rest stretches with the load: at load ~10 on 2 cores expect ~100 minutes.
+Every finished arm of every
 outer fold is written to ``--json`` as soon as it is scored.
 
     python bench/quality.py [--quick] [--size 128] [--outer-folds 2] [--timeout 600] [--n-trials 60]
