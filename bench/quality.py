@@ -59,8 +59,7 @@ threads run in parallel; the sample study's 96 px baseline took 83 s in BENCHMAR
 9). The last-trial overrun takes BENCHMARKS.md section 9's full 3-fold trials (60-110 s at 96
 px) x 1.8 for 128 px. On a busy machine the two timeouts stay 2 x 600 s per fold (fewer trials
 fit in them) and the rest stretches with the load: at load ~10 on 2 cores expect ~100 minutes.
-Every finished arm of every
-outer fold is written to ``--json`` as soon as it is scored.
+Every finished arm of every outer fold is written to ``--json`` as soon as it is scored.
 
     python bench/quality.py [--quick] [--size 128] [--outer-folds 2] [--timeout 600] [--n-trials 60]
                             [--outer-seed 1] [--max-outer N] [--work DIR] [--json FILE]
