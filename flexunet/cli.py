@@ -31,11 +31,14 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
 
     if args.folds is not None and args.split is not None:
         raise FlexUNetError("give --folds or --split, not both")
+    test_patients = None
+    if args.test_patients is not None:
+        test_patients = [f"{int(p):03d}" if p.strip().isdigit() else p.strip() for p in args.test_patients.split(",")]
     fractions = parse_fractions(args.split) if args.split else (0.7, 0.15, 0.15)
     print(f"preparing CT-ICH from {args.src} into {args.out}", flush=True)
     report = ct_ich.prepare(Path(args.src), Path(args.out), size=args.size, fractions=fractions,
                             folds=args.folds, seed=args.seed, only_hemorrhage=args.only_hemorrhage,
-                            force=args.force)
+                            force=args.force, test_patients=test_patients)
     for line in report.lines():
         print(line)
     config = Path(args.out) / ("fold_0" if args.folds else "") / "train_eval_infer.config"
@@ -144,6 +147,9 @@ def build_parser() -> argparse.ArgumentParser:
     ct.add_argument("--folds", type=int, help="write K patient folds (fold_0 .. fold_K-1) instead of one split")
     ct.add_argument("--split", help="train,valid,test fractions of slices (default 0.7,0.15,0.15)")
     ct.add_argument("--seed", type=int, default=0, help="seed of the patient split (default 0)")
+    ct.add_argument("--test-patients", metavar="IDS",
+                    help="comma-separated patient numbers for the test part (e.g. 49,50); the others are "
+                         "split into train and valid by --split's first two fractions")
     ct.add_argument("--only-hemorrhage", action="store_true",
                     help="keep only slices with hemorrhage (the seed's choice; hides false positives)")
     ct.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")

@@ -20,7 +20,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,8 @@ import numpy as np
 
 from flexunet import config as cfg
 from flexunet.data import io as imio
-from flexunet.data.split import PARTS, PatientInfo, check_disjoint, fold_patients, split_patients
+from flexunet.data.split import (PARTS, PatientInfo, check_disjoint, fold_patients, split_holding_out,
+                                 split_patients)
 from flexunet.errors import DataError
 from flexunet.textfiles import read_text
 from flexunet.outputs import staged_dir
@@ -399,11 +400,17 @@ def find_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
 
 def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
             folds: int | None = None, seed: int = 0, only_hemorrhage: bool = False,
-            force: bool = False) -> PrepareReport:
+            force: bool = False, test_patients: Sequence[str] | None = None) -> PrepareReport:
     """Write ``out/{train,valid,test}/{images,masks}`` (or ``out/fold_k/...``), ``split.json``,
-    ``slices.csv`` and a ready-to-train ``train_eval_infer.config``."""
+    ``slices.csv`` and a ready-to-train ``train_eval_infer.config``.
+
+    ``test_patients`` (3-digit ids, e.g. an outer fold of nested cross-validation) are the test
+    part; the other patients are split into train and valid in the ratio of the first two
+    ``fractions``."""
     if size is not None and not 8 <= size <= 4096:
         raise DataError(f"--size {size}: expected a side between 8 and 4096 pixels")
+    if folds and test_patients is not None:
+        raise DataError("give --folds or --test-patients, not both")
     report = PrepareReport()
     refs = find_slices(Path(src), report)
     if only_hemorrhage:
@@ -415,6 +422,8 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
     layouts: dict[str, dict[str, list[str]]]
     if folds:
         layouts = {f"fold_{k}": parts for k, parts in enumerate(fold_patients(patients, folds, seed))}
+    elif test_patients is not None:
+        layouts = {"": split_holding_out(patients, test_patients, fractions, seed)}
     else:
         layouts = {"": split_patients(patients, fractions, seed)}
     for parts in layouts.values():
@@ -442,7 +451,7 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
         for prefix, parts in layouts.items():
             root = stage / prefix
             cfg.dump(_training_config(root, side), root / "train_eval_infer.config")
-        _write_split(stage, layouts, rows, part_of, seed, fractions, folds, size)
+        _write_split(stage, layouts, rows, part_of, seed, fractions, folds, size, test_patients)
         first = next(iter(layouts))
         for part, ps in layouts[first].items():
             names = [ref for ref, _ in rows if ref.patient in set(ps)]
@@ -454,13 +463,14 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
 
 def _write_split(stage: Path, layouts: dict[str, dict[str, list[str]]], rows: Iterable[tuple[_SliceRef, int]],
                  part_of: dict[str, dict[str, str]], seed: int, fractions: tuple[float, ...],
-                 folds: int | None, size: int | None) -> None:
+                 folds: int | None, size: int | None, test_patients: Sequence[str] | None) -> None:
     rows = list(rows)
     split = {
         "dataset": "ct-ich",
         "seed": seed,
         "size": size,
         "unit": "patient",
+        "test_patients_given": test_patients is not None,  # test part chosen by the caller
         "folds": [{"name": k, **v} for k, v in layouts.items()] if folds else None,
         "fractions": None if folds else list(fractions),
         "parts": None if folds else layouts[""],

@@ -40,6 +40,27 @@ def split_patients(patients: Mapping[str, PatientInfo], fractions: Sequence[floa
     return {part: sorted(group) for part, group in zip(PARTS, groups)}
 
 
+def split_holding_out(patients: Mapping[str, PatientInfo], test: Sequence[str], fractions: Sequence[float],
+                      seed: int) -> dict[str, list[str]]:
+    """``test`` as the test part (an outer cross-validation fold, say); every other patient goes
+    to train or valid, balanced by slice count in the ratio ``fractions[0] : fractions[1]``.
+
+    >>> info = {p: PatientInfo(2, 1) for p in "abcde"}
+    >>> split_holding_out(info, ["e"], (0.7, 0.15, 0.15), 0)["test"]
+    ['e']
+    """
+    test_set = set(test)
+    unknown = sorted(test_set - set(patients))
+    if unknown:
+        raise DataError(f"test patients {', '.join(unknown)}: not in the dataset "
+                        f"(it has {', '.join(sorted(patients)) or 'none'})")
+    if not test_set:
+        raise DataError("test patients: the list is empty")
+    rest = {p: info for p, info in patients.items() if p not in test_set}
+    groups = _balanced_groups(rest, [fractions[0], fractions[1]], seed, 2)
+    return {"train": sorted(groups[0]), "valid": sorted(groups[1]), "test": sorted(test_set)}
+
+
 def fold_patients(patients: Mapping[str, PatientInfo], folds: int, seed: int) -> list[dict[str, list[str]]]:
     """K folds: fold k tests on group k, validates on group k+1 and trains on the rest."""
     if folds < 3:
