@@ -173,8 +173,33 @@ def early_vs_final(folder: Path, arm: str, steps: tuple[int, ...]) -> dict[str, 
         if len(pairs) >= 3:
             rho = spearmanr([a for a, _ in pairs], [b for _, b in pairs]).statistic
             result[str(k)] = {"trials": len(pairs), "spearman": float(rho)}
-            c.log(f"unpruned trials: value at step {k} against final value, Spearman {rho:+.2f} over {len(pairs)} trials")
+            # Trials that never segment anything (final 0) are easy to rank: the figure without them.
+            learned = [(a, b) for a, b in pairs if b > 0]
+            if len(learned) >= 3:
+                result[str(k)]["spearman_final_above_0"] = float(
+                    spearmanr([a for a, _ in learned], [b for _, b in learned]).statistic)
+                result[str(k)]["trials_final_above_0"] = len(learned)
+            c.log(f"unpruned trials: value at step {k} against final value, Spearman {rho:+.2f} over {len(pairs)} trials"
+                  + (f"; {result[str(k)]['spearman_final_above_0']:+.2f} over the {len(learned)} with final value > 0"
+                     if len(learned) >= 3 else ""))
     return result
+
+
+def rung_values(folder: Path, arm: str, steps: tuple[int, ...]) -> dict[str, dict[int, dict[str, float]]]:
+    """Every kept run's trials and their reported values at ``steps`` (1-based): what the
+    pruner compared at each rung."""
+    import optuna
+
+    out: dict[str, dict[int, dict[str, float]]] = {}
+    prefix = "seed" if arm == "split" else "cv-seed"
+    for db in sorted(folder.glob(f"{prefix}*/run/study.db")):
+        storage = f"sqlite:///{db}"
+        for summary in optuna.get_all_study_summaries(storage):
+            study = optuna.load_study(study_name=summary.study_name, storage=storage)
+            out[db.parts[-3]] = {t.number: {str(k): round(t.intermediate_values[k - 1], 4) for k in steps
+                                            if (k - 1) in t.intermediate_values}
+                                 for t in study.get_trials(deepcopy=False)}
+    return out
 
 
 def shared_trials(pair: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -190,8 +215,12 @@ def shared_trials(pair: dict[str, dict[str, Any]]) -> dict[str, Any]:
                             "value_when_pruning": other["value"]})
     best = pair["unpruned"]["best_trial"]
     fate = next((m for m in matches if m["unpruned_trial"] == best), None)
+    stopped = [m for m in matches if m["state_when_pruning"] == "PRUNED" and m["stop_reason"] != "infeasible"]
     return {"matches": matches, "unpruned_best_trial": best,
-            "unpruned_best_fate": None if fate is None else fate["state_when_pruning"]}
+            "unpruned_best_fate": None if fate is None else fate["state_when_pruning"],
+            "stopped_known": len(stopped),
+            # trials the pruner stopped that, left to run, end above the pruned study's best
+            "stopped_would_beat_pruned_best": sum(1 for m in stopped if m["final"] > pair["pruned"]["best_dice"])}
 
 
 def _number(text: str) -> Any:
@@ -251,7 +280,7 @@ def main() -> None:
     steps = (3, 5, 7) if args.arm == "split" else rung_steps(args.max_epochs, folds)
     if args.analyse:
         result = early_vs_final(Path(args.analyse), args.arm, steps)
-        c.write_json(args.json, {"early_vs_final": result})
+        c.write_json(args.json, {"early_vs_final": result, "rung_values": rung_values(Path(args.analyse), args.arm, steps)})
         first = min(result, key=int) if result else None
         c.headline(f"spearman_step{first}_vs_final", result[first]["spearman"] if first else float("nan"), ".2f")
         return
@@ -274,6 +303,7 @@ def main() -> None:
                       f"best Dice {result['best_dice']:.4f} (trial {result['best_trial']})  states {result['states']}")
                 c.log(f"    {result['command']}")
         correlation = early_vs_final(folder, args.arm, steps)
+        at_rungs = rung_values(folder, args.arm, steps)
     finally:
         if not args.keep:
             shutil.rmtree(folder, ignore_errors=True)
@@ -304,7 +334,9 @@ def main() -> None:
                           f"{' (' + m['stop_reason'] + ')' if m['state_when_pruning'] == 'PRUNED' else ''}"
                           for m in s["matches"]))
         c.log(f"seed {seed}: the unpruned study's best trial ({s['unpruned_best_trial']}) in the pruned study: "
-              f"{s['unpruned_best_fate'] or 'not tried (the studies had diverged)'}")
+              f"{s['unpruned_best_fate'] or 'not tried (the studies had diverged)'}; of the {s['stopped_known']} "
+              f"trials it stopped whose final value is known, {s['stopped_would_beat_pruned_best']} would have "
+              "ended above the pruned study's best")
     if any(r["uncounted_failed_trials"] for r in runs):
         c.log("note: failed trials without an epochs_run attribute (not counted):",
               {f"{r['seed']}-{r['pruner']}": r["uncounted_failed_trials"] for r in runs if r["uncounted_failed_trials"]})
@@ -317,6 +349,7 @@ def main() -> None:
           f"{'met' if c.median(saved) >= 0.40 and all(x <= 0.02 for x in dice_gap) else 'NOT met'}")
     c.write_json(args.json, {"quick": args.quick, "arm": args.arm, "folds": folds, "machine": c.machine(),
                              "args": vars(args), "runs": runs, "early_vs_final": correlation, "shared_trials": shared,
+                             "values_at_steps": at_rungs,
                              "epochs_saved": saved, "wall_saved": wall_saved, "dice_gap_unpruned_minus_pruned": dice_gap})
     c.headline("epochs_saved_pct", 100 * c.median(saved), ".1f")
 
