@@ -223,7 +223,10 @@ def export_and_predict(study: Any, out: Path, trial: int | None = None) -> dict[
         "trial": result.trial.number, "params": result.trial.params, "export_seconds": round(export_s, 1),
         "members": package.members, "tta": package.tta, "postprocess": package.postprocessing.describe(),
         "inner_value": result.trial.values[0] if result.trial.values else None,
-        "oof_dice": package.oof_dice, "oof_dice_postprocessed": package.oof_dice_postprocessed,
+        "oof_dice_stored": package.stored_oof_dice,
+        "oof_dice": package.selection.dice if package.selection else None,
+        "oof_dice_postprocessed": package.selection.dice_postprocessed if package.selection else None,
+        "postprocess_refused": package.selection.describe_refused() if package.selection else None,
     }
     # One prediction, both ways (as flexunet.evaluate.predict_classes does it, without predicting twice).
     probabilities = network.predict(test.images.astype(np.float32), batch_size=batch, verbose=0)
