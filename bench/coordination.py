@@ -338,6 +338,7 @@ def _growth_worker(url: str, tasks: Any, ready: Any, go: Any, out: Any) -> None:
     import optuna
 
     from search import _internals, algorithms, study_file
+    from search import keys as k
     from search import space as sp
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -358,6 +359,7 @@ def _growth_worker(url: str, tasks: Any, ready: Any, go: Any, out: Any) -> None:
         # The storage's cost of a no-op trial (RandomSampler, as in part 1), through the worker's loop.
         trial_s, _ = run_trials(study, space, 10**9, epochs, limit=noop)
         ask_s: dict[str, list[float]] = {}
+        ask_cpu: dict[str, list[float]] = {}  # this process's CPU seconds: TPE's own work, less the machine's load
         for variant in variants:  # the study's sampler (and variants): ask + the space's suggest calls
             changed = dataclasses.replace(spec, sampler=dataclasses.replace(
                 spec.sampler, kwargs={**spec.sampler.kwargs, **variant}))
@@ -365,14 +367,18 @@ def _growth_worker(url: str, tasks: Any, ready: Any, go: Any, out: Any) -> None:
             # The same storage (and read cache) as the worker's study: a second would read every trial again.
             tpe = optuna.load_study(study_name=name, storage=_internals.study_storage(study), sampler=sampler)
             times = ask_s.setdefault(variant_name(variant), [])
+            cpu = ask_cpu.setdefault(variant_name(variant), [])
             for _ in range(asks):
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 trial = tpe.ask()
                 sp.suggest(trial, space)
                 times.append(time.perf_counter() - started)
-                # FAIL: samplers read COMPLETE and PRUNED trials, so the asks leave the study's size as it was.
+                cpu.append(time.process_time() - cpu_started)
+                # FAIL: samplers read COMPLETE and PRUNED trials, so the asks leave the study's size as it was;
+                # with a reason, or lifecycle.sweep takes it for a trial lost with its process and retries it.
+                trial.set_user_attr(k.FAIL_REASON, "bench: an ask, not a trial")
                 tpe.tell(trial, state=optuna.trial.TrialState.FAIL)
-        out.put((os.getpid(), trial_s, ask_s, first_read))
+        out.put((os.getpid(), trial_s, ask_s, first_read, ask_cpu))
 
 
 def variant_name(variant: dict[str, Any]) -> str:
@@ -435,11 +441,12 @@ def growth(url: str, args: argparse.Namespace) -> dict[str, Any]:
                 for variant in variants:
                     key = variant_name(variant)
                     row[f"ask_ms[{key}]"] = 1000 * c.median([x for f in finished for x in f[2][key]])
+                    row[f"ask_cpu_ms[{key}]"] = 1000 * c.median([x for f in finished for x in f[4][key]])
                 results["sizes"].append(row)
                 c.log(f"growth: {size:>6} trials ({workers} worker(s); a worker's first read of the study "
                       f"{row['first_read_s']:.1f} s): no-op trial {row['ms_per_noop_trial']:.0f} ms "
-                      f"(n={len(trial_s)}); " + "; ".join(f"ask {k[7:-1]} {v:.0f} ms" for k, v in row.items()
-                                                         if k.startswith("ask_ms")))
+                      f"(n={len(trial_s)}); " + "; ".join(f"ask {k[7:-1]} {v:.0f} ms (CPU {row['ask_cpu_ms[' + k[7:]]:.0f})"
+                                                         for k, v in row.items() if k.startswith("ask_ms")))
     finally:
         for queue in tasks:
             queue.put(None)
@@ -449,10 +456,11 @@ def growth(url: str, args: argparse.Namespace) -> dict[str, Any]:
         rows = [r for r in results["sizes"] if r["workers"] == workers]
         if len(rows) >= 2:
             small, large = rows[0], rows[-1]
-            ratios = {k[7:-1]: large[k] / small[k] for k in small if k.startswith("ask_ms")}
+            ratios = {k[7:-1]: (large[k] / small[k], large["ask_cpu_" + k[4:]] / small["ask_cpu_" + k[4:]])
+                      for k in small if k.startswith("ask_ms")}
             c.log(f"growth, {workers} worker(s), {small['size']} -> {large['size']} trials: no-op trial x"
                   f"{large['ms_per_noop_trial'] / small['ms_per_noop_trial']:.2f}, ask "
-                  + ", ".join(f"{k} x{v:.2f}" for k, v in ratios.items()))
+                  + ", ".join(f"{k} x{v:.2f} (CPU x{u:.2f})" for k, (v, u) in ratios.items()))
     return results
 
 
@@ -544,6 +552,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--parts", nargs="+", choices=PARTS, default=list(PARTS),
                         help="what to measure (default: all)")
+    parser.add_argument("--sizes", type=int, nargs="+", help="growth: study sizes (default 100 1000 10000)")
+    parser.add_argument("--growth-workers", type=int, nargs="+", help="growth: worker counts (default 1 2 4 8)")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
     args.epochs = 10
@@ -553,7 +563,8 @@ def main() -> None:
     # Growth: study sizes, worker counts, no-op trials per run (shared by its workers, at least 4
     # each), sampler asks per worker and variant, the sampler variants (one worker; several).
     window = {"window": 100, "window_best": 25} if args.quick else {"window": 1000, "window_best": 25}
-    args.sizes, args.growth_workers = ([100, 300], [1]) if args.quick else ([100, 1000, 10_000], [1, 2, 4, 8])
+    sizes, growth_workers = ([100, 300], [1]) if args.quick else ([100, 1000, 10_000], [1, 2, 4, 8])
+    args.sizes, args.growth_workers = args.sizes or sizes, args.growth_workers or growth_workers
     args.growth_trials, args.growth_asks = (4, 3) if args.quick else (20, 4)
     args.get_trials_size = 300 if args.quick else 2000
     args.variants_one = [{}, window] if args.quick else [
