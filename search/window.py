@@ -47,6 +47,7 @@ from optuna.trial import FrozenTrial, TrialState
 from search import _internals
 
 __all__ = ["WindowedSampler"]
+_FINISHED = frozenset((TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))
 
 
 class WindowedSampler(optuna.samplers.BaseSampler):
@@ -64,18 +65,26 @@ class WindowedSampler(optuna.samplers.BaseSampler):
         return f"WindowedSampler({self.sampler.__class__.__name__}, last={self.last}, best={self.best})"
 
     def visible(self, trials: Sequence[FrozenTrial], study: optuna.Study) -> list[FrozenTrial]:
-        """The trials of ``trials`` the wrapped sampler may see, in their order."""
-        finished = [t for t in trials if t.state.is_finished()]
-        if len(finished) <= self.last + self.best:
+        """The trials of ``trials`` the wrapped sampler may see, in their order.
+
+        ``trials`` come as a study gives them, in the order of their numbers, so the most
+        recent are at the end: the window costs a pass over the older ones, not a sort."""
+        if len(trials) <= self.last + self.best:
             return list(trials)
-        keep = {t.number for t in heapq.nlargest(self.last, finished, key=lambda t: t.number)}
+        cut, seen = len(trials), 0
+        while cut > 0 and seen < self.last:  # trials[cut:] holds the last `last` finished ones
+            cut -= 1
+            seen += trials[cut].state in _FINISHED
+        older = trials[:cut]
+        kept = [t for t in older if t.state not in _FINISHED]  # running: for constant_liar
         if self.best:
             if len(study.directions) > 1:
                 raise ValueError("WindowedSampler: best needs a single-objective study")
             sign = 1.0 if study.direction == StudyDirection.MAXIMIZE else -1.0
-            complete = [t for t in finished if t.state == TrialState.COMPLETE and t.number not in keep]
-            keep.update(t.number for t in heapq.nlargest(self.best, complete, key=lambda t: sign * t.values[0]))
-        return [t for t in trials if not t.state.is_finished() or t.number in keep]
+            complete = [t for t in older if t.state is TrialState.COMPLETE]
+            kept += heapq.nlargest(self.best, complete, key=lambda t: sign * t.value)
+            kept.sort(key=lambda t: t.number)
+        return kept + list(trials[cut:])
 
     def _view(self, study: optuna.Study) -> Any:
         return _internals.TrialsView(study, lambda trials: self.visible(trials, study))
