@@ -256,10 +256,13 @@ def sweep(study: optuna.Study) -> None:
     grace = _internals.grace_period(study) or 2 * interval
     now = datetime.datetime.now()
     trials = study.get_trials(deepcopy=False)
+    # The trials that have a copy, found once: asking retry() for each failure would scan the
+    # whole study per failure, and every worker sweeps before every trial.
+    copied = {history[-1] for t in trials if (history := RetryHeartbeatStaleTrialCallback.retry_history(t))}
     for trial in trials:
         # Failures flexunet decided carry a reason (non-finite loss, crash, interrupt, silence)
         # and were handled where they happened; one without a reason came from Optuna's check.
         if (trial.state == TrialState.FAIL and not trial.user_attrs.get(k.FAIL_REASON)
-                and trial.datetime_complete is not None
+                and trial.number not in copied and trial.datetime_complete is not None
                 and (now - trial.datetime_complete).total_seconds() > grace):
             retry(study, trial, trials)
