@@ -1,14 +1,18 @@
 """Training and inference throughput.
 
 Training: images per second of what a search trial really runs -- ``flexunet.train.fit`` with
-``Batches`` (uint8 batches, one-hot targets and augmentation built on the device), every callback of a trial (best checkpoint, per-epoch resume checkpoint uploaded to
-the artifact store, CSV log, learning-curve PNG, Optuna's ``PruningReporter`` reporting to a
-SQLite study inside ``study.optimize``, with NopPruner so that no timed run is cut short)
+``Batches`` (uint8 batches, one-hot targets and augmentation built on the device), every callback
+of a trial (best checkpoint, resume checkpoint uploaded to the artifact store, CSV log, Optuna's
+``PruningReporter`` reporting to a SQLite study inside ``study.optimize``, with NopPruner so that
+no timed run is cut short)
 -- against plain ``model.fit`` on in-memory numpy arrays, for the same model (built and compiled
 by flexunet), the same images per epoch and the same validation set. Runs alternate (plain,
 trial, trial, plain, ...); the first epoch of each run (tracing) is not timed; the ratio is the
 median over repeats of trial / plain. Images per CPU second of this process (all threads) are
-reported beside images per wall-clock second: on a shared machine they drift less.
+reported beside images per wall-clock second: on a shared machine they drift less. The trial's
+wrap-up after ``fit`` (the best model's file, learning-curve PNG, overlays, uploads: once per
+trial) is timed apart and
+printed with the ratio it would give if these short runs counted it.
 
 Inference: images per second of an exported model through Keras ``predict`` (the reloaded
 ``.keras`` file), the TF SavedModel's ``serve`` and onnxruntime, at 128 and 256 px, interleaved,
@@ -110,11 +114,15 @@ def run_plain(config, train, valid) -> tuple[float, float, list[float]]:
     return timer.rate(per_epoch)
 
 
-def run_trial(config, train, valid, work: Path, objective, study) -> tuple[float, float, list[float]]:
+def run_trial(config, train, valid, work: Path, objective, study) -> tuple[tuple[float, float, list[float]],
+                                                                          tuple[float, float]]:
     """What ``search.objective.Objective._train`` runs inside ``study.optimize`` (as the worker
-    calls it: heartbeat thread included), with a timer added to its callbacks."""
+    calls it: heartbeat thread included), with a timer added to its callbacks: the training
+    loop's rate as :meth:`EpochStarts.rate` gives it, and the wall-clock and CPU seconds of the
+    trial's wrap-up after ``fit`` returns (``Objective._keep_artifacts``: the best model's file,
+    learning curves, overlays, uploads), which is paid once per trial and not counted in the rate."""
     from flexunet.train import MODEL_FILE, TrainOutputs, fit
-    from search.objective import CURVES_FILE, LOG_FILE, PruningReporter
+    from search.objective import LOG_FILE, PruningReporter
 
     timed: dict[str, Any] = {}
 
@@ -122,18 +130,20 @@ def run_trial(config, train, valid, work: Path, objective, study) -> tuple[float
         reporter = PruningReporter(trial)
         timer = EpochStarts()
         folder = Path(tempfile.mkdtemp(prefix=f"trial-{trial.number}-", dir=work))
-        outputs = TrainOutputs(model_path=folder / MODEL_FILE, log_csv=folder / LOG_FILE,
-                               curves_png=folder / CURVES_FILE)
+        outputs = TrainOutputs(model_path=folder / MODEL_FILE, log_csv=folder / LOG_FILE, model_at_end=False)
         result = fit(config.model, config.train, train, valid, outputs=outputs,
                      extra_callbacks=[reporter, timer.callback], verbose=0, checkpoint_dir=folder, resume=False,
                      on_checkpoint=lambda f, epoch: objective._save_resume_point(trial, f, epoch))
         t = config.train
         timed["rate"] = timer.rate(t.steps_per_epoch * t.batch_size)
+        started, cpu = time.perf_counter(), time.process_time()
+        objective._keep_artifacts(trial, result, valid, config, folder)
+        timed["wrap_up"] = (time.perf_counter() - started, time.process_time() - cpu)
         shutil.rmtree(folder, ignore_errors=True)
         return result.best_val_dice if math.isfinite(result.best_val_dice) else 0.0
 
     study.optimize(one_trial, n_trials=1)
-    return timed["rate"]
+    return timed["rate"], timed["wrap_up"]
 
 
 class CallbackClock:
@@ -208,6 +218,7 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     cpu_rates: dict[str, list[float]] = {k: [] for k in variants}
     epochs: dict[str, list[list[float]]] = {k: [] for k in variants}
     hooks: dict[str, dict[str, list[float]]] = {}
+    wrap_ups: dict[str, list[tuple[float, float]]] = {}
     names = list(variants)
     for r in range(args.repeats):
         order = names if r % 2 == 0 else names[::-1]
@@ -218,7 +229,9 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 rate, cpu_rate, seconds = run_plain(variants[name], train, valid)
             else:
                 with CallbackClock() as clock:
-                    rate, cpu_rate, seconds = run_trial(variants[name], train, valid, root, objective, study)
+                    (rate, cpu_rate, seconds), wrap_up = run_trial(variants[name], train, valid, root, objective,
+                                                                   study)
+                wrap_ups.setdefault(name, []).append(wrap_up)
                 for label, spent in clock.seconds.items():
                     hooks.setdefault(name, {}).setdefault(label, []).append(spent / len(seconds))
             rates[name].append(rate)
@@ -253,6 +266,21 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
               f"_save_resume_point; plain epoch {plain_epoch:.2f} s):")
         for label, spent in sorted(per_hook.items(), key=lambda kv: -kv[1]):
             c.log(f"    {label:<36} {spent:6.3f} s  ({100 * spent / plain_epoch:4.1f}% of a plain epoch)")
+    # The trial's wrap-up after fit (best model file, curves, overlays, uploads): once per trial,
+    # not per epoch; shown in plain epochs and as the ratio it would give if these runs counted it.
+    plain_epoch_cpu = images_per_epoch / c.median(cpu_rates["plain"])
+    timed_epochs = args.epochs - 1
+    result["wrap_up_seconds"] = {k: [list(w) for w in v] for k, v in wrap_ups.items()}
+    wall_up, cpu_up = c.median([w for w, _ in wrap_ups["trial"]]), c.median([u for _, u in wrap_ups["trial"]])
+    with_wrap = [1 / (1 / r + w / (images_per_epoch * timed_epochs)) / p
+                 for r, p, (w, _) in zip(rates["trial"], rates["plain"], wrap_ups["trial"])]
+    cpu_with_wrap = [1 / (1 / r + u / (images_per_epoch * timed_epochs)) / p
+                     for r, p, (_, u) in zip(cpu_rates["trial"], cpu_rates["plain"], wrap_ups["trial"])]
+    result["ratios_with_wrap_up"], result["cpu_ratios_with_wrap_up"] = with_wrap, cpu_with_wrap
+    c.log(f"trial wrap-up after fit (best model file, learning curves, overlays, uploads; once per trial): "
+          f"{wall_up:.3f} s wall ({wall_up / plain_epoch:.2f} plain epochs), {cpu_up:.3f} CPU s "
+          f"({cpu_up / plain_epoch_cpu:.2f} plain epochs); counted in these {timed_epochs}-epoch runs the ratio "
+          f"would be {c.median(with_wrap):.3f} wall clock, {c.median(cpu_with_wrap):.3f} CPU time")
     if "trial+augmentation" in rates:
         aug = [a / p for a, p in zip(rates["trial+augmentation"], rates["plain"])]
         aug_cpu = [a / p for a, p in zip(cpu_rates["trial+augmentation"], cpu_rates["plain"])]

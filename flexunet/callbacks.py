@@ -56,12 +56,15 @@ class BestCheckpoint(keras.callbacks.Callback):
     epoch 1) before the loss has had time to bring the lesions out. At the end of training the
     best epoch's weights are restored and written to ``path``; during training the best model is
     written as often as ``save_share`` allows (see :class:`SaveThrottle`), and whenever
-    :meth:`flush` is called.
+    :meth:`flush` is called. With ``flush_only`` the file is written only by :meth:`flush` (a
+    resume checkpoint must match it), and the caller writes the final model, whose weights are
+    the best epoch's after training, when it likes.
     """
 
-    def __init__(self, path: Path | None, patience: int, monitor: str = MONITOR, save_share: float = 0.0) -> None:
+    def __init__(self, path: Path | None, patience: int, monitor: str = MONITOR, save_share: float = 0.0,
+                 flush_only: bool = False) -> None:
         super().__init__()
-        self.path, self.patience, self.monitor = path, patience, monitor
+        self.path, self.patience, self.monitor, self.flush_only = path, patience, monitor, flush_only
         self.best_epoch = -1
         self.best_dice = -math.inf
         self.best_loss = math.inf
@@ -83,7 +86,7 @@ class BestCheckpoint(keras.callbacks.Callback):
             self.best_epoch, self.best_dice, self.best_loss, self.wait = epoch, dice, loss, 0
             self._best_weights = self.model.get_weights()
             self._unsaved = self.path is not None
-            if self._unsaved and self._throttle.due():
+            if self._unsaved and not self.flush_only and self._throttle.due():
                 self._save()
             return
         self.wait += 1
@@ -94,7 +97,7 @@ class BestCheckpoint(keras.callbacks.Callback):
     def on_train_end(self, logs: dict[str, Any] | None = None) -> None:
         if self._best_weights is not None:
             self.model.set_weights(self._best_weights)
-            if self._unsaved:
+            if self._unsaved and not self.flush_only:
                 self._save()
 
     def flush(self) -> None:

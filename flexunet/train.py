@@ -32,6 +32,10 @@ class TrainOutputs:
     curves_png: Path | None = None
     infer_dir: Path | None = None
     num_infer_images: int = 0
+    # False: model_path is written only with the resume checkpoints during training, and the
+    # final best model is the caller's to write (from TrainResult.model, which holds the best
+    # epoch's weights): a search trial writes it once with its other files, after training.
+    model_at_end: bool = True
 
 
 @dataclass
@@ -101,7 +105,8 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
                             augment_strength=train.augmentation_strength if train.augmentation else 0.0,
                             seed=train.seed, steps=train.steps_per_epoch, start_epoch=initial_epoch)
 
-    best = cb.BestCheckpoint(outputs.model_path, train.patience, save_share=train.save_overhead)
+    best = cb.BestCheckpoint(outputs.model_path, train.patience, save_share=train.save_overhead,
+                             flush_only=not outputs.model_at_end)
     if state:
         best_weights = None
         if outputs.model_path is not None and outputs.model_path.exists():

@@ -21,13 +21,12 @@ import optuna
 from optuna.artifacts import upload_artifact
 
 from flexunet import config as cfg
-from flexunet import plots
+from flexunet import plots, postprocess
 from flexunet.callbacks import MONITOR
 from flexunet.data.dataset import SliceSet, load_split
-from flexunet.evaluate import predict_classes
 from flexunet.model import estimate_cost
 from flexunet.errors import ConfigError
-from flexunet.train import TrainOutputs, fit
+from flexunet.train import TrainOutputs, TrainResult, fit
 from search.artifacts import Store
 from search import _internals, cv, lifecycle, paths
 from search import keys as k
@@ -42,26 +41,38 @@ RESUME_ATTR = k.RESUME_ARTIFACT
 _RESUME_FILES = (MODEL_FILE, LOG_FILE, "last.keras", "state.json")
 
 
+PROGRESS_SECONDS = 2.0  # the most often a trial's progress attrs are written (they are for people)
+
+
 class PruningReporter(keras.callbacks.Callback):
     """Report validation foreground Dice to Optuna every epoch and stop when the pruner says so.
 
     Unlike ``optuna_integration.KerasPruningCallback``, a missing metric is an error, not a
     warning (a misspelt monitor there silently never prunes), and the model stops cleanly so
-    that the trial's artifacts can still be saved before it is marked PRUNED.
+    that the trial's artifacts can still be saved before it is marked PRUNED. The progress that
+    ``flexunet search status`` shows (epoch, last validation Dice) is written after the first
+    epoch and then at most every ``progress_seconds``: each is a storage write, and on a GPU an
+    epoch of a small data set takes a fraction of a second. The report and the pruner's
+    question are asked every epoch.
     """
 
-    def __init__(self, trial: optuna.Trial, monitor: str = MONITOR, prune: bool = True) -> None:
+    def __init__(self, trial: optuna.Trial, monitor: str = MONITOR, prune: bool = True,
+                 progress_seconds: float = PROGRESS_SECONDS) -> None:
         super().__init__()
         self.trial, self.monitor, self.prune = trial, monitor, prune
         self.stop_reason: str | None = None
+        self._progress_seconds, self._progress_at = progress_seconds, -math.inf
 
     def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
         logs = logs or {}
         if self.monitor not in logs:
             raise KeyError(f"{self.monitor!r} is not among the logged metrics {sorted(logs)}")
         value = float(logs[self.monitor])
-        self.trial.set_user_attr("epoch", epoch + 1)
-        self.trial.set_user_attr("last_val_foreground_dice", value if math.isfinite(value) else None)
+        now = time.monotonic()
+        if now - self._progress_at >= self._progress_seconds:
+            self._progress_at = now
+            self.trial.set_user_attr(k.EPOCH, epoch + 1)
+            self.trial.set_user_attr(k.LAST_VAL_DICE, value if math.isfinite(value) else None)
         if not self.prune or not math.isfinite(value):
             return
         self.trial.report(value, step=epoch)
@@ -172,7 +183,7 @@ class Objective:
             raise self._fail(trial, result.failure)
         if not multi:
             return result.pooled_dice
-        second = params if self.spec.second_objective == "params" else _latency_ms(result.model, config)
+        second = params if self.spec.second_objective == "params" else latency_ms(result.model, config)
         trial.set_user_attr(self.spec.second_objective, second)
         return result.pooled_dice, float(second)
 
@@ -184,8 +195,9 @@ class Objective:
         reporter = PruningReporter(trial, prune=not multi)  # Optuna prunes single-objective studies only
         with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as tmp:
             work = Path(tmp)
-            outputs = TrainOutputs(model_path=work / MODEL_FILE, log_csv=work / LOG_FILE,
-                                   curves_png=work / CURVES_FILE)
+            # The final best model and the learning-curve PNG are written once, after training,
+            # by _keep_artifacts; during training the model file only follows the resume points.
+            outputs = TrainOutputs(model_path=work / MODEL_FILE, log_csv=work / LOG_FILE, model_at_end=False)
             resume = self._restore_resume_point(trial, work)
             started = time.perf_counter()
             result = fit(config.model, config.train, train_data, valid_data, outputs=outputs,
@@ -199,12 +211,8 @@ class Objective:
                                 if result.seconds_per_epoch else None)
             best = result.best_val_dice
             trial.set_user_attr("best_val_foreground_dice", best if math.isfinite(best) else None)
-            if result.epochs_run and (work / MODEL_FILE).exists():
-                self._overlays(result.model, valid_data, config, work / OVERLAYS_FILE)
-                for name in (MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE):
-                    if (work / name).exists():
-                        upload_artifact(artifact_store=self.artifacts, file_path=str(work / name),
-                                        study_or_trial=trial)
+            if result.epochs_run and result.best_epoch:
+                self._keep_artifacts(trial, result, valid_data, config, work)
             if result.stop_reason == "pruned":
                 raise optuna.TrialPruned(f"pruned at epoch {result.epochs_run}")
             if result.stop_reason.startswith("non-finite") or not math.isfinite(best):
@@ -215,10 +223,31 @@ class Objective:
             trial.set_user_attr(self.spec.second_objective, second)
             return best, float(second)
 
+    def _keep_artifacts(self, trial: optuna.Trial, result: TrainResult, valid_data: SliceSet, config: cfg.Config,
+                        work: Path) -> None:
+        """Once, when a trial's training has ended (completed, early-stopped or pruned): write
+        its best model (``result.model`` holds the best epoch's weights), draw its learning
+        curves (the whole history, a resumed run's earlier epochs included) and validation
+        overlays, and upload them with the training log.
+
+        Done here rather than in the training loop: nobody sees these files before the upload,
+        and the PNG alone costs about half a 64 px CPU epoch to draw (bench/throughput.py). An
+        interrupted or killed trial uploads nothing; its retry resumes from its last checkpoint
+        (which carries the best model so far and the history) and writes them at its end."""
+        result.model.save(work / MODEL_FILE)
+        plots.learning_curves(result.history, work / CURVES_FILE)
+        self._overlays(result.model, valid_data, config, work / OVERLAYS_FILE)
+        for name in (MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE):
+            if (work / name).exists():
+                upload_artifact(artifact_store=self.artifacts, file_path=str(work / name), study_or_trial=trial)
+
     @staticmethod
     def _overlays(network: Any, data: SliceSet, config: cfg.Config, path: Path) -> None:
         chosen = data.subset(list(range(min(4, len(data)))))
-        pred = predict_classes(network, chosen)
+        # One eager call for four slices: Keras' predict would first trace a predict function
+        # for this model (0.2-0.3 CPU s at 64 px, bench/throughput.py's wrap-up), used once.
+        probabilities = keras.ops.convert_to_numpy(network(chosen.images.astype(np.float32), training=False))
+        pred = postprocess.apply(probabilities, postprocess.PostProcessing())
         strip = plots.comparison_strip(chosen.images, [("ground truth", chosen.masks), ("prediction", pred)],
                                        config.mask.palette(max(2, config.model.num_classes)), chosen.names)
         from flexunet.data.io import write_png
