@@ -226,7 +226,12 @@ def fail(study: optuna.Study, trial: FrozenTrial, reason: str, *, retry_it: bool
         _internals.set_trial_user_attr(study, trial, k.FAIL_REASON, reason)
     except optuna.exceptions.UpdateFinishedTrialError:
         return  # another process got there first
-    study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    try:
+        study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+    except optuna.exceptions.UpdateFinishedTrialError:
+        # skip_if_finished reads the state, then writes: a process that finishes the trial in
+        # between (its own worker's last tell, another sweep) wins, and there is nothing to do.
+        return
 
 
 STALE_REASON = "heartbeat stopped"

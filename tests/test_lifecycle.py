@@ -187,3 +187,23 @@ def test_a_failure_whose_copy_was_lost_is_queued_by_the_sweep(tmp_path: Path,
     lifecycle.sweep(study)
     original, copy = study.get_trials()
     assert copy.state == TrialState.WAITING and copy.params == original.params
+
+
+def test_fail_loses_the_race_to_a_process_that_finishes_the_trial_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
+    from search import _internals
+
+    study = _study()
+    trial = study.ask(X)
+    running = study.trials[0]
+    storage = _internals.study_storage(study)
+    write = type(storage).set_trial_state_values
+
+    def finished_meanwhile(self, trial_id, state, values=None):  # type: ignore[no-untyped-def]
+        # The trial's own worker ends it after tell() checked it was running, before it writes.
+        write(self, trial_id, TrialState.COMPLETE, [0.25])
+        return write(self, trial_id, state, values)
+
+    monkeypatch.setattr(type(storage), "set_trial_state_values", finished_meanwhile)
+    lifecycle.fail(study, running, "heartbeat stopped", retry_it=False)
+    monkeypatch.undo()
+    assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].value == 0.25
