@@ -16,14 +16,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexunet.train import MODEL_FILE
-
 DATA_DIR = "data"
 DATASET_CONFIG = "train_eval_infer.config"
 SPLIT_FILE = "split.json"
 STUDY_DB = "study.db"
 ARTIFACTS_DIR = "artifacts"
 LOGS_DIR = "logs"
+
+# flexunet.train.MODEL_FILE, spelled here rather than imported: flexunet.train loads TensorFlow
+# (~5 s), and every `flexunet` command imports this module, a usage error included
+# (tests/test_internals.py checks that the two agree).
+MODEL_FILE = "best_model.keras"
 
 # A trial's artifacts (uploaded with optuna.artifacts.upload_artifact under these file names).
 LOG_FILE = "train_log.csv"
