@@ -24,7 +24,8 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from conftest import SAMPLE, run_cli
 
-pytestmark = pytest.mark.slow
+# One process runs this module (`--dist loadgroup`): its tests share the module fixture's study.
+pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv-export")]
 FOLDS = 2
 
 
