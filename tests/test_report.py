@@ -16,8 +16,7 @@ from browser import screenshot
 from conftest import assert_user_error, run_cli
 from search import report
 
-# One process runs this module (`--dist loadgroup`): its tests share the module fixture's study.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("report")]
+pytestmark = pytest.mark.slow
 FIGURES = ("history.png", "importances.png", "parallel_coordinate.png", "learning_curves.png", "test_overlays.png")
 SECTIONS = ("Optimisation history", "Parameter importances", "Parallel coordinates", "Best trial against the baseline",
             "Learning curves", "Test slices")

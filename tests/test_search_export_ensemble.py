@@ -24,8 +24,7 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from conftest import SAMPLE, run_cli
 
-# One process runs this module (`--dist loadgroup`): its tests share the module fixture's study.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("cv-export")]
+pytestmark = pytest.mark.slow
 FOLDS = 2
 
 

@@ -17,8 +17,7 @@ from optuna.trial import TrialState
 
 from conftest import ROOT, SAMPLE, run_cli
 
-# One process runs this module (`--dist loadgroup`): its tests share the module fixture's study.
-pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("sample-run")]
+pytestmark = pytest.mark.slow
 SAMPLE_STUDY = ROOT / "studies" / "ct_ich_sample.toml"
 ARTIFACTS = {"best_model.keras", "train_log.csv", "learning_curves.png", "validation_overlays.png"}
 USER_ATTRS = {"host", "pid", "params", "gflops", "settings", "epochs_run", "best_epoch", "stop_reason",
