@@ -19,12 +19,13 @@ from flexunet.errors import FlexUNetError
 MARKER = ".flexunet-output"
 
 
-@contextlib.contextmanager
-def staged_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
-    """Yield a fresh folder that becomes ``final`` when the block ends without error.
+def check_target(final: Path, *, replace: bool = False) -> None:
+    """The FlexUNetError :func:`staged_dir` would raise for ``final``, if any: a command that
+    computes for a while calls it first, so that a folder it may not replace is refused at once.
 
-    An existing ``final`` is replaced only when ``replace`` is set and it is empty or was itself
-    written by flexunet (it holds the marker file); anything else is refused.
+    Example::
+
+        >>> check_target(Path("/nonexistent/out"))  # nothing there: fine
     """
     final = Path(final).absolute()
     if final.exists():
@@ -33,6 +34,17 @@ def staged_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
         if any(final.iterdir()) and not (replace and (final / MARKER).exists()):
             hint = "choose another folder" + (" or pass --force" if not replace else "")
             raise FlexUNetError(f"{final}: folder exists and is not empty; {hint}")
+
+
+@contextlib.contextmanager
+def staged_dir(final: Path, *, replace: bool = False) -> Iterator[Path]:
+    """Yield a fresh folder that becomes ``final`` when the block ends without error.
+
+    An existing ``final`` is replaced only when ``replace`` is set and it is empty or was itself
+    written by flexunet (it holds the marker file); anything else is refused.
+    """
+    final = Path(final).absolute()
+    check_target(final, replace=replace)
     final.parent.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
     umask = os.umask(0)

@@ -3,7 +3,7 @@
 Optuna offers no public way to reach a study's storage, the ids behind a study or a trial, or
 the stale-trial query of its heartbeat; flexunet needs them to fail and retry trials whose worker
 died, and to extend that query. Everything private lives here, each with a test in
-``tests/test__internals.py`` (the RDB trial tables and ``TrialsView``: ``tests/test_internals_bulk.py``
+``tests/test_internals.py`` (the RDB trial tables and ``TrialsView``: ``tests/test_internals_bulk.py``
 and ``tests/test_window.py``) that fails loudly if a new Optuna or TensorFlow release renames
 or changes it. Code elsewhere imports these names, never Optuna's private modules or attributes.
 

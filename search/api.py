@@ -200,7 +200,9 @@ class Study:
         as ``flexunet search export`` does. A cross-validated trial exports as one ensemble of
         its fold models, with horizontal-flip test-time augmentation unless ``tta=False``."""
         from flexunet._tf import quiet_import
+        from flexunet.outputs import check_target
 
+        check_target(Path(out), replace=force)  # before the study's files and TensorFlow's import
         base, folder = self.files(data, artifacts)
         quiet_import()
         from search.export import export
@@ -213,9 +215,11 @@ class Study:
                data: str | Path | None = None, artifacts: str | None = None):  # -> ReportResult
         """Write the study's HTML report into ``out``, as ``flexunet search report`` does."""
         from flexunet._tf import quiet_import
+        from flexunet.outputs import check_target
 
         if slices < 1:
             raise FlexUNetError(f"--slices {slices}: need at least 1")
+        check_target(Path(out), replace=force)  # before the whole report is drawn
         base, folder = self.files(data, artifacts)
         quiet_import()
         from search.report import write_report

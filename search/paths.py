@@ -16,8 +16,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from flexunet.train import MODEL_FILE
-
 DATA_DIR = "data"
 # The seed-format config: a prepared dataset's, and an export's (what evaluate/infer read).
 CONFIG_FILE = "train_eval_infer.config"
@@ -26,6 +24,11 @@ SPLIT_FILE = "split.json"
 STUDY_DB = "study.db"
 ARTIFACTS_DIR = "artifacts"
 LOGS_DIR = "logs"
+
+# flexunet.train.MODEL_FILE, spelled here rather than imported: flexunet.train loads TensorFlow
+# (~5 s), and every `flexunet` command imports this module, a usage error included
+# (tests/test_internals.py checks that the two agree).
+MODEL_FILE = "best_model.keras"
 
 # A trial's artifacts (uploaded with optuna.artifacts.upload_artifact under these file names).
 LOG_FILE = "train_log.csv"

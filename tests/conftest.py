@@ -60,6 +60,26 @@ def set_keys(config_path: Path, **values: str) -> None:
     config_path.write_text(text, encoding="utf-8")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    # pytest-xdist's --dist loadfile hands out the files with the most tests first (here: the
+    # storage contract's 256 quick ones) and the few-test files that train last, where one of
+    # them keeps a process busy for minutes while the other has nothing left to do. Handing them
+    # out in collection order instead lets pytest_collection_modifyitems put the slow ones first.
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked ``slow`` first, the others in their usual order after them.
+
+    With ``-n 2 --dist loadfile`` a file goes to a process where its first test stands in this
+    order: the files that train start first, and the suite ends with short tests, so that
+    neither process sits idle while the other finishes a long one. The sort is stable (slow tests
+    keep their order among themselves, as do the others) and the same in every process.
+    """
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture(scope="session")
 def sample() -> Path:
     return SAMPLE

@@ -1,15 +1,13 @@
 """Trial files in an artifact store named by URL (search.artifacts): a folder, or a bucket on a
 real S3-compatible server process (moto's). Two launchers with separate ``--out`` folders and one
 PostgreSQL study: with one bucket, export, report, the dashboard and a killed trial's resume all
-work from it; with local folders only, report marks what it cannot find and export says where it
-looked."""
+work from it. (With local folders only, report marks what it cannot find and export says where it
+looked: tests/test_distributed.py, on the two-machine PostgreSQL study run there.)"""
 
 from __future__ import annotations
 
-import html
 import json
 import os
-import re
 import signal
 from pathlib import Path
 
@@ -198,60 +196,3 @@ def test_two_launchers_share_only_the_database_and_the_bucket(tmp_path: Path, po
         assert served == objects[f"{PREFIX}/{overlay['artifact_id']}"] and served.startswith(b"\x89PNG")
     finally:
         assert server.stop() == 0
-
-
-# ---------------------------------------------------------------------------------------------
-# Two machines, one database, local folders only
-
-
-@pytest.mark.slow
-@pytest.mark.db
-def test_without_a_shared_store_report_marks_what_is_missing_and_export_says_where_it_looked(
-        tmp_path: Path, postgres_url: str) -> None:
-    study_path = tiny_study(tmp_path / "study.toml", "local", n_trials=3)
-    logs = [tmp_path / f"launcher-{i}.log" for i in range(2)]
-    launchers = [start_cli("search", "run", study_path, "--storage", postgres_url, "--out", tmp_path / f"machine-{i}",
-                           log=logs[i]) for i in range(2)]
-    for launcher, log in zip(launchers, logs):
-        assert launcher.wait(timeout=900) == 0, log.read_text()
-    study = _study(postgres_url, "local")
-    best = study.best_trial
-    baseline = next(t for t in study.get_trials() if t.user_attrs.get("baseline"))
-    shown = {best.number: best, baseline.number: baseline}  # the report's comparison
-
-    missing_anywhere = 0
-    for i in range(2):
-        folder = tmp_path / f"machine-{i}" / "artifacts"
-        # Each trial's files are in the folder of the machine that ran it, and only there.
-        expected = sorted((n, name) for n, trial in shown.items() for name in (MODEL_FILE, LOG_FILE)
-                          if not (folder / af.find(study._storage, trial, name)).exists())
-        missing_anywhere += len(expected)
-        out = tmp_path / f"report-{i}"
-        run = run_cli("search", "report", "--study", "local", "--storage", postgres_url, "--out", out,
-                      "--artifacts", folder)
-        assert run.returncode == 0, run.stdout + run.stderr
-        page = html.unescape((out / "report.html").read_text(encoding="utf-8"))
-        marks = re.findall(r'<p class="missing">Missing: trial (\d+)\'s (\S+) is not in the artifact folder '
-                           rf'machine-{i}/artifacts\.</p>', page)
-        assert sorted((int(n), name) for n, name in marks) == expected, (i, marks, expected)
-        assert page.count('class="missing"') == len(expected) and str(tmp_path) not in page
-        warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
-        if expected:
-            assert len(warnings) == 1 and f"lacks {len(expected)} trial file(s)" in warnings[0], run.stderr
-            assert str(folder) in warnings[0] and "--artifacts" in warnings[0]
-        else:
-            assert not warnings, run.stderr
-        assert (out / "history.png").is_file()  # drawn from the database alone
-        assert (out / "test_overlays.png").is_file() == any(
-            (n, MODEL_FILE) not in expected for n in shown)
-
-    assert missing_anywhere  # every trial's files are on one machine only: the other lacks them
-
-    # Export of the best trial from the folder of the machine that did not run it.
-    lacking = next(tmp_path / f"machine-{i}" / "artifacts" for i in range(2)
-                   if not (tmp_path / f"machine-{i}" / "artifacts" / af.find(study._storage, best, MODEL_FILE)).exists())
-    failed = run_cli("search", "export", "--study", "local", "--storage", postgres_url, "--artifacts", lacking,
-                     "--out", tmp_path / "export")
-    assert_user_error(failed, f"trial {best.number}'s {MODEL_FILE} is not in the artifact folder {lacking}",
-                      "--artifacts")
-    assert not (tmp_path / "export").exists()

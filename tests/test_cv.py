@@ -15,7 +15,7 @@ import pytest
 from optuna.artifacts import download_artifact, get_all_artifact_meta
 from optuna.trial import TrialState
 
-from conftest import SAMPLE, assert_user_error, run_cli, start_cli
+from conftest import SAMPLE, assert_user_error, run_cli, shared_storage, start_cli
 
 pytestmark = pytest.mark.slow
 
@@ -167,7 +167,6 @@ def _sha(study: optuna.Study, out: Path, trial: optuna.trial.FrozenTrial, name: 
 
 
 def test_a_killed_cv_trial_resumes_in_its_fold_and_keeps_the_finished_ones(tmp_path: Path) -> None:
-    from search import storage as st
     from test_reliability import _wait_for
 
     study_path = cv_study(tmp_path / "resume.toml", "cv-resume", folds=2, max_epochs=6, steps=4, n_trials=1,
@@ -179,7 +178,7 @@ def test_a_killed_cv_trial_resumes_in_its_fold_and_keeps_the_finished_ones(tmp_p
 
     def in_fold_2() -> optuna.trial.FrozenTrial | None:
         try:
-            study = optuna.load_study(study_name="cv-resume", storage=st.open_storage(url, heartbeat=False))
+            study = optuna.load_study(study_name="cv-resume", storage=shared_storage(url))
             running = study.get_trials(states=(TrialState.RUNNING,))
         except (KeyError, optuna.exceptions.StorageInternalError, Exception):
             return None
@@ -189,7 +188,7 @@ def test_a_killed_cv_trial_resumes_in_its_fold_and_keeps_the_finished_ones(tmp_p
     victim = _wait_for(in_fold_2, 600, "the trial's second fold to pass an epoch", launcher, log)
     os.kill(victim.user_attrs["pid"], signal.SIGKILL)
     assert launcher.wait(timeout=600) == 0, log.read_text()
-    study = optuna.load_study(study_name="cv-resume", storage=st.open_storage(url, heartbeat=False))
+    study = optuna.load_study(study_name="cv-resume", storage=shared_storage(url))
     killed = study.trials[victim.number]
     assert killed.state == TrialState.FAIL and len(killed.user_attrs["fold_val_foreground_dice"]) == 1
     retry = next(t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number)

@@ -1,22 +1,29 @@
 """One study, two launchers of two workers each, started at once on a new database: what many
-machines sharing one database look like, with real processes and real servers."""
+machines sharing one database look like, with real processes and real servers. On PostgreSQL the
+machines share nothing else (each has its own ``--out``): report marks what the other machine's
+folder holds, and export says where it looked."""
 
 from __future__ import annotations
 
+import html
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import start_cli, tiny_study
+from conftest import POSTGRES_URL, _fresh_database, assert_user_error, run_cli, shared_storage, start_cli, tiny_study
+from flexunet.train import MODEL_FILE
+from search import artifacts as af
+from search.objective import LOG_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.db]
 
 
-def _two_launchers(tmp_path: Path, url: str) -> optuna.Study:
-    study_file = tiny_study(tmp_path / "study.toml", "distributed", n_trials=6, baseline=False)
+def _two_launchers(tmp_path: Path, url: str, baseline: bool = False) -> optuna.Study:
+    study_file = tiny_study(tmp_path / "study.toml", "distributed", n_trials=6, baseline=baseline)
     launchers = [start_cli("search", "run", study_file, "--storage", url, "--workers", "2",
                            "--out", tmp_path / f"machine-{i}", log=tmp_path / f"launcher-{i}.log")
                  for i in range(2)]
@@ -38,6 +45,19 @@ def _two_launchers(tmp_path: Path, url: str) -> optuna.Study:
         pids = {int(m) for m in re.findall(r"worker pid (\d+) on", logs)}
         assert len(pids) == 2 and pids & trial_pids, (i, pids, trial_pids)
     return study
+
+
+@pytest.fixture(scope="module")
+def postgres_machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, str]]:
+    """The two machines' folders and the database URL, after their run (baseline included)."""
+    root = tmp_path_factory.mktemp("machines")
+    database = _fresh_database(POSTGRES_URL, "CREATE DATABASE {name}", "DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    url = next(database)
+    try:
+        _two_launchers(root, url, baseline=True)
+        yield root, url
+    finally:
+        database.close()  # drops the database
 
 
 def _no_op_worker(url: str, name: str, n_trials: int, barrier) -> None:  # type: ignore[no-untyped-def]
@@ -79,8 +99,11 @@ def test_n_trials_is_met_exactly_by_eight_workers(postgres_url: str) -> None:
     assert all(t.number > max(c.number for c in complete) for t in surplus)  # the last ones
 
 
-def test_postgresql(tmp_path: Path, postgres_url: str) -> None:
-    _two_launchers(tmp_path, postgres_url)
+def test_postgresql(postgres_machines: tuple[Path, str]) -> None:
+    root, url = postgres_machines  # the fixture's run made every check of _two_launchers
+    trials = optuna.load_study(study_name="distributed", storage=shared_storage(url)).get_trials()
+    assert trials[0].user_attrs["baseline"] and trials[0].state == TrialState.COMPLETE
+    assert {t.user_attrs["host"] for t in trials} and (root / "machine-1" / "artifacts").is_dir()
 
 
 def test_mariadb(tmp_path: Path, mysql_url: str) -> None:
@@ -117,3 +140,50 @@ def test_slurm_array_script_runs_as_written(tmp_path: Path, postgres_url: str) -
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) >= 4 and not [t for t in study.trials if t.state == TrialState.RUNNING]
     assert len({t.user_attrs["pid"] for t in study.trials}) == 2
+
+
+def test_without_a_shared_store_report_marks_what_is_missing_and_export_says_where_it_looked(
+        postgres_machines: tuple[Path, str], tmp_path: Path) -> None:
+    root, postgres_url = postgres_machines
+    study = optuna.load_study(study_name="distributed", storage=shared_storage(postgres_url))
+    best = study.best_trial
+    baseline = next(t for t in study.get_trials() if t.user_attrs.get("baseline"))
+    shown = {best.number: best, baseline.number: baseline}  # the report's comparison
+
+    missing_anywhere = 0
+    for i in range(2):
+        folder = root / f"machine-{i}" / "artifacts"
+        # Each trial's files are in the folder of the machine that ran it, and only there.
+        expected = sorted((n, name) for n, trial in shown.items() for name in (MODEL_FILE, LOG_FILE)
+                          if not (folder / af.find(study._storage, trial, name)).exists())
+        missing_anywhere += len(expected)
+        out = tmp_path / f"report-{i}"
+        run = run_cli("search", "report", "--study", "distributed", "--storage", postgres_url, "--out", out,
+                      "--artifacts", folder)
+        assert run.returncode == 0, run.stdout + run.stderr
+        page = html.unescape((out / "report.html").read_text(encoding="utf-8"))
+        marks = re.findall(r'<p class="missing">Missing: trial (\d+)\'s (\S+) is not in the artifact folder '
+                           rf'machine-{i}/artifacts\.</p>', page)
+        assert sorted((int(n), name) for n, name in marks) == expected, (i, marks, expected)
+        assert page.count('class="missing"') == len(expected)
+        assert str(root) not in page and str(tmp_path) not in page
+        warnings = [line for line in run.stderr.splitlines() if line.startswith("warning:")]
+        if expected:
+            assert len(warnings) == 1 and f"lacks {len(expected)} trial file(s)" in warnings[0], run.stderr
+            assert str(folder) in warnings[0] and "--artifacts" in warnings[0]
+        else:
+            assert not warnings, run.stderr
+        assert (out / "history.png").is_file()  # drawn from the database alone
+        assert (out / "test_overlays.png").is_file() == any(
+            (n, MODEL_FILE) not in expected for n in shown)
+
+    assert missing_anywhere  # every trial's files are on one machine only: the other lacks them
+
+    # Export of the best trial from the folder of the machine that did not run it.
+    lacking = next(root / f"machine-{i}" / "artifacts" for i in range(2)
+                   if not (root / f"machine-{i}" / "artifacts" / af.find(study._storage, best, MODEL_FILE)).exists())
+    failed = run_cli("search", "export", "--study", "distributed", "--storage", postgres_url, "--artifacts", lacking,
+                     "--out", tmp_path / "export")
+    assert_user_error(failed, f"trial {best.number}'s {MODEL_FILE} is not in the artifact folder {lacking}",
+                      "--artifacts")
+    assert not (tmp_path / "export").exists()

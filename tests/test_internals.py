@@ -1,14 +1,50 @@
-"""The private attributes of Optuna and TensorFlow that flexunet uses (search._internals) still
-exist and mean what they meant: a new release that changes one fails here, loudly."""
+"""search._internals against the installed Optuna and TensorFlow: each private thing flexunet
+relies on is still there and still means what flexunet takes it to mean. A failure here names
+what a new release changed."""
 
 from __future__ import annotations
 
+import inspect
+import re
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import optuna
+import pytest
 from optuna.distributions import FloatDistribution
+from optuna.trial import TrialState
 
 from search import _internals
+
+
+@pytest.fixture
+def study(tmp_path: Path) -> optuna.Study:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=1)
+    study = optuna.create_study(storage=storage, study_name="internals")
+    study.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
+    return study
+
+
+# --- Optuna ------------------------------------------------------------------------------------
+
+
+def test_a_study_s_storage_and_id(study: optuna.Study) -> None:
+    storage = _internals.study_storage(study)
+    assert isinstance(storage, _internals.CachedStorage), "Optuna no longer caches an RDBStorage's reads"
+    assert isinstance(_internals.backend(storage), optuna.storages.RDBStorage)
+    assert _internals.backend(_internals.backend(storage)) is _internals.backend(storage)
+    assert storage.get_study_id_from_name("internals") == _internals.study_id(study)
+
+
+def test_a_trial_s_id(study: optuna.Study) -> None:
+    storage, sid = _internals.study_storage(study), _internals.study_id(study)
+    for frozen in study.trials:
+        assert _internals.trial_id(frozen) == storage.get_trial_id_from_study_id_trial_number(sid, frozen.number)
+    with pytest.warns(UserWarning):  # heartbeats are on and ask() runs no heartbeat thread
+        trial = study.ask()
+    assert _internals.trial_id(trial) == storage.get_trial_id_from_study_id_trial_number(sid, trial.number)
 
 
 def test_optuna_privates_reach_the_study_storage_and_trials(tmp_path: Path) -> None:
@@ -31,6 +67,40 @@ def test_optuna_privates_reach_the_study_storage_and_trials(tmp_path: Path) -> N
     assert _internals.heartbeat_interval(optuna.create_study()) is None
 
 
+def test_the_calls_optunas_cache_makes_on_its_backend() -> None:
+    called = set(re.findall(r"self\._backend\.(_\w+)\(", inspect.getsource(_internals.CachedStorage)))
+    assert called == _internals.CACHED_BACKEND_CALLS, (
+        "Optuna's _CachedStorage now calls other private methods of its backend: update "
+        "CACHED_BACKEND_CALLS and search.storage.RETRIED_METHODS")
+
+
+def test_stale_trial_ids_and_heartbeat_rows(study: optuna.Study) -> None:
+    storage = _internals.backend(_internals.study_storage(study))
+    assert isinstance(storage, _internals.BaseHeartbeat) and _internals.is_heartbeat_enabled(storage)
+    with pytest.warns(UserWarning):
+        quiet, silent = study.ask(), study.ask()
+    storage.record_heartbeat(_internals.trial_id(quiet))
+    ids = [_internals.trial_id(t) for t in study.trials]
+    assert _internals.trial_ids_with_heartbeat(storage, ids) >= {_internals.trial_id(quiet)}
+    assert _internals.trial_id(silent) not in _internals.trial_ids_with_heartbeat(storage, ids)
+    assert _internals.trial_ids_with_heartbeat(storage, []) == set()
+    time.sleep(2.5)  # SQLite's clock counts whole seconds: more than one second surely passed
+    assert _internals.stale_trial_ids(storage, _internals.study_id(study)) == [_internals.trial_id(quiet)]
+    optuna.storages.fail_stale_trials(study)  # the public call behind the same query
+    assert [t.state for t in study.trials][-2:] == [TrialState.FAIL, TrialState.RUNNING]
+
+
+def test_stale_trial_ids_without_heartbeats_is_empty(tmp_path: Path) -> None:
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path / 'study.db'}")
+    study = optuna.create_study(storage=storage)
+    study.ask()
+    assert not _internals.is_heartbeat_enabled(storage)
+    assert _internals.stale_trial_ids(storage, _internals.study_id(study)) == []
+
+
+# --- TensorFlow --------------------------------------------------------------------------------
+
+
 def test_tensorflow_gradient_registry_holds_custom_gradients() -> None:
     import tensorflow as tf
 
@@ -45,3 +115,26 @@ def test_tensorflow_gradient_registry_holds_custom_gradients() -> None:
     tf.function(double).get_concrete_function(tf.TensorSpec([], tf.float32))
     added = {k for k in _internals.gradient_registry() if k.startswith("CustomGradient-")} - before
     assert added, "tracing a tf.custom_gradient no longer registers CustomGradient-N entries"
+
+
+# --- what does not load TensorFlow -------------------------------------------------------------
+
+
+def test_the_model_file_name_is_spelled_once_in_each_package() -> None:
+    """search.paths spells flexunet.train's name instead of importing it (that loads TensorFlow)."""
+    from flexunet.train import MODEL_FILE
+    from search import paths
+
+    assert paths.MODEL_FILE == MODEL_FILE and MODEL_FILE in paths.TRIAL_FILES
+
+
+def test_a_usage_error_does_not_load_tensorflow(tmp_path: Path) -> None:
+    """Every ``flexunet`` command builds the whole parser (the search commands included): a
+    mistyped command or a bad storage URL is answered before TensorFlow's seconds of import."""
+    check = ("import sys\nfrom flexunet.cli import main\n"
+             "rc = main(['search', 'status', '--study', 's', '--storage', 'garbage://x'])\n"
+             "print(rc, sorted(m for m in ('tensorflow', 'keras') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2", "[]"], done.stdout + done.stderr
+    assert "flexunet: error: storage garbage://x" in done.stderr

@@ -88,7 +88,9 @@ def test_study_line_counts_only_trials_finished_in_this_run_and_respects_the_tim
     for value in (0.1, 0.2):
         trial = study.ask()
         study.tell(trial, value)
-    watcher.started -= 600  # as if the two trials had taken ten minutes
+    # As if the two trials had taken ten minutes: set just before the update, so that a slow
+    # moment of a loaded machine since the watcher was made cannot show as 10m01s.
+    watcher.started = time.time() - 600
     watcher.update()
     line = [x for x in stream.getvalue().splitlines() if "study:" in x][-1]
     assert "2/20 finished" in line and "elapsed 10m00s" in line

@@ -1,4 +1,4 @@
-"""Nothing is lost when workers die, databases restart or runs are interrupted: real processes,
+"""Nothing is lost when workers die, databases restart or trials run out of memory: real processes,
 real signals, real servers."""
 
 from __future__ import annotations
@@ -148,76 +148,6 @@ def test_a_database_restart_is_survived(tmp_path: Path, throwaway_postgres) -> N
     assert "unreachable" in logs()  # they noticed, waited, and went on
     trials = _check_complete(_study(url, "restart"), 2)
     assert not [t for t in trials if t.state == TrialState.FAIL]
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_fails_its_trials_and_resumes(tmp_path: Path, signum: int) -> None:
-    study_file = tiny_study(tmp_path / "study.toml", "interrupted", n_trials=2, **SLOW_TRIALS)
-    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
-    log = tmp_path / "first.log"
-    launcher = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
-    victim = _wait_for(_running_at_epoch(url, "interrupted", 2), 300, "a trial past epoch 2", launcher, log)
-    pids = {t.user_attrs["pid"] for t in _study(url, "interrupted").get_trials(states=(TrialState.RUNNING,))}
-    launcher.send_signal(signum)
-    assert launcher.wait(timeout=120) == 130, log.read_text()
-    assert "run the same command again to resume" in log.read_text()
-    for pid in pids:  # the workers are gone, not orphaned
-        with pytest.raises(ProcessLookupError):
-            os.kill(pid, 0)
-    trials = _study(url, "interrupted").get_trials()
-    stopped = next(t for t in trials if t.number == victim.number)
-    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
-    assert _retry_of(trials, victim.number).state == TrialState.WAITING
-    assert not [t for t in trials if t.state == TrialState.RUNNING]
-
-    log = tmp_path / "second.log"
-    again = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
-    assert again.wait(timeout=600) == 0, log.read_text()
-    trials = _check_complete(_study(url, "interrupted"), 2)
-    retry = _retry_of(trials, victim.number)
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 2
-
-
-def test_workers_end_with_a_killed_launcher_and_the_rerun_resumes_their_trial(tmp_path: Path) -> None:
-    """``kill -9`` of a launcher's whole process group (a batch scheduler's cancel): its workers,
-    each in a session of its own, learn it from the kernel (PR_SET_PDEATHSIG), interrupt their
-    trials (queued to resume) and exit."""
-    study_file = tiny_study(tmp_path / "study.toml", "orphans", n_trials=2, **SLOW_TRIALS)
-    url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
-    log = tmp_path / "first.log"
-    launcher = subprocess.Popen([sys.executable, "-m", "flexunet.cli", "search", "run", str(study_file),
-                                 "--workers", "2", "--out", str(tmp_path / "run")],
-                                stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
-    victim = _wait_for(_running_at_epoch(url, "orphans", 2), 300, "a trial past epoch 2", launcher, log)
-    pids = {t.user_attrs["pid"] for t in _study(url, "orphans").get_trials(states=(TrialState.RUNNING,))}
-    os.killpg(launcher.pid, signal.SIGKILL)
-    launcher.wait()
-    end = time.time() + 10
-    while time.time() < end and any(_alive(pid) for pid in pids):
-        time.sleep(0.2)
-    assert not [pid for pid in pids if _alive(pid)], "workers outlived their launcher by 10 s"
-    trials = _study(url, "orphans").get_trials()
-    stopped = next(t for t in trials if t.number == victim.number)
-    assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
-
-    log = tmp_path / "second.log"
-    again = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
-    assert again.wait(timeout=600) == 0, log.read_text()
-    trials = _check_complete(_study(url, "orphans"), 2)
-    retry = _retry_of(trials, victim.number)
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 2
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead, only not yet reaped by its new parent.
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def test_a_non_finite_loss_fails_the_trial_and_the_worker_goes_on(tmp_path: Path) -> None:
