@@ -61,6 +61,7 @@ def main() -> None:
     from search import storage as st
     from search.objective import Objective, TrialFailure
     from search import artifacts as af
+    from search.paths import RunFolder
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.without_registry_cleanup:

@@ -34,7 +34,6 @@ from search import _internals
 from search import keys as k
 from search import storage as st
 from search import study_file
-from search.paths import RunFolder
 from search.study_file import StudySpec
 
 __all__ = ["Study"]

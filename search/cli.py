@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
 from flexunet.errors import FlexUNetError
 
@@ -81,7 +80,6 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     from search import dashboard as db
     from search.keys import STUDY_DATASET
     from search import storage as st
-    from search.paths import RunFolder
 
     warning = db.exposure_warning(args.host)
     if warning:

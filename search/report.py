@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 from flexunet import config as cfg
 from flexunet import plots
 from flexunet.data.dataset import SliceSet, load_split
-from flexunet.evaluate import load_model, predict_classes, score
+from flexunet.evaluate import predict_classes, score
 from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.train import MODEL_FILE
 from search import keys
