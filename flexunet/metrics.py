@@ -15,6 +15,10 @@ import numpy as np
 from keras import ops
 from scipy import ndimage
 
+# Defined beside the config's checks, which must not load Keras (every config load would pay
+# TensorFlow's import); metrics.num_labels is the same function.
+from flexunet.postprocess import num_labels  # noqa: F401
+
 
 def dice_score(tp: Any, fp: Any, fn: Any, xp: Any = np) -> Any:
     """Dice from confusion counts; ``xp`` is numpy or ``keras.ops``."""
@@ -37,11 +41,6 @@ def recall_score(tp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """tp / (tp + fn); NaN where the class is absent from the ground truth."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(tp + fn > 0, tp / (tp + fn), np.nan)
-
-
-def num_labels(num_classes: int) -> int:
-    """Labels in a class map: a single sigmoid channel still has background and foreground."""
-    return max(2, num_classes)
 
 
 def confusion(pred: np.ndarray, true: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -83,10 +83,13 @@ class PostProcessing:
         return "; ".join(parts)
 
 
+def num_labels(num_classes: int) -> int:
+    """Labels in a class map: a single sigmoid channel still has background and foreground."""
+    return max(2, num_classes)
+
+
 def check_classes(pp: PostProcessing, num_classes: int) -> None:
     """A ConfigError unless ``min_component_size`` has one size per foreground class."""
-    from flexunet.metrics import num_labels
-
     expected = num_labels(num_classes) - 1
     if pp.min_component_size is not None and len(pp.min_component_size) != expected:
         raise ConfigError(f"[postprocess] min_component_size: {len(pp.min_component_size)} sizes for "

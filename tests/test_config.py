@@ -185,3 +185,16 @@ colour_tolerance = 30
     assert cfg.loads(one).model.final_activation == "sigmoid"
     with pytest.raises(ConfigError, match="final_activation: 'softmax' cannot train a one-class model"):
         cfg.loads(one.replace('final_activation = "sigmoid"', 'final_activation = "softmax"'))
+
+
+def test_loading_a_config_does_not_load_keras() -> None:
+    """Every launcher and every `flexunet train` of a bad config loads a config first: it must
+    not pay TensorFlow's import (seconds) to say what is wrong."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from flexunet import config; config.load(sys.argv[1]); "
+            "print(sorted(m for m in ('keras', 'tensorflow') if m in sys.modules))")
+    run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent / "data" / "seed_ich.config")],
+                         capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout + run.stderr
