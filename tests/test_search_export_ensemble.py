@@ -180,7 +180,7 @@ def test_cv_export_is_one_ensemble_of_the_folds_with_flip_tta(cv_study: CVStudy,
     assert run["ms_per_image"] > 0
 
     # The post-processing in the exported config is the one metrics.json and the card report
-    # (how it is chosen, on flipped out-of-fold predictions: tests/test_export_postprocess.py);
+    # (how it is chosen, on flipped out-of-fold predictions: test_cv_export_chooses_postprocessing_on_flipped_out_of_fold_predictions below);
     # the trial's own pooled Dice, from its stored predictions, is kept beside it.
     with np.load(cv_study.oof) as arrays:
         raw = postprocess.pooled_dice(arrays["probabilities"], arrays["masks"], PostProcessing())
