@@ -40,12 +40,7 @@ def test_an_interrupted_run_fails_its_trials_and_resumes(tmp_path: Path, signum:
     assert _retry_of(trials, victim.number).state == TrialState.WAITING
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
-    log = tmp_path / "second.log"
-    again = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
-    assert again.wait(timeout=600) == 0, log.read_text()
-    trials = _check_complete(_study(url, "interrupted"), 2)
-    retry = _retry_of(trials, victim.number)
-    assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 2
+    _rerun_resumes(study_file, tmp_path, url, "interrupted", victim.number)
 
 
 def test_workers_end_with_a_killed_launcher_and_the_rerun_resumes_their_trial(tmp_path: Path) -> None:
@@ -70,11 +65,17 @@ def test_workers_end_with_a_killed_launcher_and_the_rerun_resumes_their_trial(tm
     stopped = next(t for t in trials if t.number == victim.number)
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["fail_reason"] == "interrupted"
 
+    _rerun_resumes(study_file, tmp_path, url, "orphans", victim.number)
+
+
+def _rerun_resumes(study_file: Path, tmp_path: Path, url: str, name: str, victim: int) -> None:
+    """Run the study again in the same folder: it completes, and the stopped trial's retry
+    resumes from its checkpoint (epoch 2 or later), not from scratch."""
     log = tmp_path / "second.log"
     again = start_cli("search", "run", study_file, "--workers", "2", "--out", tmp_path / "run", log=log)
     assert again.wait(timeout=600) == 0, log.read_text()
-    trials = _check_complete(_study(url, "orphans"), 2)
-    retry = _retry_of(trials, victim.number)
+    trials = _check_complete(_study(url, name), 2)
+    retry = _retry_of(trials, victim)
     assert retry.state == TrialState.COMPLETE and retry.user_attrs["resumed_from_epoch"] >= 2
 
 
