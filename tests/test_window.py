@@ -15,6 +15,7 @@ from flexunet.errors import ConfigError
 from search import study_file
 from search.algorithms import make_sampler
 from search.window import WindowedSampler
+from test_study_file import MINIMAL as STUDY_FILE
 
 X = optuna.distributions.FloatDistribution(0.0, 1.0)
 
@@ -79,14 +80,7 @@ def test_visible_keeps_the_last_finished_the_best_complete_and_every_unfinished(
         sampler.visible(two.get_trials(deepcopy=False), two)
 
 
-MINIMAL = """
-[study]
-name = "s"
-[dataset]
-prepare = { dataset = "ct-ich", source = "data/ct-ich", size = 64 }
-[space]
-learning_rate = { type = "float", low = 1e-4, high = 1e-2, log = true }
-[sampler]
+MINIMAL = STUDY_FILE + """[sampler]
 name = "TPESampler"
 n_startup_trials = 7
 """
