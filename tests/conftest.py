@@ -40,6 +40,42 @@ def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 600,
     return Run(done.returncode, done.stdout, done.stderr)
 
 
+def run_cli_here(*args: str | Path) -> Run:
+    """Run ``flexunet ARGS`` in this interpreter: what it prints, and the exit status that
+    :func:`flexunet.cli.main` returns (or that argparse exits with).
+
+    For the commands that load TensorFlow (train, evaluate, infer, export, report) in tests
+    about what the command reads, writes and prints rather than about its process: a fresh
+    interpreter pays ~5 CPU seconds of TensorFlow import each time, about a tenth of the suite's
+    CPU when every such call paid it. The CLI's log lines (INFO and above) go to its stderr, as
+    they do in a terminal. Tests of signals, exits, environment or a clean interpreter use
+    :func:`run_cli`.
+    """
+    import contextlib
+    import io
+    import logging
+
+    from flexunet import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    root = logging.getLogger()
+    handler = logging.StreamHandler(err)
+    handler.setLevel(logging.INFO)
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(min(level, logging.INFO) if level else logging.INFO)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = cli.main([str(a) for a in args])
+            except SystemExit as exc:  # argparse's usage errors
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    return Run(code, out.getvalue(), err.getvalue())
+
+
 def assert_user_error(run: Run, *fragments: str) -> str:
     """Exit code 2, one ``flexunet: error:`` line naming every fragment, no traceback."""
     assert run.returncode == 2, (run.returncode, run.stdout, run.stderr)

@@ -222,12 +222,13 @@ def test_the_shipped_sample_study_cross_validates_every_trial(tmp_path: Path) ->
     from conftest import ROOT
 
     out = tmp_path / "run"
-    run = run_cli("search", "run", ROOT / "studies" / "ct_ich_sample.toml", "--n-trials", "3", "--max-epochs", "2",
+    run = run_cli("search", "run", ROOT / "studies" / "ct_ich_sample.toml", "--n-trials", "2", "--max-epochs", "2",
                   "--image-size", "32", "--out", out, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
     study = optuna.load_study(study_name="ct-ich-sample", storage=f"sqlite:///{out / 'study.db'}")
     assert study.user_attrs["flexunet_folds"] == 3 and study.user_attrs["flexunet_pruner"] == "SuccessiveHalvingPruner"
     trials = [t for t in study.trials if t.user_attrs.get("stop_reason") != "infeasible"]
+    assert len(trials) == 2, [(t.number, t.user_attrs.get("infeasible_reason")) for t in study.trials]  # one searched
     baseline = study.trials[0]
     assert baseline.user_attrs["baseline"] is True and baseline.state == TrialState.COMPLETE
     assert baseline.user_attrs["settings"]["steps_per_epoch"] == 8  # the study's fidelity

@@ -14,7 +14,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import POSTGRES_URL, _fresh_database, assert_user_error, run_cli, shared_storage, start_cli, tiny_study
+from conftest import POSTGRES_URL, _fresh_database, assert_user_error, run_cli_here, shared_storage, start_cli, tiny_study
 from flexunet.train import MODEL_FILE
 from search import artifacts as af
 from search.objective import LOG_FILE
@@ -158,7 +158,7 @@ def test_without_a_shared_store_report_marks_what_is_missing_and_export_says_whe
                           if not (folder / af.find(study._storage, trial, name)).exists())
         missing_anywhere += len(expected)
         out = tmp_path / f"report-{i}"
-        run = run_cli("search", "report", "--study", "distributed", "--storage", postgres_url, "--out", out,
+        run = run_cli_here("search", "report", "--study", "distributed", "--storage", postgres_url, "--out", out,
                       "--artifacts", folder)
         assert run.returncode == 0, run.stdout + run.stderr
         page = html.unescape((out / "report.html").read_text(encoding="utf-8"))
@@ -182,7 +182,7 @@ def test_without_a_shared_store_report_marks_what_is_missing_and_export_says_whe
     # Export of the best trial from the folder of the machine that did not run it.
     lacking = next(root / f"machine-{i}" / "artifacts" for i in range(2)
                    if not (root / f"machine-{i}" / "artifacts" / af.find(study._storage, best, MODEL_FILE)).exists())
-    failed = run_cli("search", "export", "--study", "distributed", "--storage", postgres_url, "--artifacts", lacking,
+    failed = run_cli_here("search", "export", "--study", "distributed", "--storage", postgres_url, "--artifacts", lacking,
                      "--out", tmp_path / "export")
     assert_user_error(failed, f"trial {best.number}'s {MODEL_FILE} is not in the artifact folder {lacking}",
                       "--artifacts")

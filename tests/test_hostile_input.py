@@ -20,7 +20,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from conftest import ROOT, Run, assert_user_error, run_cli
+from conftest import ROOT, Run, assert_user_error, run_cli, run_cli_here
 from flexunet.errors import ConfigError
 from search import study_file
 
@@ -462,7 +462,7 @@ def test_model_file_faults(tmp_path: Path, prepared64: Path, fault: str, fragmen
     else:
         model.mkdir()
     out = tmp_path / "predictions"
-    run = run_cli("infer", "--model", model, "--images", prepared64 / "test" / "images", "--out", out)
+    run = run_cli_here("infer", "--model", model, "--images", prepared64 / "test" / "images", "--out", out)
     assert_user_error(run, str(model), fragment)
     _assert_no_output(out)
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import run_cli_here
 from flexunet import config as cfg
 from flexunet import postprocess
 from flexunet.errors import ConfigError
@@ -249,7 +249,7 @@ def test_bad_postprocess_value_on_the_command_line(tmp_path: Path) -> None:
     config = tmp_path / "bad.config"
     config.write_text("[model]\nimage_width = 32\nimage_height = 32\nnum_classes = 2\nnum_layers = 3\n"
                       "[postprocess]\nthreshold = 0\n", encoding="utf-8")
-    run = run_cli("evaluate", config)
+    run = run_cli_here("evaluate", config)
     assert run.returncode == 2 and run.stderr.count("flexunet: error:") == 1
     assert "[postprocess] threshold: 0.0 is out of range" in run.stderr and "Traceback" not in run.stderr
 

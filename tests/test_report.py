@@ -13,7 +13,7 @@ import optuna
 import pytest
 
 from browser import screenshot
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli, run_cli_here
 from search import report
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,7 @@ def finished(tmp_path_factory: pytest.TempPathFactory, sample: Path) -> tuple[Pa
 def test_report_page_figures_and_comparison(finished: tuple[Path, Path], tmp_path: Path) -> None:
     study_file, run_dir = finished
     out = tmp_path / "report"
-    run = run_cli("search", "report", study_file, "--run-dir", run_dir, "--out", out)
+    run = run_cli_here("search", "report", study_file, "--run-dir", run_dir, "--out", out)
     assert run.returncode == 0, run.stdout + run.stderr
     assert "against the baseline (trial 0)" in run.stdout
     page = (out / report.REPORT_FILE).read_text(encoding="utf-8")
@@ -100,13 +100,13 @@ def test_report_by_study_name_and_all_or_nothing(finished: tuple[Path, Path], tm
     out = tmp_path / "by-name"
     args = ("search", "report", "--study", "report-check", "--storage", f"sqlite:///{run_dir / 'study.db'}",
             "--out", out, "--slices", "2")
-    run = run_cli(*args)
+    run = run_cli_here(*args)
     assert run.returncode == 0, run.stdout + run.stderr
     assert cv2.imread(str(out / "test_overlays.png")).shape[0] == 2 * 256 + 2
-    assert_user_error(run_cli(*args), "folder exists and is not empty", "--force")
-    assert run_cli(*args, "--force").returncode == 0
+    assert_user_error(run_cli_here(*args), "folder exists and is not empty", "--force")
+    assert run_cli_here(*args, "--force").returncode == 0
     # A missing artifact folder stops it before anything is written.
-    failed = run_cli("search", "report", "--study", "report-check", "--storage", f"sqlite:///{run_dir / 'study.db'}",
+    failed = run_cli_here("search", "report", "--study", "report-check", "--storage", f"sqlite:///{run_dir / 'study.db'}",
                      "--out", tmp_path / "none", "--artifacts", tmp_path / "nowhere")
     assert_user_error(failed, "artifact folder not found")
     assert not (tmp_path / "none").exists()

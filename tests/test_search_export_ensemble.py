@@ -22,7 +22,7 @@ import optuna
 import pytest
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
-from conftest import SAMPLE, assert_user_error, run_cli
+from conftest import SAMPLE, assert_user_error, run_cli_here
 
 pytestmark = pytest.mark.slow
 FOLDS = 2
@@ -129,7 +129,7 @@ print(json.dumps({"mean": float(np.abs(probs - reference).max()), "saved": float
 
 
 def _export(cv: CVStudy, out: Path, *extra: str) -> dict:
-    run = run_cli("search", "export", "--study", "cv-export", "--storage", cv.storage, "--out", out, *extra)
+    run = run_cli_here("search", "export", "--study", "cv-export", "--storage", cv.storage, "--out", out, *extra)
     assert run.returncode == 0, run.stdout + run.stderr
     return json.loads((out / "metrics.json").read_text())
 
@@ -153,7 +153,7 @@ def _check_in_fresh_python(out: Path, members: list[Path], tta: bool) -> tuple[d
 
 
 def _infer_masks(config_path: Path, out: Path) -> dict[str, np.ndarray]:
-    run = run_cli("infer", config_path, "--out", out)
+    run = run_cli_here("infer", config_path, "--out", out)
     assert run.returncode == 0, run.stderr
     return {p.stem: cv2.imread(str(p), cv2.IMREAD_UNCHANGED) for p in (out / "masks").glob("*.png")}
 
@@ -267,7 +267,7 @@ def test_missing_fold_model_is_one_error_line(cv_study: CVStudy, tmp_path: Path)
     for path in artifacts.iterdir():  # every artifact but fold 1's model
         if path.read_bytes() != cv_study.fold_models[1].read_bytes():
             (broken / path.name).write_bytes(path.read_bytes())
-    run = run_cli("search", "export", "--study", "cv-export", "--storage", cv_study.storage, "--out",
+    run = run_cli_here("search", "export", "--study", "cv-export", "--storage", cv_study.storage, "--out",
                   tmp_path / "out", "--artifacts", broken)
     assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
     assert f"trial 0's {paths.fold_model(1)}" in run.stderr and "--artifacts" in run.stderr
@@ -343,7 +343,7 @@ def test_cv_export_chooses_postprocessing_on_flipped_out_of_fold_predictions(cv_
 
 def test_no_tta_on_a_single_split_trial_is_an_error(cv_study: CVStudy, tmp_path: Path) -> None:
     out = tmp_path / "export"
-    run = run_cli("search", "export", "--study", "cv-export", "--storage", cv_study.storage, "--out", out,
+    run = run_cli_here("search", "export", "--study", "cv-export", "--storage", cv_study.storage, "--out", out,
                   "--trial", "1", "--no-tta")
     assert_user_error(run, "--no-tta", "trial 1", "single-split")
     assert not out.exists()

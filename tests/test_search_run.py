@@ -15,7 +15,7 @@ import pytest
 from optuna.artifacts import get_all_artifact_meta
 from optuna.trial import TrialState
 
-from conftest import ROOT, SAMPLE, run_cli
+from conftest import ROOT, SAMPLE, run_cli, run_cli_here
 
 pytestmark = pytest.mark.slow
 SAMPLE_STUDY = ROOT / "studies" / "ct_ich_sample.toml"
@@ -90,7 +90,7 @@ def test_status_and_optuna_cli_read_the_study(sample_run: Path) -> None:
 
 def test_export_writes_everything_and_models_agree(sample_run: Path, tmp_path: Path) -> None:
     out = tmp_path / "export"
-    run = run_cli("search", "export", "--study", "ct-ich-sample", "--storage", f"sqlite:///{sample_run / 'study.db'}",
+    run = run_cli_here("search", "export", "--study", "ct-ich-sample", "--storage", f"sqlite:///{sample_run / 'study.db'}",
                   "--out", out)
     assert run.returncode == 0, run.stdout + run.stderr
     for name in ("best_model.keras", "saved_model", "model.onnx", "train_eval_infer.config", "model_card.md",
@@ -107,7 +107,7 @@ def test_export_writes_everything_and_models_agree(sample_run: Path, tmp_path: P
             text = path.read_text(errors="replace")
             assert str(tmp_path) not in text and str(sample_run) not in text, path
 
-    run = run_cli("infer", out / "train_eval_infer.config", "--out", tmp_path / "infer")
+    run = run_cli_here("infer", out / "train_eval_infer.config", "--out", tmp_path / "infer")
     assert run.returncode == 0, run.stderr
     check = f"""
 import sys, json, numpy as np, cv2, keras, tensorflow as tf, onnxruntime
@@ -193,7 +193,7 @@ def test_a_second_objective_makes_a_pareto_study(tmp_path: Path) -> None:
     assert [d.name for d in study.directions] == ["MAXIMIZE", "MINIMIZE"]
     for t in study.trials:
         assert t.state == TrialState.COMPLETE and t.values[1] == t.user_attrs["params"]
-    exported = run_cli("search", "export", "--study", "pareto", "--storage",
+    exported = run_cli_here("search", "export", "--study", "pareto", "--storage",
                        f"sqlite:///{tmp_path / 'run' / 'study.db'}", "--out", tmp_path / "export")
     assert exported.returncode == 0, exported.stdout + exported.stderr
     best_dice = max(t.values[0] for t in study.best_trials)

@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run_cli, set_keys
+from conftest import assert_user_error, run_cli, run_cli_here, set_keys
 from flexunet import config as cfg
 from flexunet.data import io as imio
 from flexunet.errors import DataError
@@ -144,18 +144,18 @@ def test_the_masks_really_are_lossy_and_snap_to_the_classes_they_were_drawn_from
 def test_train_evaluate_infer_on_jpeg_colour_masks_with_a_seed_config(jpeg_dataset: Path, tmp_path: Path) -> None:
     config = _copy(jpeg_dataset, tmp_path)
     work = config.parent
-    run = run_cli("train", config)
+    run = run_cli_here("train", config)
     assert run.returncode == 0, run.stderr
     snapped = [line for line in run.stderr.splitlines() if "pixels of lossy masks snapped" in line]
     assert any("train/masks" in line for line in snapped) and any("valid/masks" in line for line in snapped)
     assert "[model] model" not in run.stderr  # TensorFlowFlexUNet is what is built: no warning
     assert (work / "models" / "best_model.keras").is_file()
-    run = run_cli("evaluate", config)
+    run = run_cli_here("evaluate", config)
     assert run.returncode == 0, run.stderr
     summary = json.loads((work / "evaluation.json").read_text())  # [eval] output_dir: the config's folder
     assert set(summary["classes"]) == {"1", "2", "3"} and summary["num_classes"] == 4
     assert 0.0 < summary["seed_dice_coef_multiclass (background-inclusive, not comparable)"] <= 1.0
-    run = run_cli("infer", config)
+    run = run_cli_here("infer", config)
     assert run.returncode == 0, run.stderr
     outputs = sorted((work / "infer_output").rglob("*.png"))
     assert len(outputs) >= len(list((work / "test" / "images").glob("*.png")))
@@ -167,7 +167,7 @@ def test_a_truly_foreign_colour_still_fails_with_the_fix(jpeg_dataset: Path, tmp
     picture = cv2.imread(str(victim), cv2.IMREAD_COLOR)
     picture[4:36, 4:36] = (128, 128, 128)  # grey: no class of the map, and a region, not an edge
     cv2.imwrite(str(victim), picture, [cv2.IMWRITE_JPEG_QUALITY, 90])
-    run = run_cli("train", config)
+    run = run_cli_here("train", config)
     line = assert_user_error(run, victim.name, "is not in [mask] rgb_map", "pixels",
                              "add the colour to [mask] rgb_map", "colour_tolerance")
     assert "(12" in line or "(13" in line  # names a grey colour, e.g. (128, 128, 128)
@@ -185,7 +185,7 @@ def test_another_seed_architecture_is_refused_in_one_line(jpeg_dataset: Path, tm
 def test_one_class_trains_as_the_seed_sigmoid_and_binary_crossentropy(tiny_config: Path) -> None:
     set_keys(tiny_config, final_activation='"sigmoid"', num_classes="1", loss='"binary_crossentropy"', epochs="1",
              rgb_map="{(0,0,0):0, (255,255,255):1}")
-    run = run_cli("train", tiny_config)
+    run = run_cli_here("train", tiny_config)
     assert run.returncode == 0, run.stderr
     work = tiny_config.parent
     network = keras.models.load_model(work / "models" / "best_model.keras", compile=False)
@@ -202,7 +202,7 @@ def test_one_class_trains_as_the_seed_sigmoid_and_binary_crossentropy(tiny_confi
     assert float(log[0]["val_loss"]) == pytest.approx(bce, rel=2e-3)  # the loss trained on is BCE
 
     set_keys(tiny_config, final_activation='"relu"')
-    assert_user_error(run_cli("train", tiny_config), "[model] final_activation", "'relu'",
+    assert_user_error(run_cli_here("train", tiny_config), "[model] final_activation", "'relu'",
                       'final_activation = "sigmoid"')
 
 
@@ -263,7 +263,7 @@ base_filters = {{ type = "int", low = 4, high = 8, step = 4 }}
     assert [t.user_attrs["settings"]["num_layers"] for t in trials] == [5, 5]
     assert all(t.user_attrs["settings"]["image_width"] == 64 for t in trials)
     export = tmp_path / "export"
-    run = run_cli("search", "export", "--study", "seed-jpeg", "--storage", f"sqlite:///{out / 'study.db'}",
+    run = run_cli_here("search", "export", "--study", "seed-jpeg", "--storage", f"sqlite:///{out / 'study.db'}",
                   "--out", export)
     assert run.returncode == 0, run.stdout + run.stderr
     metrics = json.loads((export / "metrics.json").read_text())
