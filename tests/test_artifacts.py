@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import assert_user_error, run_cli, run_cli_here, shared_storage, start_cli, tiny_study
+from conftest import assert_user_error, run_cli, shared_storage, start_cli, tiny_study
 from flexunet.errors import ConfigError
 from flexunet.train import MODEL_FILE
 from search import artifacts as af
@@ -175,13 +175,13 @@ def test_two_launchers_share_only_the_database_and_the_bucket(tmp_path: Path, po
     # From a folder of neither machine: export, report and the dashboard read the bucket.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    exported = run_cli_here("search", "export", "--study", "bucket", "--storage", postgres_url, "--out", elsewhere / "best",
+    exported = run_cli("search", "export", "--study", "bucket", "--storage", postgres_url, "--out", elsewhere / "best",
                        cwd=elsewhere, env=env)
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert json.loads((elsewhere / "best" / "metrics.json").read_text())["trial"] == study.best_trial.number
     assert (elsewhere / "best" / MODEL_FILE).stat().st_size > 0
-    reported = run_cli_here("search", "report", "--study", "bucket", "--storage", postgres_url, "--out",
-                       elsewhere / "report", cwd=elsewhere, env=env)
+    reported = run_cli("search", "report", "--study", "bucket", "--storage", postgres_url, "--out",
+                  elsewhere / "report", cwd=elsewhere, env=env)
     assert reported.returncode == 0 and "warning" not in reported.stderr, reported.stdout + reported.stderr
     page = (elsewhere / "report" / "report.html").read_text(encoding="utf-8")
     assert "Missing:" not in page and all((elsewhere / "report" / name).is_file() for name in FIGURES)
