@@ -56,6 +56,17 @@ def _assert_same_weights(ours: list[np.ndarray], theirs: list[np.ndarray]) -> No
         np.testing.assert_array_equal(a, b)
 
 
+def _trial_objective(tmp_path: Path, config: cfg.Config, name: str
+                     ) -> tuple[Objective, optuna.artifacts.FileSystemArtifactStore, optuna.Trial]:
+    """A search objective over ``config`` with a folder artifact store, and a trial asked of an
+    in-memory study: what a worker holds while it trains one trial."""
+    spec = study_file.load(tiny_study(tmp_path / "study.toml", name))
+    (tmp_path / "artifacts").mkdir()
+    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "artifacts"))
+    objective = Objective(spec=spec, base=config, image_size=64, artifacts=store)
+    return objective, store, optuna.create_study().ask()
+
+
 @pytest.fixture
 def saves_only_first(monkeypatch: pytest.MonkeyPatch) -> None:
     """Periodic saves throttled as far as they go, whatever the machine's speed: after its first
@@ -84,12 +95,7 @@ def test_a_trial_writes_the_best_epochs_model_and_curves_once_after_training(tin
     # The model fit returns holds the best epoch's weights, not the scrambled last ones.
     _assert_same_weights(result.model.get_weights(), recorder.weights[best])
 
-    spec = study_file.load(tiny_study(tmp_path / "study.toml", "wrap-up"))
-    (tmp_path / "artifacts").mkdir()
-    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "artifacts"))
-    objective = Objective(spec=spec, base=config, image_size=64, artifacts=store)
-    study = optuna.create_study()
-    trial = study.ask()
+    objective, store, trial = _trial_objective(tmp_path, config, "wrap-up")
     objective._keep_artifacts(trial, result, valid, config, work)
     uploaded = {a.filename: a.artifact_id for a in optuna.artifacts.get_all_artifact_meta(trial)}
     assert set(uploaded) == {MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE}
@@ -152,17 +158,12 @@ def test_the_resume_archive_carries_the_best_model_the_loop_keeps(tiny_config: P
     train, valid = load_split(config, "train"), load_split(config, "valid")
     work = tmp_path / "trial"
     work.mkdir()
-    spec = study_file.load(tiny_study(tmp_path / "study.toml", "resume-archive"))
-    (tmp_path / "artifacts").mkdir()
-    store = optuna.artifacts.FileSystemArtifactStore(str(tmp_path / "artifacts"))
-    objective = Objective(spec=spec, base=config, image_size=64, artifacts=store)
-    study = optuna.create_study()
-    trial = study.ask()
+    objective, store, trial = _trial_objective(tmp_path, config, "resume-archive")
     recorder = _Recorder(epochs=2)
     outputs = TrainOutputs(model_path=work / MODEL_FILE, log_csv=work / LOG_FILE, model_at_end=False)
     fit(config.model, config.train, train, valid, outputs=outputs, extra_callbacks=[recorder], verbose=0,
         checkpoint_dir=work, on_checkpoint=lambda folder, epoch: objective._save_resume_point(trial, folder, epoch))
-    with store.open_reader(study.trials[0].user_attrs[k.RESUME_ARTIFACT]) as reader:
+    with store.open_reader(trial.study.trials[0].user_attrs[k.RESUME_ARTIFACT]) as reader:
         archive = zipfile.ZipFile(io.BytesIO(reader.read()))
     assert {MODEL_FILE, "last.keras", "state.json"} <= set(archive.namelist())
     (tmp_path / "resumed_best.keras").write_bytes(archive.read(MODEL_FILE))
