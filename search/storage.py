@@ -257,8 +257,7 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
         try:
             return method(storage, *args, **kwargs)
         except optuna.exceptions.UpdateFinishedTrialError:
-            # A retried write whose first attempt did commit before the connection broke.
-            if attempt and method.__name__ == "set_trial_state_values":
+            if attempt and method.__name__ == "set_trial_state_values" and _first_attempt_committed(storage, args, kwargs):
                 return True
             raise
         except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ConnectionError) as exc:
@@ -276,6 +275,23 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
 
 for _name in RETRIED_METHODS:
     setattr(RetryingStorage, _name, _retried(getattr(RetryingStorage, _name)))
+
+
+def _first_attempt_committed(storage: RetryingStorage, args: tuple, kwargs: dict[str, Any]) -> bool:
+    """Whether a ``set_trial_state_values`` retried after a lost connection finds the trial
+    finished because its own first attempt committed that very state.
+
+    Only a finishing write can be recognised as ours. A worker that lost the connection while
+    popping a WAITING trial (state RUNNING) and finds it finished on the retry must not be told
+    it popped it: another worker popped it and finished it meanwhile (under a long SQLite lock,
+    in CI), and running it again ends in Optuna's "Cannot tell a COMPLETE trial"."""
+    names = ("trial_id", "state", "values")
+    given = {**dict(zip(names, args)), **kwargs}
+    state, values = given.get("state"), given.get("values")
+    if state is None or not state.is_finished():
+        return False
+    stored = storage.get_trial(given["trial_id"])
+    return stored.state == state and (values is None or stored.values == [float(v) for v in values])
 
 
 def _connection_lost(exc: BaseException) -> bool:

@@ -131,3 +131,72 @@ def test_a_refused_connection_at_open_fails_at_once_naming_the_cause(tmp_path, m
     with pytest.raises(st.ConfigError, match=r"cannot connect \(Exception: connection refused"):
         st.open_storage(f"sqlite:///{tmp_path / 'refused.db'}", heartbeat=False)
     assert len(calls) == 1
+
+
+def _lose_the_first_write(monkeypatch: pytest.MonkeyPatch, meanwhile) -> list[str]:  # type: ignore[no-untyped-def]
+    """Make the next ``set_trial_state_values`` of every RetryingStorage lose its connection once,
+    before it commits, after ``meanwhile()`` ran (what another worker does in between)."""
+    import sqlalchemy.exc
+
+    real = optuna.storages.RDBStorage.set_trial_state_values
+    calls: list[str] = []
+
+    def set_trial_state_values(self, trial_id, state, values=None):  # type: ignore[no-untyped-def]
+        calls.append(state.name)
+        if len(calls) == 1:
+            meanwhile()
+            try:
+                raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("database is locked"))
+            except sqlalchemy.exc.OperationalError as exc:
+                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+        return real(self, trial_id, state, values)
+
+    monkeypatch.setattr(st.RetryingStorage, "set_trial_state_values", st._retried(set_trial_state_values))
+    return calls
+
+
+def test_a_waiting_trial_another_worker_finished_during_a_retried_pop_is_not_run_again(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """CI once saw two workers run the enqueued baseline: one lost its write lock while popping
+    it, and by the retry the other had finished it; the first was told it had popped it and
+    died on Optuna's "Cannot tell a COMPLETE trial"."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=st.open_storage(url, heartbeat=False), study_name="pop")
+    study.enqueue_trial({"x": 0.5})
+    other = optuna.load_study(study_name="pop", storage=st.open_storage(url, heartbeat=False))
+
+    def the_other_worker_runs_it() -> None:
+        with monkeypatch.context() as unpatched:
+            unpatched.setattr(st.RetryingStorage, "set_trial_state_values",
+                              st._retried(optuna.storages.RDBStorage.set_trial_state_values))
+            other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
+
+    calls = _lose_the_first_write(monkeypatch, the_other_worker_runs_it)
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    assert calls[:2] == ["RUNNING", "RUNNING"]  # the pop was retried, and refused
+    assert trial.number == 1  # a new trial, not the finished one
+    study.tell(trial, trial.params["x"])
+    assert [(t.number, t.state, t.value) for t in study.trials] == [(0, TrialState.COMPLETE, 0.5),
+                                                                     (1, TrialState.COMPLETE, trial.params["x"])]
+
+
+def test_a_retried_tell_whose_first_attempt_committed_succeeds(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The connection broke after the commit: the retry finds the trial in the state it asked for."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=st.open_storage(url, heartbeat=False), study_name="tell")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    plain = optuna.storages.RDBStorage(url)
+    calls = _lose_the_first_write(
+        monkeypatch, lambda: plain.set_trial_state_values(_internals.trial_id(trial), TrialState.COMPLETE, [0.25]))
+    study.tell(trial, 0.25)
+    assert calls == ["COMPLETE", "COMPLETE"]
+    assert [(t.state, t.value) for t in study.trials] == [(TrialState.COMPLETE, 0.25)]
+
+    # Another process failed the next trial in between: the retry of our COMPLETE is refused.
+    other = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    calls = _lose_the_first_write(
+        monkeypatch, lambda: plain.set_trial_state_values(_internals.trial_id(other), TrialState.FAIL))
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        study.tell(other, 0.75)
+    assert calls == ["COMPLETE", "COMPLETE"]
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
