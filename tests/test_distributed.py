@@ -15,9 +15,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import POSTGRES_URL, _fresh_database, assert_user_error, run_cli_here, shared_storage, start_cli, tiny_study
-from flexunet.train import MODEL_FILE
 from search import artifacts as af
-from search.objective import LOG_FILE
+# search.paths, not flexunet.train or search.objective: the eight spawned no-op workers import
+# this module, and those two load TensorFlow (~4 CPU seconds each).
+from search.paths import LOG_FILE, MODEL_FILE
 
 pytestmark = [pytest.mark.slow, pytest.mark.db]
 
