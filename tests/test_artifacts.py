@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from conftest import assert_user_error, run_cli, shared_storage, start_cli, tiny_study
+from conftest import assert_user_error, run_cli, run_cli_here, shared_storage, start_cli, tiny_study
 from flexunet.errors import ConfigError
 from flexunet.train import MODEL_FILE
 from search import artifacts as af
@@ -128,8 +128,8 @@ def test_a_missing_bucket_stops_the_run_before_anything_is_made(tmp_path: Path, 
 
 @pytest.mark.slow
 @pytest.mark.db
-def test_two_launchers_share_only_the_database_and_the_bucket(tmp_path: Path, postgres_url: str,
-                                                              s3_server) -> None:  # type: ignore[no-untyped-def]
+def test_two_launchers_share_only_the_database_and_the_bucket(tmp_path: Path, postgres_url: str, s3_server,  # type: ignore[no-untyped-def]
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
     s3_server.client().create_bucket(Bucket=BUCKET)
     env = s3_server.env
     url = f"s3://{BUCKET}/{PREFIX}"
@@ -173,15 +173,18 @@ def test_two_launchers_share_only_the_database_and_the_bucket(tmp_path: Path, po
     assert secret not in "".join(p.read_text() for p in logs) + status.stdout + status.stderr
 
     # From a folder of neither machine: export, report and the dashboard read the bucket.
+    # In this interpreter (no second TensorFlow import), given the bucket's environment.
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    exported = run_cli("search", "export", "--study", "bucket", "--storage", postgres_url, "--out", elsewhere / "best",
-                       cwd=elsewhere, env=env)
+    monkeypatch.chdir(elsewhere)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    exported = run_cli_here("search", "export", "--study", "bucket", "--storage", postgres_url, "--out", elsewhere / "best")
     assert exported.returncode == 0, exported.stdout + exported.stderr
     assert json.loads((elsewhere / "best" / "metrics.json").read_text())["trial"] == study.best_trial.number
     assert (elsewhere / "best" / MODEL_FILE).stat().st_size > 0
-    reported = run_cli("search", "report", "--study", "bucket", "--storage", postgres_url, "--out",
-                  elsewhere / "report", cwd=elsewhere, env=env)
+    reported = run_cli_here("search", "report", "--study", "bucket", "--storage", postgres_url, "--out",
+                            elsewhere / "report")
     assert reported.returncode == 0 and "warning" not in reported.stderr, reported.stdout + reported.stderr
     page = (elsewhere / "report" / "report.html").read_text(encoding="utf-8")
     assert "Missing:" not in page and all((elsewhere / "report" / name).is_file() for name in FIGURES)

@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_an_interrupted_run_fails_its_trials_and_resumes(tmp_path: Path, signum: int) -> None:
+def test_an_interrupted_run_fails_its_trials_and_queues_them_to_resume(tmp_path: Path, signum: int) -> None:
+    """Either signal stops the workers and queues each stopped trial again; after SIGINT the
+    rerun resumes it (SIGTERM leaves the same stored state, so one rerun covers both)."""
     study_file = tiny_study(tmp_path / "study.toml", "interrupted", n_trials=2, **SLOW_TRIALS)
     url = f"sqlite:///{tmp_path / 'run' / 'study.db'}"
     log = tmp_path / "first.log"

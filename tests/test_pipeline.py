@@ -1,4 +1,8 @@
-"""Prepare -> train -> evaluate -> infer through the real command, on the real sample."""
+"""Prepare -> train -> evaluate -> infer through the real command, on the real sample.
+
+Training runs as a user runs it, in its own process; evaluate and infer then read what it wrote,
+in this interpreter (:func:`conftest.run_cli_here`: the same command, without another
+TensorFlow import)."""
 
 from __future__ import annotations
 
@@ -11,7 +15,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import SEED_CONFIG, run_cli, set_keys
+from conftest import SEED_CONFIG, run_cli, run_cli_here, set_keys
 from flexunet import config as cfg
 from flexunet.callbacks import BestCheckpoint, SaveThrottle
 from flexunet.data.dataset import load_split
@@ -38,7 +42,7 @@ def test_train_evaluate_infer(tiny_config: Path, sample: Path, tmp_path: Path) -
     summary = json.loads((work / "eval" / "train_summary.json").read_text())
     assert summary["epochs_run"] == 2 and summary["stop_reason"] == "max_epochs"
 
-    run = run_cli("evaluate", tiny_config)
+    run = run_cli_here("evaluate", tiny_config)
     assert run.returncode == 0, run.stderr
     assert "mean foreground Dice" in run.stdout and "Dice" in run.stdout.splitlines()[0]
     test_images = sorted(p.stem for p in (work / "test" / "images").glob("*.png"))
@@ -52,7 +56,7 @@ def test_train_evaluate_infer(tiny_config: Path, sample: Path, tmp_path: Path) -
     assert set(result["per_patient"]) == {s.split("_")[0] for s in test_images}
     assert result["detection"]["specificity"] is None  # the sample has no negative slices
 
-    run = run_cli("infer", tiny_config)
+    run = run_cli_here("infer", tiny_config)
     assert run.returncode == 0, run.stderr
     out = work / "infer_output"
     for kind in ("masks", "colorized", "overlays"):
@@ -67,7 +71,7 @@ def test_train_evaluate_infer(tiny_config: Path, sample: Path, tmp_path: Path) -
     images.mkdir()
     for name in ("20.jpg", "21.jpg"):
         (images / name).write_bytes((raw / name).read_bytes())
-    run = run_cli("infer", "--model", model_path, "--images", images, "--out", tmp_path / "pred")
+    run = run_cli_here("infer", "--model", model_path, "--images", images, "--out", tmp_path / "pred")
     assert run.returncode == 0, run.stderr
     mask = cv2.imread(str(tmp_path / "pred" / "masks" / "20.png"), cv2.IMREAD_UNCHANGED)
     assert mask.shape == (650, 650)
