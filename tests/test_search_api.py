@@ -4,6 +4,7 @@ changed in Python runs as given, and configurations the config rejects are PRUNE
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,12 @@ def test_a_study_changed_in_python_runs_as_given_and_infeasible_configs_are_prun
     trained = [t for t in trials if t.state == TrialState.COMPLETE]
     assert trained and all(t.user_attrs[k.SETTINGS]["steps_per_epoch"] == 1 for t in trained)
     assert all(t.params["dropout_rate"] * (t.params["num_layers"] - 1) < 1 for t in trained)
-    assert len({t.user_attrs[k.PID] for t in trials}) == 2  # both workers took trials
+    # Two worker processes ran, and every trial was theirs. (Not "each took a trial": one worker
+    # may run all five while the other waits out a SQLite lock.)
+    logs = sorted((tmp_path / "run" / "logs").glob("worker-*.log"))
+    pids = {int(pid) for log in logs for pid in re.findall(r" worker (\d+) ", log.read_text())}
+    assert len(logs) == 2 and len(pids) == 2, [log.read_text()[:300] for log in logs]
+    assert {t.user_attrs[k.PID] for t in everything} <= pids
 
     lines = study.status()
     assert lines[0].startswith("study 'api'") and f"{len(everything)} trials" in lines[0]
