@@ -3,7 +3,6 @@ artifacts, and return validation foreground Dice (plus the second objective, if 
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import io
 import logging
@@ -129,10 +128,11 @@ class Objective:
                 raise self._fail(trial, f"out of memory: {(str(exc).strip().splitlines() or [''])[0]}") from None
             raise
         finally:
-            # Keras keeps every model built in this process unless the session is cleared.
-            keras.backend.clear_session()
+            # Keras keeps every model built in this process unless the session is cleared. The
+            # trial's gradient functions go first, so that the one garbage collection that
+            # clear_session runs frees their graphs too (a second one cost ~0.2 CPU s a trial).
             _forget_custom_gradients(custom_gradients)
-            gc.collect()
+            keras.backend.clear_session()
 
     @staticmethod
     def _fail(trial: optuna.Trial, reason: str) -> TrialFailure:
