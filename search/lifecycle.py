@@ -174,10 +174,15 @@ def interrupt(trial: optuna.Trial) -> None:
 
 
 def guarded(objective: Callable[[optuna.Trial], Any], n_trials: int) -> Callable[[optuna.Trial], Any]:
-    """``objective`` run only in a trial that :func:`start` lets through."""
+    """``objective`` run only in a trial that :func:`start` lets through; an interrupt at any
+    point of the trial (its start, its sampling, its training) queues it to resume."""
     def run(trial: optuna.Trial) -> Any:
-        start(trial, n_trials)
-        return objective(trial)
+        try:
+            start(trial, n_trials)
+            return objective(trial)
+        except Interrupted:
+            interrupt(trial)
+            raise
 
     return run
 

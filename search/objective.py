@@ -118,9 +118,6 @@ class Objective:
         custom_gradients = _custom_gradient_names()
         try:
             return self._train(trial, config, cost.params)
-        except Interrupted:
-            lifecycle.interrupt(trial)
-            raise
         except MemoryError as exc:
             raise self._fail(trial, f"out of memory: {exc}") from None
         except Exception as exc:

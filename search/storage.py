@@ -235,6 +235,28 @@ RETRIED_METHODS = (
 _calls = threading.local()  # per thread: whether a retried call is already running
 
 
+def interrupt_outside_calls(exc: BaseException) -> None:
+    """Raise ``exc`` (a signal handler's interrupt) now, or, if this thread is inside a call of
+    :class:`RetryingStorage`, as soon as that call returns or waits to retry.
+
+    A worker's SIGTERM handler raises where the main thread happens to be. Raised inside
+    SQLAlchemy, it left a SQLite cursor half read, whose shared lock outlived the call while the
+    exception was handled: every writer of the study, the worker's own bookkeeping of the
+    interrupted trial included, then failed with "database is locked" for minutes (CI: two
+    workers alive 3 minutes after their launcher was killed)."""
+    if getattr(_calls, "active", False):
+        _calls.interrupt = exc
+        return
+    raise exc
+
+
+def _raise_deferred_interrupt() -> None:
+    pending = getattr(_calls, "interrupt", None)
+    if pending is not None:
+        _calls.interrupt = None
+        raise pending
+
+
 def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(method)
     def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
@@ -242,9 +264,11 @@ def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
             return method(self, *args, **kwargs)
         _calls.active = True
         try:
-            return _with_retries(method, self, args, kwargs)
+            result = _with_retries(method, self, args, kwargs)
         finally:
             _calls.active = False
+            _raise_deferred_interrupt()
+        return result
 
     return call
 
@@ -267,6 +291,7 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
                 raise
             _logger.warning("storage %s unreachable (%s); retrying in %.1fs", mask(storage.url),
                             _first_line(exc), delay)
+            _raise_deferred_interrupt()  # between attempts no cursor is open: a waiting worker stops now
             time.sleep(delay)
             waited += delay
             delay = min(delay * 2, 15.0)

@@ -72,7 +72,12 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     # interrupt the bookkeeping that marks it FAIL and puts it back in the queue.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    raise Interrupted(signal.Signals(signum).name)
+    interrupted = Interrupted(signal.Signals(signum).name)
+    storage = sys.modules.get("search.storage")  # not imported yet: no database call to wait for
+    if storage is None:
+        raise interrupted
+    # Not in the middle of a database call: that would leave its SQLite lock behind.
+    storage.interrupt_outside_calls(interrupted)
 
 
 def end_with_launcher(launcher: int, poll: float = 1.0) -> None:

@@ -157,6 +157,22 @@ def test_an_interrupted_trial_is_queued_to_resume_and_then_failed() -> None:
     assert copy.user_attrs[k.RESUME_ARTIFACT] == "resume-0" and copy.user_attrs[k.RESUME_EPOCH] == 2
 
 
+def test_an_interrupt_anywhere_in_a_guarded_trial_queues_it_to_resume() -> None:
+    """The worker's objective is guarded: a signal that lands while the trial samples its
+    parameters (before any training) queues the copy as one during training does."""
+    study = _study()
+
+    def objective(trial: optuna.Trial) -> float:
+        trial.suggest_float("x", 0, 1)
+        raise lifecycle.Interrupted("SIGTERM")  # as the handler raises after the storage call
+
+    with pytest.raises(lifecycle.Interrupted):
+        study.optimize(lifecycle.guarded(objective, n_trials=2), n_trials=1)
+    stopped, copy = study.trials
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs[k.FAIL_REASON] == k.FAIL_INTERRUPTED
+    assert copy.state == TrialState.WAITING and copy.params == stopped.params
+
+
 def test_a_silent_trial_gets_its_copy_queued_then_is_failed(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     from search import _internals

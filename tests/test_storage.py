@@ -200,3 +200,55 @@ def test_a_retried_tell_whose_first_attempt_committed_succeeds(tmp_path, monkeyp
         study.tell(other, 0.75)
     assert calls == ["COMPLETE", "COMPLETE"]
     assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.FAIL]
+
+
+def test_an_interrupt_during_a_storage_call_is_raised_when_the_call_has_returned(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker's SIGTERM handler raises through interrupt_outside_calls: inside a storage call
+    the interrupt waits for the call to finish, so no SQLite cursor is left half read, holding
+    the lock that every other writer needs. Outside a call it is raised at once."""
+    import sqlite3
+
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=st.open_storage(url, heartbeat=False), study_name="sigterm")
+    trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
+    real = optuna.storages.RDBStorage.set_trial_intermediate_value
+
+    def set_trial_intermediate_value(self, trial_id, step, value):  # type: ignore[no-untyped-def]
+        if step == 1:
+            st.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))  # the signal arrives mid-call
+        return real(self, trial_id, step, value)
+
+    monkeypatch.setattr(st.RetryingStorage, "set_trial_intermediate_value", st._retried(set_trial_intermediate_value))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        trial.report(0.25, step=1)
+    assert study.trials[0].intermediate_values == {1: 0.25}  # the call finished, then the interrupt came
+    other = sqlite3.connect(tmp_path / "study.db", timeout=0.1)  # and no lock is left behind
+    other.execute("UPDATE studies SET study_name = study_name")
+    other.commit()
+    other.close()
+    trial.report(0.5, step=2)  # nothing pending any more
+    assert study.trials[0].intermediate_values == {1: 0.25, 2: 0.5}
+    with pytest.raises(KeyboardInterrupt, match="now"):
+        st.interrupt_outside_calls(KeyboardInterrupt("now"))
+
+
+def test_an_interrupt_while_a_call_waits_for_the_database_ends_the_wait(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """A worker waiting out a lost database (up to max_wait) stops at its next retry, not after."""
+    import sqlalchemy.exc
+
+    storage = st.RetryingStorage(f"sqlite:///{tmp_path / 'study.db'}", max_wait=300)
+    attempts: list[int] = []
+
+    def get_all_studies(self):  # type: ignore[no-untyped-def]
+        attempts.append(1)
+        st.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))
+        try:
+            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
+        except sqlalchemy.exc.OperationalError as exc:
+            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st._retried(get_all_studies))
+    with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
+        storage.get_all_studies()
+    assert attempts == [1]  # no second attempt: the interrupt ended the wait
