@@ -153,7 +153,10 @@ def _running_trials_of(study: optuna.Study, pid: int) -> list[optuna.trial.Froze
 
 
 def _on_signal(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(signal.Signals(signum).name)
+    # Raised when the storage call in progress (the progress line reads the study every second)
+    # has returned: raised inside it, it left a SQLite cursor half read, whose lock kept the
+    # workers from booking their interrupted trials while this process waited for them.
+    st.interrupt_outside_calls(KeyboardInterrupt(signal.Signals(signum).name))
 
 
 def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path]:
@@ -185,7 +188,9 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     study, url, out = setup(spec, options)
     deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
     workers = _Workers(WorkerPlan(spec, out, deadline, af.resolve(options.artifacts, spec.artifacts, out)), url, options)
-    previous = signal.signal(signal.SIGTERM, _on_signal)
+    # SIGINT only where Python would raise KeyboardInterrupt for it (not in a job started with it ignored).
+    caught = (signal.SIGTERM,) + ((signal.SIGINT,) if signal.getsignal(signal.SIGINT) is signal.default_int_handler else ())
+    previous = {sig: signal.signal(sig, _on_signal) for sig in caught}
     watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
     interrupted = False
     try:
@@ -208,7 +213,8 @@ def run(spec: StudySpec, options: RunOptions) -> int:
         print("interrupted: stopping the workers (their trials are queued to resume)", file=sys.stderr, flush=True)
         workers.stop()
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     watcher.update(final=True)
     dashboard.write_study_note(study, st.mask(url))  # now with the baseline's final value
     for p, path in workers.failures():
