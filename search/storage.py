@@ -242,8 +242,8 @@ def interrupt_outside_calls(exc: BaseException) -> None:
     A worker's SIGTERM handler raises where the main thread happens to be. Raised inside
     SQLAlchemy, it left a SQLite cursor half read, whose shared lock outlived the call while the
     exception was handled: every writer of the study, the worker's own bookkeeping of the
-    interrupted trial included, then failed with "database is locked" for minutes (CI: two
-    workers alive 3 minutes after their launcher was killed)."""
+    interrupted trial included, then failed with "database is locked" for minutes (a `.ci/run`:
+    two workers still alive ~3 minutes after their launcher was killed)."""
     if getattr(_calls, "active", False):
         _calls.interrupt = exc
         return
