@@ -96,22 +96,27 @@ def test_processes_starting_together_on_a_new_database_create_one_study(postgres
     assert sorted(results) == [("together", False)] * 5 + [("together", True)]
 
 
+def _lost_connection(statement: str, message: str) -> None:
+    """Fail as Optuna reports a lost connection or a locked SQLite file: a StorageInternalError
+    caused by SQLAlchemy's OperationalError."""
+    import sqlalchemy.exc
+
+    try:
+        raise sqlalchemy.exc.OperationalError(statement, {}, Exception(message))
+    except sqlalchemy.exc.OperationalError as exc:
+        raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+
+
 def _busy_then_open(failures: int, message: str):  # type: ignore[no-untyped-def]
     """A RetryingStorage.__init__ that fails ``failures`` times as Optuna reports a server that
     is out of connections (a StorageInternalError caused by an OperationalError), then opens."""
-    import sqlalchemy.exc
-
     real = st.RetryingStorage.__init__
     calls = []
 
     def init(self, *args, **kwargs):  # type: ignore[no-untyped-def]
         calls.append(1)
         if len(calls) <= failures:
-            try:
-                raise sqlalchemy.exc.OperationalError("SELECT 1", {}, Exception(message))
-            except sqlalchemy.exc.OperationalError as exc:
-                raise optuna.exceptions.StorageInternalError(
-                    "An exception is raised during the commit.") from exc
+            _lost_connection("SELECT 1", message)
         real(self, *args, **kwargs)
 
     return init, calls
@@ -136,8 +141,6 @@ def test_a_refused_connection_at_open_fails_at_once_naming_the_cause(tmp_path, m
 def _lose_the_first_write(monkeypatch: pytest.MonkeyPatch, meanwhile) -> list[str]:  # type: ignore[no-untyped-def]
     """Make the next ``set_trial_state_values`` of every RetryingStorage lose its connection once,
     before it commits, after ``meanwhile()`` ran (what another worker does in between)."""
-    import sqlalchemy.exc
-
     real = optuna.storages.RDBStorage.set_trial_state_values
     calls: list[str] = []
 
@@ -145,10 +148,7 @@ def _lose_the_first_write(monkeypatch: pytest.MonkeyPatch, meanwhile) -> list[st
         calls.append(state.name)
         if len(calls) == 1:
             meanwhile()
-            try:
-                raise sqlalchemy.exc.OperationalError("UPDATE trials", {}, Exception("database is locked"))
-            except sqlalchemy.exc.OperationalError as exc:
-                raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+            _lost_connection("UPDATE trials", "database is locked")
         return real(self, trial_id, state, values)
 
     monkeypatch.setattr(st.RetryingStorage, "set_trial_state_values", st._retried(set_trial_state_values))
@@ -235,18 +235,13 @@ def test_an_interrupt_during_a_storage_call_is_raised_when_the_call_has_returned
 
 def test_an_interrupt_while_a_call_waits_for_the_database_ends_the_wait(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
     """A worker waiting out a lost database (up to max_wait) stops at its next retry, not after."""
-    import sqlalchemy.exc
-
     storage = st.RetryingStorage(f"sqlite:///{tmp_path / 'study.db'}", max_wait=300)
     attempts: list[int] = []
 
     def get_all_studies(self):  # type: ignore[no-untyped-def]
         attempts.append(1)
         st.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))
-        try:
-            raise sqlalchemy.exc.OperationalError("SELECT", {}, Exception("database is locked"))
-        except sqlalchemy.exc.OperationalError as exc:
-            raise optuna.exceptions.StorageInternalError("An exception is raised during the commit.") from exc
+        _lost_connection("SELECT", "database is locked")
 
     monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st._retried(get_all_studies))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
