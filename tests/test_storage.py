@@ -247,3 +247,64 @@ def test_an_interrupt_while_a_call_waits_for_the_database_ends_the_wait(tmp_path
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         storage.get_all_studies()
     assert attempts == [1]  # no second attempt: the interrupt ended the wait
+
+
+def _locked_then_open(monkeypatch: pytest.MonkeyPatch, failures: int) -> tuple[list[int], list[float]]:
+    """``get_all_studies`` of every RetryingStorage fails ``failures`` times as a lost connection
+    (or a locked SQLite file) does, then answers; returns its attempts and the pauses between them."""
+    real = optuna.storages.RDBStorage.get_all_studies
+    attempts: list[int] = []
+    pauses: list[float] = []
+
+    def get_all_studies(self):  # type: ignore[no-untyped-def]
+        attempts.append(1)
+        if len(attempts) <= failures:
+            _lost_connection("SELECT", "database is locked")
+        return real(self)
+
+    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st._retried(get_all_studies))
+    monkeypatch.setattr(st.time, "sleep", pauses.append)
+    return attempts, pauses
+
+
+def test_a_locked_sqlite_file_is_tried_again_within_a_second(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """SQLite's lock goes with the writer's next commit: no pause of a server's 15 s."""
+    storage = st.RetryingStorage(f"sqlite:///{tmp_path / 'study.db'}", max_wait=300)
+    attempts, pauses = _locked_then_open(monkeypatch, failures=6)
+    assert storage.get_all_studies() == []
+    assert len(attempts) == 7
+    assert pauses == [0.5, 1.0, 1.0, 1.0, 1.0, 1.0]
+
+
+@pytest.mark.db
+def test_a_lost_server_is_waited_for_with_pauses_growing_to_15_s(postgres_url: str,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    storage = st.RetryingStorage(postgres_url, max_wait=300)
+    attempts, pauses = _locked_then_open(monkeypatch, failures=7)
+    assert storage.get_all_studies() == []
+    assert len(attempts) == 8
+    assert pauses == [0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 15.0]
+    storage.engine.dispose()
+
+
+def test_a_retried_param_write_whose_first_attempt_committed_keeps_one_value(
+        tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The connection broke after the parameter's row was committed: the retry's duplicate row
+    is refused by the table's unique key, which Optuna's parameter write ignores on purpose."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(storage=st.open_storage(url, heartbeat=False), study_name="param")
+    real = optuna.storages.RDBStorage._set_trial_param
+    calls: list[str] = []
+
+    def set_trial_param(self, trial_id, name, value, distribution, previous):  # type: ignore[no-untyped-def]
+        calls.append(name)
+        real(self, trial_id, name, value, distribution, previous)
+        if len(calls) == 1:
+            _lost_connection("INSERT INTO trial_params", "server closed the connection unexpectedly")
+
+    monkeypatch.setattr(st.RetryingStorage, "_set_trial_param", st._retried(set_trial_param))
+    trial = study.ask()
+    x = trial.suggest_float("x", 0, 1)
+    assert calls == ["x", "x"]
+    study.tell(trial, x)
+    assert [(t.state, t.params) for t in study.trials] == [(TrialState.COMPLETE, {"x": x})]
