@@ -3,6 +3,7 @@ configs, and a helper that runs the real ``flexunet`` command in a subprocess.""
 
 from __future__ import annotations
 
+import collections
 import os
 import re
 import shutil
@@ -40,16 +41,16 @@ def run_cli(*args: str | Path, cwd: Path | None = None, timeout: float = 600,
     return Run(done.returncode, done.stdout, done.stderr)
 
 
-def run_cli_here(*args: str | Path) -> Run:
+def run_cli_here(*args: str | Path, cwd: Path | None = None) -> Run:
     """Run ``flexunet ARGS`` in this interpreter: what it prints, and the exit status that
     :func:`flexunet.cli.main` returns (or that argparse exits with).
 
-    For the commands that load TensorFlow (train, evaluate, infer, export, report) in tests
-    about what the command reads, writes and prints rather than about its process: a fresh
-    interpreter pays ~5 CPU seconds of TensorFlow import each time, about a tenth of the suite's
-    CPU when every such call paid it. The CLI's log lines (INFO and above) go to its stderr, as
-    they do in a terminal. Tests of signals, exits, environment or a clean interpreter use
-    :func:`run_cli`.
+    For tests about what a command reads, writes and prints rather than about its process. A
+    fresh interpreter costs ~0.5 CPU s to start, and ~5 more for the commands that load
+    TensorFlow (train, evaluate, infer, export, report): about a tenth of the suite's CPU when
+    every call paid it. The CLI's log lines (INFO and above) go to its stderr, as they do in a
+    terminal; ``cwd`` is the folder it runs in. Tests of signals, exits, environment or a clean
+    interpreter use :func:`run_cli`.
     """
     import contextlib
     import io
@@ -65,7 +66,8 @@ def run_cli_here(*args: str | Path) -> Run:
     root.addHandler(handler)
     root.setLevel(min(level, logging.INFO) if level else logging.INFO)
     try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), \
+                contextlib.chdir(cwd or os.getcwd()):
             try:
                 code = cli.main([str(a) for a in args])
             except SystemExit as exc:  # argparse's usage errors
@@ -106,14 +108,24 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Tests marked ``slow`` first, the others in their usual order after them.
+    """Tests marked ``slow`` first; then the other files, those with the most tests first.
 
     With ``-n 2 --dist loadfile`` a file goes to a process where its first test stands in this
-    order: the files that train start first, and the suite ends with short tests, so that
-    neither process sits idle while the other finishes a long one. The sort is stable (slow tests
-    keep their order among themselves, as do the others) and the same in every process.
+    order, and a process is handed its next file while it still has two tests to run. The files
+    that train start first; the many-test files (the storage contract's 256 cases, the 125
+    hostile inputs: a minute or two each) come next, not last, where one of them, queued behind
+    a process's last long test, kept that process busy two minutes after the other had finished
+    (a `.ci/run`, 2026-12-02). The run ends with files of a few quick tests. The sort is stable
+    and the same in every process.
     """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    per_file = collections.Counter(item.nodeid.split("::", 1)[0] for item in items)
+
+    def order(item: pytest.Item) -> tuple[bool, int]:
+        if item.get_closest_marker("slow") is not None:
+            return (False, 0)
+        return (True, -per_file[item.nodeid.split("::", 1)[0]])
+
+    items.sort(key=order)
 
 
 @pytest.fixture(scope="session")
