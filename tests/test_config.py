@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import ROOT, SEED_CONFIG, assert_user_error, run_cli, set_keys
+from conftest import ROOT, SEED_CONFIG, assert_user_error, run_cli_here, set_keys
 from flexunet import config as cfg
 from flexunet.errors import ConfigError
 
@@ -86,14 +86,14 @@ def test_eval_is_never_used(tmp_path: Path) -> None:
 
 def test_missing_folder_is_named_by_the_command(tiny_config: Path) -> None:
     set_keys(tiny_config, masks_dir='"nowhere/masks"')
-    run = run_cli("train", tiny_config)
+    run = run_cli_here("train", tiny_config)
     assert_user_error(run, "[train] masks_dir", "folder not found")
     assert not (tiny_config.parent / "models").exists()
 
 
 def test_cli_refuses_even_kernels_without_traceback(tiny_config: Path) -> None:
     set_keys(tiny_config, base_kernels="(4,4)")
-    run = run_cli("train", tiny_config)
+    run = run_cli_here("train", tiny_config)
     assert_user_error(run, "[model] base_kernels", str(tiny_config))
     assert not (tiny_config.parent / "models").exists()
 
@@ -101,7 +101,7 @@ def test_cli_refuses_even_kernels_without_traceback(tiny_config: Path) -> None:
 def test_cli_refuses_config_without_model_section(tmp_path: Path) -> None:
     path = tmp_path / "train_eval_infer.config"
     path.write_text("[train]\nepochs = 2\n", encoding="utf-8")
-    run = run_cli("train", path)
+    run = run_cli_here("train", path)
     assert_user_error(run, "no [model] section", str(path))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["train_eval_infer.config"]
 

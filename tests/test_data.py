@@ -6,7 +6,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import assert_user_error, run_cli
+from conftest import assert_user_error, run_cli_here
 from flexunet.config import ImageConfig, MaskConfig, ModelConfig
 from flexunet.data import io as imio
 from flexunet.data.dataset import load_pairs, pair_files
@@ -90,7 +90,7 @@ def test_load_pairs_resizes_masks_with_nearest_neighbour(tmp_path: Path) -> None
 def test_cli_names_an_image_without_its_mask(tiny_config: Path) -> None:
     orphan = tiny_config.parent / "train" / "images" / "999_1.png"
     cv2.imwrite(str(orphan), np.zeros((64, 64), np.uint8))
-    assert_user_error(run_cli("train", tiny_config), str(orphan), "no mask")
+    assert_user_error(run_cli_here("train", tiny_config), str(orphan), "no mask")
     assert not (tiny_config.parent / "models").exists()
 
 
@@ -99,7 +99,7 @@ def test_cli_names_a_mask_colour_not_in_the_map(tiny_config: Path) -> None:
     mask = cv2.imread(str(mask_path), cv2.IMREAD_UNCHANGED)
     mask[0, 0] = 77
     cv2.imwrite(str(mask_path), mask)
-    assert_user_error(run_cli("train", tiny_config), str(mask_path), "(77, 77, 77)", "rgb_map")
+    assert_user_error(run_cli_here("train", tiny_config), str(mask_path), "(77, 77, 77)", "rgb_map")
     assert not (tiny_config.parent / "models").exists()
 
 
@@ -109,7 +109,7 @@ def test_cli_names_a_corrupt_jpeg(tiny_config: Path) -> None:
     corrupt = images / f"{victim.stem}.jpg"
     victim.unlink()
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
-    assert_user_error(run_cli("train", tiny_config), str(corrupt), "JPEG")
+    assert_user_error(run_cli_here("train", tiny_config), str(corrupt), "JPEG")
     assert not (tiny_config.parent / "models").exists()
 
 

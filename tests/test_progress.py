@@ -6,7 +6,6 @@ import io
 import os
 
 import optuna
-import pytest
 from optuna.trial import TrialState
 
 from search import run as runner

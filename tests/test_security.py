@@ -12,7 +12,7 @@ import numpy as np
 import optuna
 import pytest
 
-from conftest import ROOT, assert_user_error, run_cli, start_cli, tiny_study
+from conftest import ROOT, assert_user_error, run_cli, run_cli_here, start_cli, tiny_study
 
 SOURCES = sorted((ROOT / "flexunet").rglob("*.py")) + sorted((ROOT / "search").rglob("*.py"))
 FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
@@ -80,11 +80,11 @@ def test_database_passwords_never_show(tmp_path: Path, postgres_url: str) -> Non
     assert launcher.wait(timeout=300) == 0, log.read_text()
     assert command_lines and not [c for c in command_lines if secret in c]
 
-    status = run_cli("search", "status", "--study", "secret", "--storage", url)
-    export = run_cli("search", "export", "--study", "secret", "--storage", url, "--out", tmp_path / "export",
+    status = run_cli_here("search", "status", "--study", "secret", "--storage", url)
+    export = run_cli_here("search", "export", "--study", "secret", "--storage", url, "--out", tmp_path / "export",
                      "--artifacts", tmp_path / "run" / "artifacts", "--data", tmp_path / "run" / "data" /
                      "train_eval_infer.config")
-    report = run_cli("search", "report", "--study", "secret", "--storage", url, "--out", tmp_path / "report",
+    report = run_cli_here("search", "report", "--study", "secret", "--storage", url, "--out", tmp_path / "report",
                      "--artifacts", tmp_path / "run" / "artifacts", "--data", tmp_path / "run" / "data" /
                      "train_eval_infer.config")
     for run in (status, export, report):

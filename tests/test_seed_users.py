@@ -178,7 +178,7 @@ def test_another_seed_architecture_is_refused_in_one_line(jpeg_dataset: Path, tm
     config = _copy(jpeg_dataset, tmp_path)
     set_keys(config, model='"TensorFlowFlexAttentionUNet"')
     for command in ("train", "summary"):
-        assert_user_error(run_cli(command, config), "[model] model", "TensorFlowFlexAttentionUNet",
+        assert_user_error(run_cli_here(command, config), "[model] model", "TensorFlowFlexAttentionUNet",
                           "is not supported", 'set model = "TensorFlowFlexUNet"')
 
 
