@@ -23,9 +23,9 @@ from search.paths import LOG_FILE, MODEL_FILE
 pytestmark = [pytest.mark.slow, pytest.mark.db]
 
 
-def _two_launchers(tmp_path: Path, url: str, baseline: bool = False) -> optuna.Study:
+def _two_launchers(tmp_path: Path, url: str, baseline: bool = False, workers: int = 2) -> optuna.Study:
     study_file = tiny_study(tmp_path / "study.toml", "distributed", n_trials=6, baseline=baseline)
-    launchers = [start_cli("search", "run", study_file, "--storage", url, "--workers", "2",
+    launchers = [start_cli("search", "run", study_file, "--storage", url, "--workers", str(workers),
                            "--out", tmp_path / f"machine-{i}", log=tmp_path / f"launcher-{i}.log")
                  for i in range(2)]
     for i, launcher in enumerate(launchers):
@@ -37,14 +37,14 @@ def _two_launchers(tmp_path: Path, url: str, baseline: bool = False) -> optuna.S
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # unique, no gaps
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(finished) >= 6 and len(trials) <= 6 + 3  # four workers may each start one last trial
+    assert len(finished) >= 6 and len(trials) <= 6 + 2 * workers - 1  # each worker may start one last trial
     # Every machine's workers ran trials, and each trial names its host and process.
     trial_pids = {t.user_attrs["pid"] for t in trials}
     assert all(t.user_attrs.get("host") for t in trials)
     for i in range(2):
         logs = "".join(p.read_text() for p in (tmp_path / f"machine-{i}" / "logs").glob("*.log"))
         pids = {int(m) for m in re.findall(r"worker pid (\d+) on", logs)}
-        assert len(pids) == 2 and pids & trial_pids, (i, pids, trial_pids)
+        assert len(pids) == workers and pids & trial_pids, (i, pids, trial_pids)
     return study
 
 
@@ -107,12 +107,14 @@ def test_postgresql(postgres_machines: tuple[Path, str]) -> None:
     assert {t.user_attrs["host"] for t in trials} and (root / "machine-1" / "artifacts").is_dir()
 
 
+# One worker per machine on the other servers: two processes racing on a new database is what
+# they must survive; four workers sharing one machine's two cores is what test_postgresql shows.
 def test_mariadb(tmp_path: Path, mysql_url: str) -> None:
-    _two_launchers(tmp_path, mysql_url)
+    _two_launchers(tmp_path, mysql_url, workers=1)
 
 
 def test_journal_on_redis(tmp_path: Path, redis_url: str) -> None:
-    _two_launchers(tmp_path, redis_url)
+    _two_launchers(tmp_path, redis_url, workers=1)
 
 
 def test_slurm_array_script_runs_as_written(tmp_path: Path, postgres_url: str) -> None:

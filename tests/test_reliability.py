@@ -175,19 +175,19 @@ def test_out_of_memory_fails_the_trial_and_the_worker_slot_goes_on(tmp_path: Pat
     new worker after a crash, in the same one after an error. The memory budget is lifted here
     so that the huge trial is not rejected before training, as it would be by default."""
     study_file = tiny_study(tmp_path / "study.toml", "oom", n_trials=2, baseline=False, steps_per_epoch=1,
-                            fixed="base_filters = 512",
                             space='batch_size = { type = "categorical", choices = [4096, 2] }')
-    text = study_file.read_text().replace('base_filters = { type = "int", low = 4, high = 8, step = 4 }\n', "")
+    text = study_file.read_text().replace('base_filters = { type = "int", low = 4, high = 8, step = 4 }\n',
+                                          'base_filters = { type = "categorical", choices = [512, 4] }\n')
     study_file.write_text(text.replace("[budget]", "[budget]\nmax_memory_gb = 1000"))
-    # The huge trial first, then a sane one: queued trials run in order, whatever the sampler.
+    # The huge trial first, then a small one: queued trials run in order, whatever the sampler.
     from search import context as runner
     from search import study_file as sf
 
     spec = sf.load(study_file)
     runner.ensure_dataset(spec, tmp_path / "run")
     study = runner.create_study(spec, f"sqlite:///{tmp_path / 'run' / 'study.db'}", tmp_path / "run")
-    study.enqueue_trial({"batch_size": 4096, "num_layers": 3})
-    study.enqueue_trial({"batch_size": 2, "num_layers": 2})
+    study.enqueue_trial({"base_filters": 512, "batch_size": 4096, "num_layers": 3})
+    study.enqueue_trial({"base_filters": 4, "batch_size": 2, "num_layers": 2})
     log = tmp_path / "run.log"
     limit = 8 * 2**30
 
