@@ -126,7 +126,7 @@ def test_infeasible_is_pruned_with_its_reason_and_failure_is_fail() -> None:
     study = _study()
 
     def objective(trial: optuna.Trial) -> float:
-        x = trial.suggest_float("x", 0, 1)
+        trial.suggest_float("x", 0, 1)
         if trial.number == 0:
             raise lifecycle.infeasible(trial, "too big")
         raise lifecycle.failure(trial, "non-finite loss")
@@ -209,7 +209,7 @@ def test_fail_loses_the_race_to_a_process_that_finishes_the_trial_meanwhile(monk
     from search import _internals
 
     study = _study()
-    trial = study.ask(X)
+    study.ask(X)
     running = study.trials[0]
     storage = _internals.study_storage(study)
     write = type(storage).set_trial_state_values

@@ -109,7 +109,7 @@ def test_export_writes_everything_and_models_agree(sample_run: Path, tmp_path: P
 
     run = run_cli_here("infer", out / "train_eval_infer.config", "--out", tmp_path / "infer")
     assert run.returncode == 0, run.stderr
-    check = f"""
+    check = """
 import sys, json, numpy as np, cv2, keras, tensorflow as tf, onnxruntime
 from pathlib import Path
 images = sorted(Path(sys.argv[1]).glob('*.png'))
@@ -120,11 +120,11 @@ probs = model.predict(x, verbose=0)
 loaded = tf.saved_model.load(sys.argv[3])  # keep a reference: its variables die with it
 served = loaded.serve(tf.constant(x)).numpy()
 session = onnxruntime.InferenceSession(sys.argv[4])
-onnx = session.run(None, {{session.get_inputs()[0].name: x}})[0]
+onnx = session.run(None, {session.get_inputs()[0].name: x})[0]
 decided = np.abs(probs.max(-1) - 0.5) > 1e-2  # pixels not on a class boundary (2 classes)
-print(json.dumps({{"names": [p.stem for p in images], "classes": probs.argmax(-1).tolist(),
+print(json.dumps({"names": [p.stem for p in images], "classes": probs.argmax(-1).tolist(),
                   "saved": float(np.abs(served - probs).max()), "onnx": float(np.abs(onnx - probs).max()),
-                  "onnx_same_classes": bool((onnx.argmax(-1) == probs.argmax(-1))[decided].all())}}))
+                  "onnx_same_classes": bool((onnx.argmax(-1) == probs.argmax(-1))[decided].all())}))
 """
     config_text = (out / "train_eval_infer.config").read_text()
     test_dir = (out / next(line.split("=", 1)[1].strip().strip('"') for line in config_text.splitlines()
