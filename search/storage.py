@@ -35,8 +35,8 @@ RECONNECT_SECONDS = 300.0  # how long a call waits for a lost database to come b
 # seconds to minutes, so waits grow to 15 s; SQLite's "database is locked" has already waited
 # out the driver's busy timeout (5 s) and the lock goes with the writer's next commit, so a
 # SQLite call tries again within a second.
-MAX_DELAY_SECONDS = {"sqlite": 1.0}
-DEFAULT_MAX_DELAY_SECONDS = 15.0
+MAX_PAUSE_SECONDS = 15.0
+SQLITE_MAX_PAUSE_SECONDS = 1.0
 
 
 def resolve_url(cli_value: str | None, study_value: str | None, out_dir: Path) -> str:
@@ -283,7 +283,6 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
     from sqlalchemy import exc as sa_exc
 
     waited, delay, attempt = 0.0, 0.5, 0
-    longest = MAX_DELAY_SECONDS.get(kind(storage.url), DEFAULT_MAX_DELAY_SECONDS)
     while True:
         try:
             return method(storage, *args, **kwargs)
@@ -301,7 +300,7 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
             _raise_deferred_interrupt()  # between attempts no cursor is open: a waiting worker stops now
             time.sleep(delay)
             waited += delay
-            delay = min(delay * 2, longest)
+            delay = min(delay * 2, SQLITE_MAX_PAUSE_SECONDS if kind(storage.url) == "sqlite" else MAX_PAUSE_SECONDS)
             attempt += 1
 
 

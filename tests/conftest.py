@@ -118,12 +118,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     (a `.ci/run`, 2026-12-02). The run ends with files of a few quick tests. The sort is stable
     and the same in every process.
     """
-    per_file = collections.Counter(item.nodeid.split("::", 1)[0] for item in items)
+    per_file = collections.Counter(item.path for item in items)
 
     def order(item: pytest.Item) -> tuple[bool, int]:
         if item.get_closest_marker("slow") is not None:
             return (False, 0)
-        return (True, -per_file[item.nodeid.split("::", 1)[0]])
+        return (True, -per_file[item.path])
 
     items.sort(key=order)
 

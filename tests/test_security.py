@@ -82,11 +82,11 @@ def test_database_passwords_never_show(tmp_path: Path, postgres_url: str) -> Non
 
     status = run_cli_here("search", "status", "--study", "secret", "--storage", url)
     export = run_cli_here("search", "export", "--study", "secret", "--storage", url, "--out", tmp_path / "export",
-                     "--artifacts", tmp_path / "run" / "artifacts", "--data", tmp_path / "run" / "data" /
-                     "train_eval_infer.config")
+                          "--artifacts", tmp_path / "run" / "artifacts", "--data", tmp_path / "run" / "data" /
+                          "train_eval_infer.config")
     report = run_cli_here("search", "report", "--study", "secret", "--storage", url, "--out", tmp_path / "report",
-                     "--artifacts", tmp_path / "run" / "artifacts", "--data", tmp_path / "run" / "data" /
-                     "train_eval_infer.config")
+                          "--artifacts", tmp_path / "run" / "artifacts", "--data", tmp_path / "run" / "data" /
+                          "train_eval_infer.config")
     for run in (status, export, report):
         assert run.returncode == 0, run.stdout + run.stderr
     assert "***" in status.stdout
