@@ -1,9 +1,11 @@
 """Segmentation metrics, defined once and used by training, evaluation and the search.
 
-Foreground Dice of class c is 2|P ∩ G| / (|P| + |G|), computed from confusion counts; where
-both P and G are empty it is 1. The mean foreground Dice averages classes c >= 1. The Keras
-metric accumulates the same counts over a whole validation epoch (a global Dice, not a mean of
-batch Dices) and applies the same :func:`dice_score`.
+Foreground Dice of class c is 2|P ∩ G| / (|P| + |G|), computed from confusion counts. The mean
+foreground Dice averages the classes c >= 1 that are present in the evaluated set (reference or
+predicted pixels); an absent class leaves the mean, and a set with no class present scores 0
+(:mod:`flexunet.scoring`, the one home of that convention). The Keras metric accumulates the
+same counts over a whole validation epoch (a global Dice, not a mean of batch Dices) and applies
+the same rule.
 """
 
 from __future__ import annotations
@@ -15,20 +17,16 @@ import numpy as np
 from keras import ops
 from scipy import ndimage
 
-# Defined beside the config's checks, which must not load Keras (every config load would pay
-# TensorFlow's import); metrics.num_labels is the same function.
-from flexunet.postprocess import num_labels  # noqa: F401
-
-
-def dice_score(tp: Any, fp: Any, fn: Any, xp: Any = np) -> Any:
-    """Dice from confusion counts; ``xp`` is numpy or ``keras.ops``."""
-    denominator = 2 * tp + fp + fn
-    return xp.where(denominator > 0, 2 * tp / xp.maximum(denominator, 1), 1.0)
+# The NumPy scoring lives in flexunet.scoring (no Keras), which the config's checks and
+# post-processing import too; these names are the same functions.
+from flexunet.scoring import (  # noqa: F401
+    confusion, dice_score, foreground_dice_of, mean_foreground_dice, num_labels, present_classes, to_classes)
 
 
 def iou_score(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
+    """tp / (tp + fp + fn); NaN where the class is absent (as :func:`dice_score`)."""
     union = tp + fp + fn
-    return np.where(union > 0, tp / np.maximum(union, 1), 1.0)
+    return np.where(union > 0, tp / np.maximum(union, 1), np.nan)
 
 
 def precision_score(tp: np.ndarray, fp: np.ndarray) -> np.ndarray:
@@ -41,21 +39,6 @@ def recall_score(tp: np.ndarray, fn: np.ndarray) -> np.ndarray:
     """tp / (tp + fn); NaN where the class is absent from the ground truth."""
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(tp + fn > 0, tp / (tp + fn), np.nan)
-
-
-def confusion(pred: np.ndarray, true: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-class (tp, fp, fn) counts of two class maps of equal shape."""
-    index = true.astype(np.int64).ravel() * n_labels + pred.astype(np.int64).ravel()
-    matrix = np.bincount(index, minlength=n_labels * n_labels).reshape(n_labels, n_labels)
-    tp = np.diag(matrix).copy()
-    return tp, matrix.sum(axis=0) - tp, matrix.sum(axis=1) - tp
-
-
-def to_classes(probabilities: np.ndarray) -> np.ndarray:
-    """Model output (...,C) -> class map: argmax, or > 0.5 for a single sigmoid channel."""
-    if probabilities.shape[-1] == 1:
-        return (probabilities[..., 0] > 0.5).astype(np.uint8)
-    return np.argmax(probabilities, axis=-1).astype(np.uint8)
 
 
 def hd95(pred: np.ndarray, true: np.ndarray) -> float | None:
@@ -73,7 +56,8 @@ def hd95(pred: np.ndarray, true: np.ndarray) -> float | None:
 
 @keras.saving.register_keras_serializable(package="flexunet")
 class ForegroundDice(keras.metrics.Metric):
-    """Mean foreground Dice over everything seen since the last reset (global, not per batch)."""
+    """Mean foreground Dice over everything seen since the last reset (global, not per batch),
+    over the classes present in it (:func:`flexunet.scoring.mean_foreground_dice`)."""
 
     def __init__(self, num_classes: int, name: str = "foreground_dice", **kwargs: Any) -> None:
         super().__init__(name=name, **kwargs)
@@ -100,7 +84,11 @@ class ForegroundDice(keras.metrics.Metric):
         self.fn.assign_add(ops.cast(ops.sum(true_1h, axis=axes) - tp, "float64"))
 
     def result(self) -> Any:
-        return ops.cast(ops.mean(dice_score(self.tp, self.fp, self.fn, ops)[1:]), "float32")
+        denominator = (2 * self.tp + self.fp + self.fn)[1:]
+        is_present = ops.cast(denominator > 0, "float64")
+        dice = 2 * self.tp[1:] / ops.maximum(denominator, 1.0)
+        count = ops.sum(is_present)
+        return ops.cast(ops.sum(dice * is_present) / ops.maximum(count, 1.0), "float32")
 
     def reset_state(self) -> None:
         for variable in (self.tp, self.fp, self.fn):

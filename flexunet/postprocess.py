@@ -47,6 +47,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from flexunet.errors import ConfigError
+from flexunet.scoring import class_mean, confusion, dice_score, mean_foreground_dice, num_labels, to_classes
 
 # Candidate thresholds on the foreground probability; 0.5 is what argmax does for two classes.
 THRESHOLDS: tuple[float, ...] = tuple(round(0.05 * i, 2) for i in range(1, 20))
@@ -81,11 +82,6 @@ class PostProcessing:
             if size:
                 parts.append(f"class {c}: components under {size} px removed")
         return "; ".join(parts)
-
-
-def num_labels(num_classes: int) -> int:
-    """Labels in a class map: a single sigmoid channel still has background and foreground."""
-    return max(2, num_classes)
 
 
 def check_classes(pp: PostProcessing, num_classes: int) -> None:
@@ -162,9 +158,7 @@ def select(probabilities: np.ndarray, masks: np.ndarray, folds: np.ndarray | Non
     >>> s.rules, s.size_caps, s.fold_dice_postprocessed
     (PostProcessing(threshold=None, min_component_size=(5,)), (9,), (1.0, 1.0))
     """
-    from flexunet import metrics as m
-
-    n_labels = m.num_labels(probabilities.shape[-1])
+    n_labels = num_labels(probabilities.shape[-1])
     folds = np.zeros(len(probabilities), np.int64) if folds is None else np.asarray(folds, np.int64)
     if folds.shape != (len(probabilities),):
         raise ValueError(f"folds: {folds.shape} for {len(probabilities)} slices")
@@ -206,9 +200,11 @@ class _Candidate:
 
     @classmethod
     def of(cls, threshold: float | None, cuts: list[_Cuts], chosen: list[int], guarded: bool = True) -> _Candidate:
+        # Absent classes (NaN) leave the mean over classes, as in every other mean.
         return cls(threshold, tuple(cut.sizes[i] for cut, i in zip(cuts, chosen)),
-                   float(np.mean([cut.pooled[i] for cut, i in zip(cuts, chosen)])),
-                   np.mean([cut.per_fold[:, i] for cut, i in zip(cuts, chosen)], axis=0), guarded)
+                   float(class_mean([cut.pooled[i] for cut, i in zip(cuts, chosen)])),
+                   np.asarray(class_mean(np.stack([cut.per_fold[:, i] for cut, i in zip(cuts, chosen)]), axis=0)),
+                   guarded)
 
     @property
     def rules(self) -> PostProcessing:
@@ -243,7 +239,8 @@ def _sizes(binary: np.ndarray) -> np.ndarray:
 
 def _passes(pooled: float, per_fold: np.ndarray, base_pooled: float, base_per_fold: np.ndarray) -> bool:
     """A rule's guards against what it replaces: a pooled gain over the noise, no fold worse."""
-    return pooled > base_pooled + TOLERANCE and bool(np.all(per_fold >= base_per_fold - _EPS))
+    # NaN-safe: a fold whose class is absent (NaN) before or after is not worse.
+    return pooled > base_pooled + TOLERANCE and not bool(np.any(per_fold < base_per_fold - _EPS))
 
 
 @dataclass(frozen=True)
@@ -260,8 +257,10 @@ class _Cuts:
         guards; of those, the smallest within ``TOLERANCE`` of the best. Without a cap (the
         unguarded choice) the plain maximum, the smallest size on ties."""
         if cap is None:
-            best = int(np.argmax(self.pooled))
-            return best if self.pooled[best] > self.pooled[0] else 0
+            # NaN: every pixel of a class the reference lacks removed, its best outcome.
+            pooled = np.nan_to_num(self.pooled, nan=1.0)
+            best = int(np.argmax(pooled))
+            return best if pooled[best] > pooled[0] else 0
         ok = [i for i in range(1, len(self.sizes)) if self.sizes[i] <= cap
               and _passes(self.pooled[i], self.per_fold[:, i], self.pooled[0], self.per_fold[:, 0])]
         if not ok:
@@ -278,8 +277,6 @@ def _cuts(pred: np.ndarray, true: np.ndarray, folds: np.ndarray) -> _Cuts:
     (those pixels stay errors of theirs). Sorting components by size gives every cut-off's
     counts; cut-off size + 1 removes a component and every smaller one.
     """
-    from flexunet.metrics import dice_score
-
     n_folds = int(folds.max()) + 1 if len(folds) else 1
     per_slice_tp = np.count_nonzero(pred & true, axis=(1, 2))
     per_slice_fp = np.count_nonzero(pred, axis=(1, 2)) - per_slice_tp
@@ -315,16 +312,11 @@ def _cuts(pred: np.ndarray, true: np.ndarray, folds: np.ndarray) -> _Cuts:
 
 def pooled_dice(probabilities: np.ndarray, masks: np.ndarray, pp: PostProcessing) -> float:
     """Pooled foreground Dice of the post-processed predictions (what :func:`choose` maximises)."""
-    from flexunet import metrics as m
-
-    n_labels = m.num_labels(probabilities.shape[-1])
-    tp, fp, fn = m.confusion(apply(probabilities, pp), masks, n_labels)
-    return float(np.mean(m.dice_score(tp, fp, fn)[1:]))
+    n_labels = num_labels(probabilities.shape[-1])
+    return float(mean_foreground_dice(*confusion(apply(probabilities, pp), masks, n_labels)))
 
 
 def _classes(probabilities: np.ndarray, threshold: float | None) -> np.ndarray:
-    from flexunet.metrics import to_classes
-
     if threshold is None:
         return to_classes(probabilities)
     p = probabilities.astype(np.float32)

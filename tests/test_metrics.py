@@ -22,7 +22,8 @@ def test_dice_counts_and_empty_cases() -> None:
     assert (tp[1], fp[1], fn[1]) == (1, 1, 1)
     assert m.dice_score(tp, fp, fn)[1] == pytest.approx(0.5)
     empty = np.zeros((4, 4), np.uint8)
-    assert m.dice_score(*m.confusion(empty, empty, 2))[1] == 1.0  # both empty
+    assert np.isnan(m.dice_score(*m.confusion(empty, empty, 2))[1])  # both empty: absent, undefined
+    assert m.mean_foreground_dice(*m.confusion(empty, empty, 2)) == 0.0  # no class present: 0, not 1
     assert m.dice_score(*m.confusion(pred, empty, 2))[1] == 0.0  # only one empty
 
 
@@ -36,7 +37,7 @@ def test_keras_metric_is_the_global_dice_of_the_evaluation() -> None:
     expected = score(pred, true, [f"{i}" for i in range(6)], 2).summary["foreground_dice_global"]
     assert float(metric.result()) == pytest.approx(expected, rel=1e-5)
     metric.reset_state()
-    assert float(metric.result()) == 1.0  # nothing seen: both empty
+    assert float(metric.result()) == 0.0  # nothing seen: no class present, 0 (never 1)
 
 
 def test_multiclass_mean_excludes_background() -> None:
