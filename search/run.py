@@ -21,6 +21,7 @@ import optuna
 
 from flexunet import devices
 from flexunet.errors import ConfigError
+from search import _internals
 from search import artifacts as af
 from search import dashboard, lifecycle, progress
 from search import keys as k
@@ -80,6 +81,7 @@ class _Workers:
                                       for i in range(options.workers)]
         self.restarts = 0
         self.stopping = False
+        self.turned_away_seen = 0
         self._reaped: set[int] = set()
         self.started = [0] * options.workers  # launches per slot, to give each its own seed
         self.gpu_memory = devices.gpu_memory_mib() if options.gpus else {}
@@ -140,8 +142,27 @@ class _Workers:
                 p.kill()
                 p.wait()
 
+    def turned_away(self) -> list[subprocess.Popen]:
+        """The workers the database server turned away at start-up (it was full)."""
+        return [p for p in self.procs if p is not None and p.returncode == st.EXIT_SERVER_FULL]
+
+    def report_turned_away(self, study: optuna.Study) -> None:
+        """One line when workers were turned away, with the server's figures read through this
+        launcher's own connection (the turned-away workers have none to read them with)."""
+        turned = self.turned_away()
+        if len(turned) <= self.turned_away_seen:
+            return
+        self.turned_away_seen = len(turned)
+        try:
+            figures = st.connection_figures(_internals.study_storage(study))
+        except Exception:  # the launcher's own connection went too: say what is known
+            figures = None
+        others = "the others go on" if self.alive() else "none is left"
+        print(st.full_server_line(self.url, f"{len(turned)} of {self.options.workers} workers of this launcher "
+                                            f"turned away at start-up, {others}", figures), file=sys.stderr, flush=True)
+
     def failures(self) -> list[tuple[subprocess.Popen, Path]]:
-        ok = (0, 130) if self.stopping else (0,)
+        ok = (0, 130, st.EXIT_SERVER_FULL) if self.stopping else (0, st.EXIT_SERVER_FULL)
         return [(p, path) for p, path in zip(self.procs, self.log_paths)
                 if p is not None and p.returncode not in ok and p.returncode is not None and p.returncode > 0]
 
@@ -205,6 +226,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
                 lifecycle.sweep(study)
                 last_check = time.time()
             workers.restart_killed(study, spec.budget.n_trials, deadline)
+            workers.report_turned_away(study)
             if not workers.alive():
                 break
             time.sleep(1.0)
@@ -223,4 +245,8 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     if interrupted:
         print("run the same command again to resume the study", file=sys.stderr)
         return 130
-    return 1 if workers.failures() else 0
+    workers.report_turned_away(study)
+    # Workers turned away by a full server lose nothing (they never had a trial): the run is done
+    # if the others spent the budget, and failed if none could join.
+    every_one_turned_away = len(workers.turned_away()) == options.workers
+    return 1 if workers.failures() or every_one_turned_away else 0
