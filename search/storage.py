@@ -162,6 +162,29 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True,
         raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(_root_cause(exc))})") from None
 
 
+def _create_schema_once(url: str) -> None:
+    """Optuna's tables on a database that has none yet (the first process of a new database:
+    for that moment it holds two connections), one connection at a time otherwise."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            present = sa.inspect(connection).has_table("alembic_version")
+    finally:
+        engine.dispose()
+    if not present:
+        optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sa.pool.NullPool}).engine.dispose()
+
+
+def _check_schema(storage: RetryingStorage) -> None:
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise ConfigError(f"storage {mask(storage.url)}: its tables have Optuna's schema {current}, this Optuna "
+                          f"({optuna.__version__}) needs {head}: run `optuna storage upgrade --storage URL`, or use "
+                          "the Optuna that made them")
+
+
 def heartbeat_settings() -> dict[str, Any]:
     """A worker's heartbeat: interval, grace period ($FLEXUNET_HEARTBEAT_INTERVAL,
     $FLEXUNET_GRACE_PERIOD) and the retry of a trial whose heartbeat stopped."""
@@ -177,10 +200,17 @@ def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> Retrying
     short random wait; a server that refuses connections is not (there is no race to wait out)."""
     from sqlalchemy import exc as sa_exc
 
-    full = 0
+    full, server = 0, kind(url) != "sqlite"
     for attempt in range(attempts):
         try:
-            return RetryingStorage(url, **kwargs)
+            if not server:
+                return RetryingStorage(url, **kwargs)
+            # Optuna's schema check holds a session while it opens a second connection (and so
+            # does its creation of a new schema): with one connection it would wait for itself.
+            _create_schema_once(url)
+            storage = RetryingStorage(url, skip_compatibility_check=True, **kwargs)
+            _check_schema(storage)
+            return storage
         except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             # Optuna wraps SQLAlchemy's errors in StorageInternalError: look at what caused it.
             raced = (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError)
