@@ -83,6 +83,7 @@ class ProxyStorage(GrpcStorageProxy, _internals.BaseHeartbeat):
         self.heartbeat_interval = heartbeat_interval
         self.grace_period = grace_period
         self._stale_callback = heartbeat_stale_trial_callback
+        self.unreachable_at = 0.0  # when a call of this client last found the proxy gone
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -95,6 +96,11 @@ class ProxyStorage(GrpcStorageProxy, _internals.BaseHeartbeat):
             return []
         grace = self.grace_period or 2 * self.heartbeat_interval
         now = time.time()
+        if now - self.unreachable_at < grace:
+            # This client was cut off from the proxy a moment ago, and so were the others: their
+            # heartbeats stopped with the proxy, not with their workers, and resume within a
+            # retry's pause (at most 15 s). Judged now, live trials would be failed and run twice.
+            return []
         stale = []
         for trial in self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,)):
             beat = trial.system_attrs.get(HEARTBEAT_KEY)

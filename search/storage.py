@@ -407,6 +407,7 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
                 raise
             _logger.warning("storage %s unreachable (%s); retrying in %.1fs", mask(storage.url),
                             _first_line(exc), delay)
+            storage.unreachable_at = time.time()
             _raise_deferred_interrupt()  # between attempts no cursor is open: a waiting worker stops now
             time.sleep(delay)
             waited += delay

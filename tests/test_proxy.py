@@ -180,7 +180,7 @@ def test_a_study_runs_through_the_proxy_while_a_worker_and_the_proxy_are_killed(
                             steps_per_epoch=4)
     log = tmp_path / "launcher.log"
     launcher = start_cli("search", "run", study_file, "--storage", proxy.url, "--workers", "1",
-                         "--out", tmp_path / "run", log=log, env=FAST_HEARTBEAT)
+                         "--out", tmp_path / "run", log=log, env={"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "20"})
     from test_reliability import _running_at_epoch, _wait_for
 
     victim = _wait_for(_running_at_epoch(postgres_url, "through", 1), 300, "a trial past epoch 1", launcher, log)

@@ -1,0 +1,262 @@
+"""Hundreds of no-op workers on one study: directly on PostgreSQL, and through one
+``flexunet search proxy``.
+
+Each worker is a process running the product's loop (``search.worker.run_trials``: the sweep,
+the budget check, ``study.optimize`` with its heartbeat and stale-trial check) over the no-op
+trial of ``bench/coordination.py`` (the sample study's parameters, the user attributes and
+per-epoch reports a real trial writes, no training). Storages are opened as a worker opens them
+(``search.storage.open_storage``: one connection per process; through the proxy, its gRPC client
+with its heartbeat). For each worker count and mode:
+
+- trials/s: completed trials over the time from the start signal to the last trial's end;
+- ask and tell, p50 and p99 over every trial of every worker: ``ask`` is ``Study.ask`` (the
+  trial's creation, with the study's read cache refreshed), ``tell`` the time from the
+  objective's return to the end of ``optimize`` (Optuna's tell, with the heartbeat thread's stop);
+- the database's peak connections (``pg_stat_activity`` of the bench database, polled every
+  0.25 s; the bench process itself holds one in the direct mode, none through the proxy);
+- memory per worker: resident (RSS) and unique (USS, what the process does not share with the
+  others: workers are forked from one preloaded server, as ``bench/memory.py`` does not), mean,
+  read when every worker has joined; and the proxy's RSS at the end;
+- trials lost (started, then neither finished nor queued again: 0) and counted (COMPLETE, which
+  must be exactly ``n_trials``; trials a worker created after the budget was full are FAIL
+  "over budget" and never count).
+
+    python bench/scale.py [--workers 8 32 128 256] [--modes direct proxy] [--trials-per-worker 2]
+                          [--min-trials 200] [--epochs 3] [--json FILE]
+
+A worker count that memory cannot hold (free memory below 120 MiB per worker) is skipped and
+said so. Last line: ``proxy_128_trials_per_s: X`` (or the largest proxied count that ran).
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import _common as c
+import coordination as co
+
+PRELOAD = ["optuna", "sqlalchemy", "psycopg", "grpc", "search.storage", "search.proxy", "search.worker",
+           "search.lifecycle", "search.space", "search.study_file", "coordination"]
+MIB_PER_WORKER = 120  # what a no-op worker needs, with margin (measured: see BENCHMARKS.md)
+
+
+def _percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))] if ordered else float("nan")
+
+
+def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any, out: Any) -> None:
+    import optuna
+
+    from search import storage as st
+    from search.worker import run_trials
+
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    space = co.sample_space()
+    study = st.load_study(st.open_storage(url), name, optuna.samplers.RandomSampler())
+    objective = co.make_objective(space, epochs, [])
+    asks: list[float] = []
+    tells: list[float] = []
+    ask, optimize = study.ask, study.optimize
+
+    def timed_ask(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return ask(*args, **kwargs)
+        finally:
+            asks.append(time.perf_counter() - started)
+
+    def timed_optimize(func: Any, **kwargs: Any) -> None:
+        left: list[float] = []
+
+        def timed(trial: Any) -> Any:
+            try:
+                return func(trial)
+            finally:
+                left.append(time.perf_counter())
+
+        optimize(timed, **kwargs)
+        if left:
+            tells.append(time.perf_counter() - left[-1])
+
+    study.ask, study.optimize = timed_ask, timed_optimize  # what run_trials and optimize call
+    ready.put(os.getpid())
+    go.wait()
+    run_trials(study, objective, n_trials)
+    out.put((os.getpid(), asks, tells))
+
+
+def _poll_connections(server: str, database: str, stop: threading.Event, peak: list[int]) -> None:
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(server, poolclass=sa.pool.NullPool)
+    while not stop.is_set():
+        with engine.connect() as connection:
+            peak[0] = max(peak[0], connection.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = :d"), {"d": database}).scalar_one())
+        stop.wait(0.25)
+    engine.dispose()
+
+
+def _memory(pids: list[int]) -> tuple[float, float]:
+    import psutil
+
+    rss, uss = [], []
+    for pid in pids:
+        try:
+            info = psutil.Process(pid).memory_full_info()
+        except (psutil.Error, OSError):
+            continue
+        rss.append(info.rss / 2**20)
+        uss.append(info.uss / 2**20)
+    return (sum(rss) / len(rss), sum(uss) / len(uss)) if rss else (float("nan"), float("nan"))
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class _Proxy:
+    def __init__(self, database: str, log: Path) -> None:
+        self.port = _free_port()
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        self.proc = subprocess.Popen([sys.executable, "-m", "flexunet.cli", "search", "proxy", "--storage", database,
+                                      "--port", str(self.port)], stdout=log.open("w"), stderr=subprocess.STDOUT)
+        end = time.time() + 60
+        while time.time() < end:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise RuntimeError(f"the proxy did not start: {log.read_text()}")
+
+    def rss_mib(self) -> float:
+        import psutil
+
+        return psutil.Process(self.proc.pid).memory_info().rss / 2**20
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+    import optuna
+    import sqlalchemy as sa
+
+    from search import keys as k
+    from search import storage as st
+
+    n_trials = max(args.min_trials, args.trials_per_worker * workers)
+    name = f"scale-{mode}-{workers}-{uuid.uuid4().hex[:6]}"
+    proxy = _Proxy(database, tmp / f"proxy-{name}.log") if mode == "proxy" else None
+    url = proxy.url if proxy else database
+    study, _ = st.create_once(st.open_storage(url, heartbeat=False), name, ["maximize"])
+    server = sa.engine.make_url(database)
+    stop, peak = threading.Event(), [0]
+    poller = threading.Thread(target=_poll_connections, args=(
+        server.set(database="postgres").render_as_string(hide_password=False), server.database, stop, peak))
+    poller.start()
+    ctx = mp.get_context("forkserver")
+    ready, go, out = ctx.Queue(), ctx.Event(), ctx.Queue()
+    procs = [ctx.Process(target=_worker, args=(url, name, n_trials, args.epochs, ready, go, out))
+             for _ in range(workers)]
+    started_at = time.time()
+    for p in procs:
+        p.start()
+    pids = [ready.get(timeout=1800) for _ in procs]
+    joined_s = time.time() - started_at
+    rss, uss = _memory(pids)
+    begin = time.time()
+    go.set()
+    asks: list[float] = []
+    tells: list[float] = []
+    for _ in procs:
+        _, a, t = out.get(timeout=3600)
+        asks += a
+        tells += t
+    for p in procs:
+        p.join(timeout=120)
+    stop.set()
+    poller.join()
+    proxy_rss = proxy.rss_mib() if proxy else None
+    trials = study.get_trials(deepcopy=False)
+    if proxy:
+        proxy.stop()
+    complete = [t for t in trials if t.state.name == "COMPLETE"]
+    over = [t for t in trials if t.system_attrs.get(k.OVER_BUDGET)]
+    copied = {t.system_attrs.get(k.FAILED_TRIAL) for t in trials}
+    lost = [t for t in trials if t.state.name in ("RUNNING", "WAITING")
+            or (t.state.name == "FAIL" and not t.system_attrs.get(k.OVER_BUDGET) and t.number not in copied)]
+    ended = max(t.datetime_complete.timestamp() for t in complete)
+    row = {"workers": workers, "mode": mode, "n_trials": n_trials, "counted": len(complete), "lost": len(lost),
+           "over_budget": len(over), "exact": len(complete) == n_trials, "seconds": ended - begin,
+           "trials_per_s": len(complete) / (ended - begin), "joined_s": joined_s,
+           "ask_ms_p50": 1000 * _percentile(asks, 0.5), "ask_ms_p99": 1000 * _percentile(asks, 0.99),
+           "tell_ms_p50": 1000 * _percentile(tells, 0.5), "tell_ms_p99": 1000 * _percentile(tells, 0.99),
+           "peak_db_connections": peak[0], "rss_mib_per_worker": rss, "uss_mib_per_worker": uss,
+           "proxy_rss_mib": proxy_rss, "exit_codes_nonzero": sum(1 for p in procs if p.exitcode != 0)}
+    c.log(f"{mode:<6} {workers:>4} workers: {row['counted']}/{n_trials} counted (exact: {row['exact']}), "
+          f"{row['lost']} lost, {row['over_budget']} over budget; {row['trials_per_s']:.2f} trials/s; ask p50/p99 "
+          f"{row['ask_ms_p50']:.0f}/{row['ask_ms_p99']:.0f} ms, tell {row['tell_ms_p50']:.0f}/{row['tell_ms_p99']:.0f}"
+          f" ms; peak {peak[0]} DB connections; {rss:.0f} MiB RSS ({uss:.0f} unique) per worker"
+          + (f"; proxy {proxy_rss:.0f} MiB" if proxy_rss else "") + f"; joined in {joined_s:.0f} s")
+    optuna.delete_study(study_name=name, storage=st.open_storage(database, heartbeat=False))
+    return row
+
+
+def _free_mib() -> float:
+    import psutil
+
+    return psutil.virtual_memory().available / 2**20
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workers", type=int, nargs="+", default=[8, 32, 128, 256])
+    parser.add_argument("--modes", nargs="+", choices=("direct", "proxy"), default=["direct", "proxy"])
+    parser.add_argument("--trials-per-worker", type=int, default=2)
+    parser.add_argument("--min-trials", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=3, help="per no-op trial (reports and attributes)")
+    parser.add_argument("--json", help="write every figure to this file")
+    args = parser.parse_args()
+    mp.set_forkserver_preload(PRELOAD)
+    c.log("machine:", c.machine())
+    rows: list[dict[str, Any]] = []
+    tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-scale-{uuid.uuid4().hex[:6]}"
+    tmp.mkdir()
+    with co.fresh_database(co.POSTGRES) as database:
+        for workers in args.workers:
+            for mode in args.modes:
+                if _free_mib() < MIB_PER_WORKER * workers:
+                    c.log(f"{mode} {workers} workers: skipped, {_free_mib():.0f} MiB free < "
+                          f"{MIB_PER_WORKER} MiB x {workers}")
+                    rows.append({"workers": workers, "mode": mode, "skipped": "memory"})
+                    continue
+                rows.append(one_run(database, workers, mode, args, tmp))
+    c.write_json(args.json, {"machine": c.machine(), "rows": rows})
+    proxied = [r for r in rows if r["mode"] == "proxy" and "skipped" not in r]
+    if proxied:
+        best = next((r for r in proxied if r["workers"] == 128), proxied[-1])
+        c.headline(f"proxy_{best['workers']}_trials_per_s", best["trials_per_s"], ".2f")
+
+
+if __name__ == "__main__":
+    main()
