@@ -22,7 +22,11 @@ with its heartbeat). For each worker count and mode:
   "over budget" and never count).
 
     python bench/scale.py [--workers 8 32 128 256] [--modes direct proxy] [--trials-per-worker 2]
-                          [--min-trials 200] [--epochs 3] [--json FILE]
+                          [--min-trials 200] [--epochs 3] [--max-connections 300] [--json FILE]
+
+The runs use a PostgreSQL server of their own (initdb + pg_ctl in a temporary folder, on a free
+port, ``max_connections`` as given: 256 direct workers would take every connection of a shared
+server), removed afterwards; or, with ``--server URL``, a new database on that server.
 
 A worker count that memory cannot hold (free memory below 120 MiB per worker) is skipped and
 said so. Last line: ``proxy_128_trials_per_s: X`` (or the largest proxied count that ran).
@@ -39,7 +43,11 @@ import subprocess
 import sys
 import threading
 import time
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -64,7 +72,12 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = co.sample_space()
-    study = st.load_study(st.open_storage(url), name, optuna.samplers.RandomSampler())
+    try:
+        storage = st.open_storage(url)
+    except st.ServerFull:
+        ready.put(-os.getpid())  # turned away: counted, and the run goes on without it
+        return
+    study = st.load_study(storage, name, optuna.samplers.RandomSampler())
     objective = co.make_objective(space, epochs, [])
     asks: list[float] = []
     tells: list[float] = []
@@ -158,7 +171,6 @@ class _Proxy:
 
 
 def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
-    import optuna
     import sqlalchemy as sa
 
     from search import keys as k
@@ -168,7 +180,8 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     name = f"scale-{mode}-{workers}-{uuid.uuid4().hex[:6]}"
     proxy = _Proxy(database, tmp / f"proxy-{name}.log") if mode == "proxy" else None
     url = proxy.url if proxy else database
-    study, _ = st.create_once(st.open_storage(url, heartbeat=False), name, ["maximize"])
+    parent = st.open_storage(url, heartbeat=False)  # the bench's own: one connection directly, none by proxy
+    study, _ = st.create_once(parent, name, ["maximize"])
     server = sa.engine.make_url(database)
     stop, peak = threading.Event(), [0]
     poller = threading.Thread(target=_poll_connections, args=(
@@ -181,14 +194,15 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     started_at = time.time()
     for p in procs:
         p.start()
-    pids = [ready.get(timeout=1800) for _ in procs]
+    answers = [ready.get(timeout=1800) for _ in procs]
+    pids = [pid for pid in answers if pid > 0]
     joined_s = time.time() - started_at
     rss, uss = _memory(pids)
     begin = time.time()
     go.set()
     asks: list[float] = []
     tells: list[float] = []
-    for _ in procs:
+    for _ in pids:
         _, a, t = out.get(timeout=3600)
         asks += a
         tells += t
@@ -199,7 +213,10 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     proxy_rss = proxy.rss_mib() if proxy else None
     trials = study.get_trials(deepcopy=False)
     if proxy:
+        parent.close()
         proxy.stop()
+    else:
+        parent.engine.dispose()
     complete = [t for t in trials if t.state.name == "COMPLETE"]
     over = [t for t in trials if t.system_attrs.get(k.OVER_BUDGET)]
     copied = {t.system_attrs.get(k.FAILED_TRIAL) for t in trials}
@@ -212,20 +229,50 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
            "ask_ms_p50": 1000 * _percentile(asks, 0.5), "ask_ms_p99": 1000 * _percentile(asks, 0.99),
            "tell_ms_p50": 1000 * _percentile(tells, 0.5), "tell_ms_p99": 1000 * _percentile(tells, 0.99),
            "peak_db_connections": peak[0], "rss_mib_per_worker": rss, "uss_mib_per_worker": uss,
-           "proxy_rss_mib": proxy_rss, "exit_codes_nonzero": sum(1 for p in procs if p.exitcode != 0)}
+           "proxy_rss_mib": proxy_rss, "turned_away": len(procs) - len(pids),
+           "exit_codes_nonzero": sum(1 for p in procs if p.exitcode != 0)}
     c.log(f"{mode:<6} {workers:>4} workers: {row['counted']}/{n_trials} counted (exact: {row['exact']}), "
           f"{row['lost']} lost, {row['over_budget']} over budget; {row['trials_per_s']:.2f} trials/s; ask p50/p99 "
           f"{row['ask_ms_p50']:.0f}/{row['ask_ms_p99']:.0f} ms, tell {row['tell_ms_p50']:.0f}/{row['tell_ms_p99']:.0f}"
-          f" ms; peak {peak[0]} DB connections; {rss:.0f} MiB RSS ({uss:.0f} unique) per worker"
+          f" ms; peak {peak[0]} DB connections ({row['turned_away']} workers turned away); {rss:.0f} MiB RSS ({uss:.0f} unique) per worker"
           + (f"; proxy {proxy_rss:.0f} MiB" if proxy_rss else "") + f"; joined in {joined_s:.0f} s")
-    optuna.delete_study(study_name=name, storage=st.open_storage(database, heartbeat=False))
     return row
+
+
+@contextmanager
+def private_postgres(max_connections: int) -> Iterator[str]:
+    """A PostgreSQL server of this run's own; yields its URL (database ``postgres``)."""
+    bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
+    if not bins:
+        raise SystemExit("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: pass --server URL")
+    root = Path(tempfile.mkdtemp(prefix="bench-scale-pg-", dir="/tmp"))
+    as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    if os.geteuid() == 0:
+        shutil.chown(root, "postgres")
+    port = _free_port()
+    data = root / "data"
+    ctl = [*as_postgres, str(bins[-1] / "pg_ctl"), "-D", str(data)]
+    subprocess.run([*as_postgres, str(bins[-1] / "initdb"), "-D", str(data), "-A", "trust", "-U", "postgres"],
+                   check=True, capture_output=True)
+    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c max_connections={max_connections}"
+    subprocess.run([*ctl, "-w", "-t", "60", "-l", str(root / "server.log"), "-o", options, "start"], check=True,
+                   capture_output=True)
+    try:
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+    finally:
+        subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True)
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _free_mib() -> float:
     import psutil
 
     return psutil.virtual_memory().available / 2**20
+
+
+@contextmanager
+def _given(url: str) -> Iterator[str]:
+    yield url
 
 
 def main() -> None:
@@ -235,6 +282,8 @@ def main() -> None:
     parser.add_argument("--trials-per-worker", type=int, default=2)
     parser.add_argument("--min-trials", type=int, default=200)
     parser.add_argument("--epochs", type=int, default=3, help="per no-op trial (reports and attributes)")
+    parser.add_argument("--max-connections", type=int, default=300, help="of the bench's own PostgreSQL")
+    parser.add_argument("--server", help="a PostgreSQL server URL to use instead of a server of the bench's own")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
     mp.set_forkserver_preload(PRELOAD)
@@ -242,7 +291,9 @@ def main() -> None:
     rows: list[dict[str, Any]] = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-scale-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
-    with co.fresh_database(co.POSTGRES) as database:
+    with (private_postgres(args.max_connections) if not args.server else _given(args.server)) as server, \
+            co.fresh_database(server) as database:
+        c.log(f"PostgreSQL {'of the bench, max_connections ' + str(args.max_connections) if not args.server else args.server}")
         for workers in args.workers:
             for mode in args.modes:
                 if _free_mib() < MIB_PER_WORKER * workers:
