@@ -12,8 +12,10 @@ with its heartbeat). For each worker count and mode:
 - ask and tell, p50 and p99 over every trial of every worker: ``ask`` is ``Study.ask`` (the
   trial's creation, with the study's read cache refreshed), ``tell`` the time from the
   objective's return to the end of ``optimize`` (Optuna's tell, with the heartbeat thread's stop);
-- the database's peak connections (``pg_stat_activity`` of the bench database, polled every
-  0.25 s; the bench process itself holds one in the direct mode, none through the proxy);
+- the database's peak connections (client backends of the bench database in
+  ``pg_stat_activity``, polled every 0.25 s; the bench process itself holds one in the direct
+  mode, none through the proxy);
+- CPU seconds per trial of the proxy process and of the database server (all its processes);
 - memory per worker: resident (RSS) and unique (USS, what the process does not share with the
   others: workers are forked from one preloaded server, as ``bench/memory.py`` does not), mean,
   read when every worker has joined; and the proxy's RSS at the end;
@@ -117,7 +119,8 @@ def _poll_connections(server: str, database: str, stop: threading.Event, peak: l
     while not stop.is_set():
         with engine.connect() as connection:
             peak[0] = max(peak[0], connection.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = :d"), {"d": database}).scalar_one())
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND backend_type = 'client backend'"),
+                {"d": database}).scalar_one())
         stop.wait(0.25)
     engine.dispose()
 
@@ -161,6 +164,12 @@ class _Proxy:
 
         return psutil.Process(self.proc.pid).memory_info().rss / 2**20
 
+    def cpu_s(self) -> float:
+        import psutil
+
+        times = psutil.Process(self.proc.pid).cpu_times()
+        return times.user + times.system
+
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
         try:
@@ -170,7 +179,27 @@ class _Proxy:
             self.proc.wait()
 
 
-def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tmp: Path) -> dict[str, Any]:
+def _server_cpu_s(postmaster: int | None) -> float | None:
+    """CPU seconds of a PostgreSQL server so far: the postmaster, its ended backends (reaped
+    children) and the live ones."""
+    import psutil
+
+    if postmaster is None:
+        return None
+    main = psutil.Process(postmaster)
+    t = main.cpu_times()
+    total = t.user + t.system + t.children_user + t.children_system
+    for child in main.children(recursive=True):
+        try:
+            ct = child.cpu_times()
+        except psutil.Error:
+            continue
+        total += ct.user + ct.system
+    return total
+
+
+def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tmp: Path,
+            postmaster: int | None = None) -> dict[str, Any]:
     import sqlalchemy as sa
 
     from search import keys as k
@@ -198,6 +227,8 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     pids = [pid for pid in answers if pid > 0]
     joined_s = time.time() - started_at
     rss, uss = _memory(pids)
+    db_cpu_before = _server_cpu_s(postmaster)
+    proxy_cpu_before = proxy.cpu_s() if proxy else None
     begin = time.time()
     go.set()
     asks: list[float] = []
@@ -211,6 +242,8 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     stop.set()
     poller.join()
     proxy_rss = proxy.rss_mib() if proxy else None
+    proxy_cpu = proxy.cpu_s() - proxy_cpu_before if proxy else None
+    db_cpu = _server_cpu_s(postmaster) - db_cpu_before if postmaster else None
     trials = study.get_trials(deepcopy=False)
     if proxy:
         parent.close()
@@ -229,19 +262,24 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
            "ask_ms_p50": 1000 * _percentile(asks, 0.5), "ask_ms_p99": 1000 * _percentile(asks, 0.99),
            "tell_ms_p50": 1000 * _percentile(tells, 0.5), "tell_ms_p99": 1000 * _percentile(tells, 0.99),
            "peak_db_connections": peak[0], "rss_mib_per_worker": rss, "uss_mib_per_worker": uss,
-           "proxy_rss_mib": proxy_rss, "turned_away": len(procs) - len(pids),
+           "proxy_rss_mib": proxy_rss,
+           "proxy_cpu_s_per_trial": proxy_cpu / len(complete) if proxy_cpu is not None else None,
+           "db_cpu_s_per_trial": db_cpu / len(complete) if db_cpu is not None else None, "turned_away": len(procs) - len(pids),
            "exit_codes_nonzero": sum(1 for p in procs if p.exitcode != 0)}
     c.log(f"{mode:<6} {workers:>4} workers: {row['counted']}/{n_trials} counted (exact: {row['exact']}), "
           f"{row['lost']} lost, {row['over_budget']} over budget; {row['trials_per_s']:.2f} trials/s; ask p50/p99 "
           f"{row['ask_ms_p50']:.0f}/{row['ask_ms_p99']:.0f} ms, tell {row['tell_ms_p50']:.0f}/{row['tell_ms_p99']:.0f}"
           f" ms; peak {peak[0]} DB connections ({row['turned_away']} workers turned away); {rss:.0f} MiB RSS ({uss:.0f} unique) per worker"
-          + (f"; proxy {proxy_rss:.0f} MiB" if proxy_rss else "") + f"; joined in {joined_s:.0f} s")
+          + (f"; proxy {proxy_rss:.0f} MiB, {1000 * row['proxy_cpu_s_per_trial']:.0f} ms CPU per trial" if proxy else "")
+          + (f"; database {1000 * row['db_cpu_s_per_trial']:.0f} ms CPU per trial" if postmaster else "")
+          + f"; joined in {joined_s:.0f} s")
     return row
 
 
 @contextmanager
-def private_postgres(max_connections: int) -> Iterator[str]:
-    """A PostgreSQL server of this run's own; yields its URL (database ``postgres``)."""
+def private_postgres(max_connections: int) -> Iterator[tuple[str, int | None]]:
+    """A PostgreSQL server of this run's own; yields its URL (database ``postgres``) and the
+    postmaster's pid."""
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     if not bins:
         raise SystemExit("PostgreSQL's server binaries (initdb, pg_ctl) are not installed: pass --server URL")
@@ -258,7 +296,8 @@ def private_postgres(max_connections: int) -> Iterator[str]:
     subprocess.run([*ctl, "-w", "-t", "60", "-l", str(root / "server.log"), "-o", options, "start"], check=True,
                    capture_output=True)
     try:
-        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
+        postmaster = int((data / "postmaster.pid").read_text().split()[0])
+        yield f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", postmaster
     finally:
         subprocess.run([*ctl, "-m", "immediate", "stop"], capture_output=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -271,8 +310,8 @@ def _free_mib() -> float:
 
 
 @contextmanager
-def _given(url: str) -> Iterator[str]:
-    yield url
+def _given(url: str) -> Iterator[tuple[str, int | None]]:
+    yield url, None
 
 
 def main() -> None:
@@ -286,12 +325,13 @@ def main() -> None:
     parser.add_argument("--server", help="a PostgreSQL server URL to use instead of a server of the bench's own")
     parser.add_argument("--json", help="write every figure to this file")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(143))  # the servers are removed on the way out
     mp.set_forkserver_preload(PRELOAD)
     c.log("machine:", c.machine())
     rows: list[dict[str, Any]] = []
     tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"bench-scale-{uuid.uuid4().hex[:6]}"
     tmp.mkdir()
-    with (private_postgres(args.max_connections) if not args.server else _given(args.server)) as server, \
+    with (private_postgres(args.max_connections) if not args.server else _given(args.server)) as (server, postmaster), \
             co.fresh_database(server) as database:
         c.log(f"PostgreSQL {'of the bench, max_connections ' + str(args.max_connections) if not args.server else args.server}")
         for workers in args.workers:
@@ -301,7 +341,7 @@ def main() -> None:
                           f"{MIB_PER_WORKER} MiB x {workers}")
                     rows.append({"workers": workers, "mode": mode, "skipped": "memory"})
                     continue
-                rows.append(one_run(database, workers, mode, args, tmp))
+                rows.append(one_run(database, workers, mode, args, tmp, postmaster))
     c.write_json(args.json, {"machine": c.machine(), "rows": rows})
     proxied = [r for r in rows if r["mode"] == "proxy" and "skipped" not in r]
     if proxied:

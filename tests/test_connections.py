@@ -27,7 +27,8 @@ def _connections(admin_url: str, database: str) -> int:
 
     engine = sa.create_engine(admin_url, poolclass=sa.pool.NullPool)
     with engine.connect() as connection:
-        return connection.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d"),
+        return connection.execute(sa.text(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND backend_type = 'client backend'"),
                                   {"d": database}).scalar_one()
 
 

@@ -78,8 +78,9 @@ def _peak_connections(url: str, database: str, stop, out) -> None:  # type: igno
     peak = 0
     while not stop.is_set():
         with engine.connect() as connection:
-            peak = max(peak, connection.execute(sa.text("SELECT count(*) FROM pg_stat_activity WHERE datname = :d"),
-                                                {"d": database}).scalar_one())
+            peak = max(peak, connection.execute(sa.text(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND backend_type = 'client backend'"),
+                {"d": database}).scalar_one())
         time.sleep(0.1)
     out.put(peak)
 
