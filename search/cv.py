@@ -144,9 +144,15 @@ def _read_folds_file(path: Path, names: list[str], folds: int) -> np.ndarray:
 
 
 def pooled_foreground_dice(probabilities: np.ndarray, masks: np.ndarray, num_classes: int) -> float:
-    """One global foreground Dice over every slice (flexunet.metrics' definition)."""
+    """One global foreground Dice over every slice, over the classes present in them
+    (flexunet.metrics' definition)."""
+    return float(m.foreground_dice_of(m.to_classes(probabilities), masks, m.num_labels(num_classes)))
+
+
+def class_dice(probabilities: np.ndarray, masks: np.ndarray, num_classes: int) -> list[float | None]:
+    """Each foreground class's Dice pooled over every slice; None where the class is absent."""
     tp, fp, fn = m.confusion(m.to_classes(probabilities), masks, m.num_labels(num_classes))
-    return float(np.mean(m.dice_score(tp, fp, fn)[1:]))
+    return [None if math.isnan(d) else float(d) for d in m.dice_score(tp, fp, fn)[1:]]
 
 
 class FoldPruningReporter(keras.callbacks.Callback):
@@ -344,7 +350,8 @@ class CrossValidation:
                                                   for f in folds]))
         upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=self.trial)
         self.trial.set_user_attr(keys.POOLED_DICE, pooled)
-        self.trial.set_user_attr("best_val_foreground_dice", pooled)
+        self.trial.set_user_attr(keys.CLASS_DICE, class_dice(probabilities, masks, self.config.model.num_classes))
+        self.trial.set_user_attr(keys.BEST_VAL_DICE, pooled)
         return CVResult(pooled, [f.dice for f in folds], model)
 
     # --- resume point: one archive per trial, with the finished folds --------------------
