@@ -242,7 +242,9 @@ class CrossValidation:
         if self._network is None:
             keras.utils.set_random_seed(self.config.train.seed)
             self._network = build(self.config.model)
-            compile_model(self._network, self.config.model)
+            # One compiled model serves every fold: its class weights (if any) come from the
+            # whole development pool's masks, a label statistic, not an image.
+            compile_model(self._network, self.config.model, self.data.data.masks)
             self._initial = self._network.get_weights()
             return self._network
         self._network.set_weights(self._initial)
