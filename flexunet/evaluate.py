@@ -218,10 +218,13 @@ def _check_shapes(network: Any, config: Config) -> None:
 
 def averaged_text(summary: dict[str, Any]) -> str:
     """Which classes a summary's mean averages, in words (absent ones: no reference, no prediction)."""
+    def named(classes: list[int]) -> str:
+        return ("class " if len(classes) == 1 else "classes ") + ", ".join(map(str, classes))
+
     averaged, absent = summary["averaged_classes"], summary["absent_classes"]
-    text = ("averages class " + ", ".join(map(str, averaged))) if averaged else "no class present: 0 by definition"
+    text = f"averages {named(averaged)}" if averaged else "no class present: 0 by definition"
     if absent:
-        text += "; absent, left out: class " + ", ".join(map(str, absent))
+        text += f"; absent (no reference, no prediction), left out: {named(absent)}"
     return text
 
 

@@ -398,6 +398,10 @@ def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
     return lines
 
 
+def _classes_text(classes: list[Any]) -> str:
+    return ("class " if len(classes) == 1 else "classes ") + ", ".join(map(str, classes))
+
+
 def _class_lines(metrics: dict[str, Any], f: Any) -> list[str]:
     """Each class's Dice with the reference it was scored on, and which classes the means average."""
     test, validation = metrics["test"], metrics["validation"].get("class_dice") or []
@@ -408,12 +412,15 @@ def _class_lines(metrics: dict[str, Any], f: Any) -> list[str]:
         val = validation[i] if i < len(validation) else None
         lines.append(f"| {c} | {f(val)} | {f(v['dice_global'])} | {v['reference_slices']} | {v['reference_pixels']} | "
                      f"{f(v['area_ratio'])} |")
-    averaged = ", ".join(map(str, test["averaged_classes"])) or "none"
-    absent = ", ".join(map(str, test["absent_classes"]))
-    lines += ["", f"The test means average class {averaged}: the classes with reference or predicted pixels in the "
-                  "test slices" + (f"; class {absent} has neither there and is left out (its Dice is undefined), "
-                                   "as in nnU-Net's evaluation and MONAI's `ignore_empty`" if absent else "")
-              + ". A class predicted where the reference has none counts 0."]
+    averaged, absent = test["averaged_classes"], test["absent_classes"]
+    head = (f"The test means average {_classes_text(averaged)}: the classes with reference or predicted pixels "
+            "in the test slices" if averaged else "No class has reference or predicted pixels in the test slices: "
+            "the test means are 0 by definition")
+    if absent:
+        head += (f"; {_classes_text(absent)} {'has' if len(absent) == 1 else 'have'} neither there and "
+                 f"{'is' if len(absent) == 1 else 'are'} left out (Dice undefined), as in nnU-Net's evaluation "
+                 "and MONAI's `ignore_empty`")
+    lines += ["", head + ". A class predicted where the reference has none counts 0."]
     return lines
 
 
