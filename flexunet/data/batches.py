@@ -27,7 +27,7 @@ class Batches:
 
     def __init__(self, data: SliceSet, batch_size: int, *, shuffle: bool = False, augment_strength: float = 0.0,
                  seed: int = 0, steps: int | None = None, start_epoch: int = 0,
-                 class_sampling: float | None = 0.0) -> None:
+                 class_sampling: float | None = None) -> None:
         if data.masks is None:
             raise ValueError("Batches needs masks")
         self.data, self.batch_size = data, batch_size
