@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import queue
 import signal
 import socket
 import subprocess
@@ -108,8 +109,12 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any
     study.ask, study.optimize = timed_ask, timed_optimize  # what run_trials and optimize call
     ready.put(os.getpid())
     go.wait()
-    run_trials(study, objective, n_trials)
-    out.put((os.getpid(), asks, tells))
+    try:
+        run_trials(study, objective, n_trials)
+    except Exception as exc:  # counted as a worker that crashed; its trial is the others' to retry
+        out.put((os.getpid(), asks, tells, f"{type(exc).__name__}: {exc}"))
+        return
+    out.put((os.getpid(), asks, tells, None))
 
 
 def _poll_connections(server: str, database: str, stop: threading.Event, peak: list[int]) -> None:
@@ -233,10 +238,20 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     go.set()
     asks: list[float] = []
     tells: list[float] = []
-    for _ in pids:
-        _, a, t = out.get(timeout=3600)
+    crashed: list[str] = []
+    reported = 0
+    while reported < len(pids):
+        try:
+            _, a, t, error = out.get(timeout=10)
+        except queue.Empty:
+            if not any(p.is_alive() for p in procs):
+                break  # the rest died without a word (killed)
+            continue
+        reported += 1
         asks += a
         tells += t
+        if error:
+            crashed.append(error)
     for p in procs:
         p.join(timeout=120)
     stop.set()
@@ -265,11 +280,12 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
            "proxy_rss_mib": proxy_rss,
            "proxy_cpu_s_per_trial": proxy_cpu / len(complete) if proxy_cpu is not None else None,
            "db_cpu_s_per_trial": db_cpu / len(complete) if db_cpu is not None else None, "turned_away": len(procs) - len(pids),
+           "crashed": len(crashed) + len(pids) - reported, "crashes": sorted(set(crashed))[:5],
            "exit_codes_nonzero": sum(1 for p in procs if p.exitcode != 0)}
     c.log(f"{mode:<6} {workers:>4} workers: {row['counted']}/{n_trials} counted (exact: {row['exact']}), "
           f"{row['lost']} lost, {row['over_budget']} over budget; {row['trials_per_s']:.2f} trials/s; ask p50/p99 "
           f"{row['ask_ms_p50']:.0f}/{row['ask_ms_p99']:.0f} ms, tell {row['tell_ms_p50']:.0f}/{row['tell_ms_p99']:.0f}"
-          f" ms; peak {peak[0]} DB connections ({row['turned_away']} workers turned away); {rss:.0f} MiB RSS ({uss:.0f} unique) per worker"
+          f" ms; peak {peak[0]} DB connections ({row['turned_away']} workers turned away, {row['crashed']} crashed); {rss:.0f} MiB RSS ({uss:.0f} unique) per worker"
           + (f"; proxy {proxy_rss:.0f} MiB, {1000 * row['proxy_cpu_s_per_trial']:.0f} ms CPU per trial" if proxy else "")
           + (f"; database {1000 * row['db_cpu_s_per_trial']:.0f} ms CPU per trial" if postmaster else "")
           + f"; joined in {joined_s:.0f} s")

@@ -463,6 +463,11 @@ def _connection_lost(exc: BaseException) -> bool:
         if isinstance(current, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError
                       | sa_exc.PendingRollbackError | ConnectionError | TimeoutError):
             return True
+        if isinstance(current, sa_exc.TimeoutError):
+            # The process's one connection stayed busy past the pool's 30 s (the other thread's
+            # call on an overloaded server): wait for it, as for a lost one. Raised, it killed
+            # the heartbeat thread of 53 of 128 workers on two overloaded cores.
+            return True
         if type(current).__name__ in ("OperationalError", "InterfaceError"):  # psycopg, pymysql
             return True
         code = getattr(current, "code", None)  # a grpc.RpcError: the proxy is down or restarting
