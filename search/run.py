@@ -34,6 +34,7 @@ from search.paths import RunFolder
 from search.study_file import StudySpec
 
 _logger = logging.getLogger(__name__)
+_FULL_SETTLE_SECONDS = 10.0  # a full server turns a worker away within ~6 s of its start (three tries)
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,8 @@ class _Workers:
                                       for i in range(options.workers)]
         self.restarts = 0
         self.stopping = False
-        self.turned_away_seen = 0
+        self.turned_away_seen = self.turned_away_count = 0  # reported; seen so far
+        self.turned_away_changed = 0.0
         self._reaped: set[int] = set()
         self.started = [0] * options.workers  # launches per slot, to give each its own seed
         self.gpu_memory = devices.gpu_memory_mib() if options.gpus else {}
@@ -148,13 +150,19 @@ class _Workers:
         """The workers the database server turned away at start-up (it was full)."""
         return [p for p in self.procs if p is not None and p.returncode == st.EXIT_SERVER_FULL]
 
-    def report_turned_away(self, study: optuna.Study) -> None:
+    def report_turned_away(self, study: optuna.Study, final: bool = False) -> None:
         """One line when workers were turned away, with the server's figures read through this
-        launcher's own connection (the turned-away workers have none to read them with)."""
-        turned = self.turned_away()
-        if len(turned) <= self.turned_away_seen:
+        launcher's own connection (the turned-away workers have none to read them with). Workers
+        started together are turned away within seconds of each other: the line waits until no
+        more has been for ``_FULL_SETTLE_SECONDS`` (or the run ends), and counts them all."""
+        count = len(self.turned_away())
+        if count != self.turned_away_count:
+            self.turned_away_count, self.turned_away_changed = count, time.time()
+        settled = final or time.time() - self.turned_away_changed >= _FULL_SETTLE_SECONDS
+        if count <= self.turned_away_seen or not settled:
             return
-        self.turned_away_seen = len(turned)
+        self.turned_away_seen = count
+        turned = self.turned_away()
         try:
             figures = st.connection_figures(_internals.study_storage(study))
         except Exception:  # the launcher's own connection went too: say what is known
@@ -264,7 +272,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     if interrupted:
         print("run the same command again to resume the study", file=sys.stderr)
         return 130
-    workers.report_turned_away(study)
+    workers.report_turned_away(study, final=True)
     # Workers turned away by a full server lose nothing (they never had a trial): the run is done
     # if the others spent the budget, and failed if none could join.
     every_one_turned_away = len(workers.turned_away()) == options.workers
