@@ -137,6 +137,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search.planner import plan
+
+    gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
+    print(f"planning a study of {args.data} for {args.minutes:g} minutes"
+          + (" (measuring this device: under a minute)" if not args.throughput else ""), flush=True)
+    result = plan(Path(args.data), args.minutes, out=Path(args.out), name=args.name, workers=args.workers,
+                  gpus=gpus, throughput=Path(args.throughput) if args.throughput else None,
+                  hemorrhage_types=args.hemorrhage_types)
+    for line in result.lines():
+        print(line)
+    print(f"wrote {args.out} (and fingerprint.json, throughput.json beside it); run it with: "
+          f"flexunet search run {args.out}")
+    return 0
+
+
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study_file", nargs="?", metavar="STUDY.toml", help="the study file")
     parser.add_argument("--study", help="study name (default: the study file's)")
@@ -212,3 +230,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     report.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     report.set_defaults(func=_cmd_report)
+
+    plan = sub.add_parser("plan", help="size a study for a dataset, this device and a time budget, and write it")
+    plan.add_argument("data", metavar="DATA", help="a CT-ICH download folder (as prepare reads it) or a "
+                                                   "train_eval_infer.config of folder pairs")
+    plan.add_argument("--minutes", type=float, required=True, help="the whole study's wall time: search and export")
+    plan.add_argument("--out", required=True, metavar="STUDY.toml", help="the study file to write")
+    plan.add_argument("--name", help="the study's name (default: from the file name)")
+    plan.add_argument("--workers", type=int, default=1, help="local workers it will run with (on a CPU they share "
+                                                             "its cores)")
+    plan.add_argument("--gpus", help="comma-separated GPU ids it will run on, one worker each")
+    plan.add_argument("--throughput", metavar="FILE", help="a throughput.json written by an earlier plan, instead "
+                                                           "of measuring this device")
+    plan.add_argument("--hemorrhage-types", action="store_true",
+                      help="CT-ICH: plan the multi-class dataset (prepare --hemorrhage-types)")
+    plan.set_defaults(func=_cmd_plan)
