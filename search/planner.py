@@ -250,9 +250,10 @@ def space_bounds(side: int, channels: int, num_classes: int, max_gflops: float,
                  draws: int = 1500) -> tuple[tuple[int, int], tuple[int, int], tuple[int, ...], int]:
     """(base_filters, num_layers, kernels, max_params) of a space in which at most
     :data:`MAX_INFEASIBLE` of uniform draws cost more than ``max_gflops`` (estimated without
-    Keras): the filters shrink first down to 16, then the largest kernel, then filters and
-    depth. Base 16 with 4 levels and 3x3-5x5 kernels did best on the bundled sample
-    (BENCHMARKS.md sections 4, 9), so the space keeps them where the budget allows."""
+    Keras): the filters shrink first down to 16, then the largest kernel, then the depth down
+    to 4. Base 16 with 4 levels and 3x3-5x5 kernels did best on the bundled sample
+    (BENCHMARKS.md sections 4, 9), so the space never loses :data:`REFERENCE`; :func:`size_study`
+    picks a side where it fits."""
     import numpy as np
 
     from search.space import max_layers
@@ -284,10 +285,10 @@ def space_bounds(side: int, channels: int, num_classes: int, max_gflops: float,
             filters_hi -= 4
         elif len(kernels) > 1:
             kernels.pop()
-        elif filters_hi > filters_lo:
-            filters_hi -= 4
-        elif layers_hi > layers_lo:
+        elif layers_hi > max(layers_lo, min(REFERENCE[1], max_layers(side))):
             layers_hi -= 1
+        elif filters_hi > filters_lo and filters_hi > REFERENCE[0]:
+            filters_hi -= 4
         else:
             break
     return (filters_lo, filters_hi), (layers_lo, layers_hi), tuple(kernels), int(math.ceil(top_params * 1.05 / 1e5) * 1e5)
@@ -335,8 +336,9 @@ def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name:
         search = total * (1.0 - refit_share) - EXPORT_SECONDS - baseline / parallel
         grid = [g / 100 for g in range(5, 2001, 5)]
         fitting = [g for g in grid if _fits(t, g, folds, search * parallel)]
-        smallest = estimate_smallest(side, fp)
-        if fitting and fitting[-1] >= 2 * smallest:
+        # The side must afford a space that holds what did well on the bundled sample (base
+        # 16, 4 levels, 3x3: BENCHMARKS.md sections 4 and 9), with room above it.
+        if fitting and fitting[-1] >= REFERENCE_ROOM * reference_gflops(side, fp):
             max_gflops = fitting[-1]
             chosen = dataclasses.replace(size, side=side, lesions_under=sum(
                 c.lesions_under(MIN_LESION_PIXELS, side) for c in fp.classes.values()))
@@ -383,25 +385,27 @@ def seed_gflops(side: int, fp: Fingerprint) -> float:
         base_kernels=(SEED_BASELINE["base_kernels"],) * 2, normalization=False)).flops / 1e9
 
 
-def estimate_smallest(side: int, fp: Fingerprint) -> float:
-    """GFLOPs of the space's cheapest model at ``side`` (base 8, 3 levels, 3x3)."""
-    from flexunet import config as cfg
-    from flexunet.model import estimate_cost
+REFERENCE = (16, 4, 3)  # base filters, levels, kernel: the space must hold it
+REFERENCE_ROOM = 1.5  # max_gflops at least this many times the reference's cost
+
+
+def reference_gflops(side: int, fp: Fingerprint) -> float:
+    """GFLOPs of :data:`REFERENCE` at ``side`` (fewer levels where the side allows fewer)."""
     from search.space import max_layers
 
-    return estimate_cost(cfg.ModelConfig(image_width=side, image_height=side, image_channels=fp.channels,
-                                         num_classes=max(2, fp.num_classes), base_filters=8,
-                                         num_layers=min(3, max_layers(side)), normalization=True)).flops / 1e9
+    base, layers, kernel = REFERENCE
+    return _cost(_model(side, fp.channels, fp.num_classes, base, min(layers, max_layers(side)), kernel))[0] / 1e9
 
 
 def needed_minutes(fp: Fingerprint, throughput: Throughput, side: int, folds: int, parallel: int,
                    refit_share: float) -> float:
-    """The minutes a plan at ``side`` needs for :data:`MIN_TRIALS` full trials of a space at
-    twice its cheapest model."""
+    """The minutes a plan at ``side`` needs: a space with room above :data:`REFERENCE` under
+    the sizing rule of :func:`size_study`."""
     t = throughput.at(side)
-    g = 2 * estimate_smallest(side, fp)
+    g = REFERENCE_ROOM * reference_gflops(side, fp)
     kw = {"folds": folds, "epochs": MAX_EPOCHS, "steps": STEPS_PER_EPOCH}
-    search = max(MIN_TRIALS * MARGIN * expected_trial_seconds(t, g / 2, batch=4, **kw), 3 * trial_seconds(t, g, batch=8, **kw))
+    search = max(MIN_TRIALS * MARGIN * expected_trial_seconds(t, g / 2, batch=4, **kw),
+                 3 * trial_seconds(t, g, batch=8, **kw))
     baseline = trial_seconds(t, seed_gflops(side, fp), batch=2, **kw)
     return ((search + baseline) / parallel + EXPORT_SECONDS) / (1.0 - refit_share) / 60.0
 

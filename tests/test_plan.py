@@ -96,7 +96,7 @@ def test_a_plan_fits_8_trials_and_its_space_wastes_at_most_5_percent(sample: Pat
         study.tell(trial, 0.0)
     assert refused / 300 <= 0.05
     # The configurations that did well on this data stay in the space (base 16, 4 levels, 3x3).
-    assert sized.base_filters[0] <= 16 <= sized.base_filters[1] or sized.max_gflops < 1.0
+    assert sized.base_filters[0] <= 16 <= sized.base_filters[1]
     assert sized.num_layers[0] <= 4 <= sized.num_layers[1] and 3 in sized.kernels
 
 
