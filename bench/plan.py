@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             row: dict[str, Any] = {"minutes_asked": minutes, "plan_seconds": round(seconds, 1),
                                    "image_size": plan.size.side, "max_gflops": plan.max_gflops,
                                    "base_filters": plan.base_filters, "num_layers": plan.num_layers,
-                                   "kernels": plan.kernels, "expected_decided": round(plan.expected_full_trials, 1),
+                                   "kernels": plan.kernels, "expected_decided": round(plan.expected_trials, 1),
                                    "infeasible_share_of_draws": _waste(out)}
             log(minutes, "min:", *plan.lines())
             if args.run:

@@ -108,7 +108,7 @@ class SizeChoice:
 
 @dataclass(frozen=True)
 class Plan:
-    """A sized study: what :func:`write_study` writes, with the figures it was derived from."""
+    """A sized study: what :func:`study_text` writes, with the figures it was derived from."""
 
     name: str
     minutes: float
@@ -123,9 +123,9 @@ class Plan:
     base_filters: tuple[int, int]
     num_layers: tuple[int, int]
     kernels: tuple[int, ...]
-    trial_seconds: float  # one trial in full at the middle of the space's cost
+    trial_seconds: float  # a trial at the middle of the space's cost, expected under the pruner
     search_seconds: float
-    expected_full_trials: float
+    expected_trials: float  # decided trials the search's time holds at that cost
     throughput: Throughput
     notes: list[str] = field(default_factory=list)
 
@@ -139,7 +139,7 @@ class Plan:
             f"levels {self.num_layers[0]}-{self.num_layers[1]}, kernels {', '.join(map(str, self.kernels))}",
             f"time: {self.minutes:g} min = search {self.search_seconds:.0f} s + export {EXPORT_SECONDS:.0f} s; a trial "
             f"at the space's middle ~{self.trial_seconds:.0f} s expected under the pruner, so ~"
-            f"{self.expected_full_trials:.0f} decided with {self.parallel} in parallel (at least {MIN_TRIALS} "
+            f"{self.expected_trials:.0f} decided with {self.parallel} in parallel (at least {MIN_TRIALS} "
             f"with a {MARGIN:g}x margin)",
             *self.notes,
         ]
@@ -154,13 +154,10 @@ def choose_size(fp: Fingerprint, ceiling: int | None = None) -> SizeChoice:
     :data:`MIN_LESION_PIXELS`, at most the native side (and ``ceiling``)."""
     native = fp.native_side
     top = min(native, ceiling or native)
-    candidates = [s for s in SIDES if s <= top] or [min(SIDES)]
     shares = [c.lesion_share_percentiles[LESION_PERCENTILE] for c in fp.classes.values() if c.lesions]
     need = max(MIN_LESION_PIXELS / min(shares), 1.0) if shares else 1.0
     wanted = next((s for s in SIDES if s * s >= need), SIDES[-1])
-    side = max([s for s in candidates if s <= wanted] or [candidates[0]])
-    if wanted <= top:
-        side = wanted
+    side = wanted if wanted <= top else max([s for s in SIDES if s <= top] or [min(SIDES)])
     return SizeChoice(side, wanted, sum(c.lesions for c in fp.classes.values()),
                       sum(c.lesions_under(MIN_LESION_PIXELS, side) for c in fp.classes.values()))
 
@@ -351,7 +348,7 @@ def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name:
             plan = Plan(name=name, minutes=minutes, workers=workers, gpus=tuple(gpus), size=chosen, folds=folds,
                         max_epochs=MAX_EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, max_gflops=max_gflops,
                         max_params=max_params, base_filters=filters, num_layers=layers, kernels=kernels,
-                        trial_seconds=mid, search_seconds=search, expected_full_trials=search * parallel / mid,
+                        trial_seconds=mid, search_seconds=search, expected_trials=search * parallel / mid,
                         throughput=t, notes=notes)
             lost = chosen.lesions_under / max(chosen.lesions, 1)
             if lost > 0.5:
