@@ -208,6 +208,10 @@ def _device_name() -> str:
     return gpus[0].name if gpus else "cpu"
 
 
+def _has_gpu() -> bool:
+    return _device_name() != "cpu"
+
+
 MIN_RESOURCE, REDUCTION_FACTOR = 2, 3  # the planned study's SuccessiveHalvingPruner
 MARGIN = 1.5  # on the expected cost: the first trials of a rung are promoted, not pruned
 
@@ -445,6 +449,9 @@ def plan(data: Path, minutes: float, *, out: Path, name: str | None = None, work
     source = source_of(data, hemorrhage_types)
     fp = fingerprint_of(source)
     size = choose_size(fp)
+    if gpus and throughput is None and not _has_gpu():
+        raise ConfigError(f"--gpus {','.join(gpus)}: this machine has no GPU to measure; plan on the GPU machine, "
+                          "or give --throughput FILE (a throughput.json written there)")
     measured = Throughput.read(throughput) if throughput else measure_device(size.side, fp.channels, fp.num_classes)
     sized = size_study(fp, measured, minutes, name=name or _name(out), workers=workers, gpus=gpus)
     text = study_text(sized, fp, source, out)

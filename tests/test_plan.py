@@ -134,7 +134,9 @@ def test_bad_datasets_get_one_line(tmp_path: Path, prepared64: Path) -> None:
     cv2.imwrite(str(first), np.zeros((32, 32), np.uint8))
     assert_user_error(run_cli_here("search", "plan", flat / "c.config", "--minutes", "10", "--out", tmp_path / "b.toml"),
                       "mask is 32x32 but its image")
-    assert not (tmp_path / "a.toml").exists() and not (tmp_path / "b.toml").exists()
+    assert_user_error(run_cli_here("search", "plan", prepared64 / "train_eval_infer.config", "--minutes", "10",
+                                   "--gpus", "0", "--out", tmp_path / "c.toml"), "no GPU to measure")
+    assert not any((tmp_path / n).exists() for n in ("a.toml", "b.toml", "c.toml"))
 
 
 def test_the_plan_command_writes_a_study_that_loads(tmp_path: Path, sample: Path) -> None:
