@@ -56,8 +56,15 @@ class TrainResult:
         }
 
 
-def make_optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
+def make_optimizer(model: ModelConfig, ema_every: int | None = None,
+                   ema_momentum: float = 0.99) -> keras.optimizers.Optimizer:
+    """The config's optimizer. With ``ema_every`` (a number of steps), it keeps an exponential
+    moving average of the weights (Keras' ``use_ema``) and writes it into the model every
+    ``ema_every`` steps: one epoch's steps, so that validation, early stopping and the saved
+    model all see the averaged weights."""
     kwargs: dict[str, Any] = {"learning_rate": model.learning_rate}
+    if ema_every is not None:
+        kwargs.update(use_ema=True, ema_momentum=ema_momentum, ema_overwrite_frequency=ema_every)
     if model.clipvalue is not None:
         kwargs["clipvalue"] = model.clipvalue
     if model.weight_decay is not None:
@@ -69,8 +76,9 @@ def make_optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
     }[model.optimizer](**kwargs)
 
 
-def compile_model(network: keras.Model, model: ModelConfig) -> None:
-    network.compile(optimizer=make_optimizer(model), loss=losses.get(model.loss),
+def compile_model(network: keras.Model, model: ModelConfig, ema_every: int | None = None,
+                  ema_momentum: float = 0.99) -> None:
+    network.compile(optimizer=make_optimizer(model, ema_every, ema_momentum), loss=losses.get(model.loss),
                     metrics=metrics.keras_metrics(model.num_classes, model.metrics))
 
 
