@@ -35,6 +35,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
 
 
+def _cmd_refit(args: argparse.Namespace) -> int:
+    from search.api import Study
+
+    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts)
+    gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
+    return study.refit(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
     from search.api import Study
     from search.status import summary_lines
@@ -57,7 +65,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from flexunet.evaluate import format_table
 
     result = _study(args).export(args.out, trial=args.trial, force=args.force, data=args.data,
-                                 artifacts=args.artifacts, tta=args.tta)
+                                 artifacts=args.artifacts, tta=args.tta, refit=args.refit)
     print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
           f"to {result.out}")
     package = result.package
@@ -171,6 +179,17 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     run.set_defaults(func=_cmd_run)
 
+    refit = sub.add_parser("refit", help="train the best configurations again as fold x seed models ([refit] in "
+                                         "the study file; `run` does it when the search ends)")
+    refit.add_argument("study_file", metavar="STUDY.toml")
+    refit.add_argument("--storage", help="storage URL (as for run)")
+    refit.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    refit.add_argument("--gpus", help="comma-separated GPU ids (as for run)")
+    refit.add_argument("--workers-per-gpu", type=int, metavar="N", help="with --gpus: N workers on each GPU")
+    refit.add_argument("--out", help="output folder (default: runs/<study name>)")
+    refit.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
+    refit.set_defaults(func=_cmd_refit)
+
     create = sub.add_parser("create", help="prepare the data and create the study (with its baseline) "
                                            "without running workers: do this before a batch launch")
     create.add_argument("study_file", metavar="STUDY.toml")
@@ -187,7 +206,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export the best trial's model, evaluate it on the test split")
     _study_arguments(export)
     export.add_argument("--out", required=True, help="the folder to create")
-    export.add_argument("--trial", type=int, help="export this trial instead of the best")
+    export.add_argument("--trial", type=int, help="export this search trial instead of the refit (or the best trial)")
+    export.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="export the best search trial even where the study has a refit")
     export.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     export.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     export.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")

@@ -82,6 +82,9 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         if best and base.values is not None and best[0].number != base.number:
             delta = best[0].values[0] - base.values[0]
             lines.append(f"  the search {'beats' if delta > 0 else 'does not beat'} the baseline by {delta:+.4f}")
+    from search import _internals, refit
+
+    lines += refit.status_lines(study, _internals.study_storage(study))
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if running:
         lines.append("running:")
