@@ -66,10 +66,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     result = _study(args).export(args.out, trial=args.trial, force=args.force, data=args.data,
                                  artifacts=args.artifacts, tta=args.tta, refit=args.refit)
-    print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
-          f"to {result.out}")
     package = result.package
-    if package.members > 1:
+    if package.refit is not None:
+        expected = package.selection.dice_postprocessed if package.selection else float("nan")
+        low, high = package.oof_interval or (float("nan"), float("nan"))
+        print(f"exported the refit ensemble ({package.members} models; configurations of trials "
+              f"{', '.join(str(n) for n, w in zip(package.refit.configurations, package.refit.weights) if w)}; "
+              f"TTA {package.tta_mode}) to {result.out}")
+        print(f"expected Dice (pooled out-of-fold, as exported): {expected:.4f}, 95% interval over patients "
+              f"{low:.4f}-{high:.4f}; post-processing: {package.postprocessing.describe()}")
+    else:
+        print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
+              f"to {result.out}")
+    if package.refit is None and package.members > 1:
         print(f"ensemble of {package.members} fold models, horizontal-flip TTA {'on' if package.tta else 'off'}; "
               f"post-processing: {package.postprocessing.describe()}")
     print("test split:")
