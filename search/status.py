@@ -73,7 +73,8 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         lines.append(f"{title}:")
         for t in best[:10]:
             lines.append(f"  {describe(t)}")
-            lines.append(f"    {_params(t)}")
+            if t.params:
+                lines.append(f"    {_params(t)}")
     else:
         lines.append("best: none yet (no completed trial)")
     base = baseline_trial(study)
