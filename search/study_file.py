@@ -139,16 +139,21 @@ class StudySpec:
 
     def with_overrides(self, *, n_trials: int | None = None, timeout: float | None = None,
                        max_epochs: int | None = None, image_size: int | None = None) -> StudySpec:
-        """The spec with command-line overrides applied (smoke runs)."""
+        """The spec with command-line overrides applied (smoke runs). ``max_epochs`` caps the
+        refit's epochs (and patience) too: a smoke run stays one."""
         budget = self.budget
+        refit = self.refit
         if n_trials is not None:
             budget = dataclasses.replace(budget, n_trials=_positive_int(n_trials, "--n-trials"))
         if timeout is not None:
             budget = dataclasses.replace(budget, timeout=_positive_number(timeout, "--timeout"))
         if max_epochs is not None:
             budget = dataclasses.replace(budget, max_epochs=_positive_int(max_epochs, "--max-epochs"))
+            if refit is not None:
+                refit = dataclasses.replace(refit, epochs=min(refit.epochs, max_epochs),
+                                            patience=min(refit.patience, max_epochs))
         size = self.image_size if image_size is None else _positive_int(image_size, "--image-size")
-        return dataclasses.replace(self, budget=budget, image_size=size)
+        return dataclasses.replace(self, budget=budget, image_size=size, refit=refit)
 
 
 def to_json(spec: StudySpec) -> str:

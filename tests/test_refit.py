@@ -178,7 +178,7 @@ def test_export_delivers_the_refit_ensemble_and_no_refit_the_search_trial(refitt
         "none", "horizontal"}
     low, high = metrics["expected"]["interval_95_over_patients"]
     assert low <= metrics["expected"]["oof_foreground_dice_pooled"] <= high
-    test = json.loads((refit_dir / "evaluation.json").read_text())["summary"]
+    test = json.loads((refit_dir / "evaluation.json").read_text())
     assert test["foreground_dice_interval"]["groups"] == 2  # the 2 test patients
     assert test["foreground_dice_interval"]["low"] <= test["foreground_dice_global"] <= \
         test["foreground_dice_interval"]["high"]
