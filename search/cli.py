@@ -167,19 +167,24 @@ _ARTIFACTS_HELP_RUN = ("where trials keep their files: a folder or s3://BUCKET/P
 _ARTIFACTS_HELP = "the study's artifact store, a folder or s3://BUCKET/PREFIX (default: from the study)"
 
 
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the commands that start local workers (run, refit) take."""
+    parser.add_argument("study_file", metavar="STUDY.toml")
+    parser.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
+                                          "or sqlite:///OUT/study.db)")
+    parser.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    parser.add_argument("--gpus", help="comma-separated GPU ids, one per local worker (round robin); workers "
+                                       "sharing a GPU share its memory evenly")
+    parser.add_argument("--workers-per-gpu", type=int, metavar="N",
+                        help="with --gpus: N workers on each GPU, each with 1/N of its memory")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser("search", help="run, watch and export Optuna studies over FlexUNet")
     sub = search.add_subparsers(dest="search_command", required=True, metavar="SUBCOMMAND")
 
     run = sub.add_parser("run", help="run a study with K local workers (other machines join with the same command)")
-    run.add_argument("study_file", metavar="STUDY.toml")
-    run.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
-                                       "or sqlite:///OUT/study.db)")
-    run.add_argument("--workers", type=int, help="local worker processes (default 1)")
-    run.add_argument("--gpus", help="comma-separated GPU ids, one per local worker (round robin); workers "
-                                    "sharing a GPU share its memory evenly")
-    run.add_argument("--workers-per-gpu", type=int, metavar="N",
-                     help="with --gpus: N workers on each GPU, each with 1/N of its memory")
+    _worker_arguments(run)
     run.add_argument("--n-trials", type=int, help="override [budget] n_trials")
     run.add_argument("--timeout", type=float, help="override [budget] timeout (seconds)")
     run.add_argument("--max-epochs", type=int, help="override [budget] max_epochs")
@@ -190,11 +195,7 @@ def register(commands: argparse._SubParsersAction) -> None:
 
     refit = sub.add_parser("refit", help="train the best configurations again as fold x seed models ([refit] in "
                                          "the study file; `run` does it when the search ends)")
-    refit.add_argument("study_file", metavar="STUDY.toml")
-    refit.add_argument("--storage", help="storage URL (as for run)")
-    refit.add_argument("--workers", type=int, help="local worker processes (default 1)")
-    refit.add_argument("--gpus", help="comma-separated GPU ids (as for run)")
-    refit.add_argument("--workers-per-gpu", type=int, metavar="N", help="with --gpus: N workers on each GPU")
+    _worker_arguments(refit)
     refit.add_argument("--out", help="output folder (default: runs/<study name>)")
     refit.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     refit.set_defaults(func=_cmd_refit)

@@ -22,7 +22,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from conftest import SAMPLE, start_cli
+from conftest import start_cli, tiny_study
 
 pytestmark = pytest.mark.slow
 REFIT_EPOCHS = 6
@@ -39,29 +39,10 @@ class Refitted:
 
 
 def _study_file(path: Path) -> Path:
-    path.write_text(f"""
-[study]
-name = "refit-test"
-image_size = 32
-baseline = false
-folds = 2
-[dataset]
-prepare = {{ dataset = "ct-ich", source = "{SAMPLE}", size = 32 }}
-[fixed]
-steps_per_epoch = 2
-patience = 0
-save_overhead = 0
-[budget]
-n_trials = 2
-max_epochs = 2
-[sampler]
-name = "RandomSampler"
-seed = 0
-[pruner]
-name = "NopPruner"
-[space]
-base_filters = {{ type = "int", low = 4, high = 8, step = 4 }}
-num_layers = {{ type = "int", low = 2, high = 3 }}
+    """The conftest's tiny study, 2-fold cross-validated, with a [refit] of 2 configurations."""
+    tiny_study(path, "refit-test", n_trials=2, max_epochs=2, baseline=False)
+    text = path.read_text(encoding="utf-8").replace("[study]\n", "[study]\nfolds = 2\n", 1)
+    path.write_text(text + f"""
 [refit]
 seeds = 1
 epochs = {REFIT_EPOCHS}
