@@ -217,6 +217,8 @@ def refit(spec: StudySpec, options: RunOptions) -> int:
     unfinished models with ``options.workers`` local processes; returns the exit status."""
     if options.workers < 1:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
+    if spec.refit is None:
+        raise ConfigError(f"{spec.path}: the study file has no [refit] section (add one: README, \"The refit\")")
     study, url, out = setup(spec, options)
     return _run_refit(spec, options, study, url, out, af.resolve(options.artifacts, spec.artifacts, out))
 

@@ -191,3 +191,12 @@ def test_export_delivers_the_refit_ensemble_and_no_refit_the_search_trial(refitt
     plain = json.loads((search_dir / "metrics.json").read_text())
     assert plain["refit"] is None and plain["inference"]["models"] == 2  # the search trial's 2 fold models
     assert "refit of trial" not in (search_dir / "model_card.md").read_text()
+
+
+def test_refit_without_a_refit_section_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    from conftest import assert_user_error, run_cli_here
+
+    study = tiny_study(tmp_path / "plain.toml", "plain")
+    run = run_cli_here("search", "refit", study, "--out", tmp_path / "run")
+    assert_user_error(run, "plain.toml: the study file has no [refit] section")
+    assert not (tmp_path / "run").exists()
