@@ -38,7 +38,8 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
     print(f"preparing CT-ICH from {args.src} into {args.out}", flush=True)
     report = ct_ich.prepare(Path(args.src), Path(args.out), size=args.size, fractions=fractions,
                             folds=args.folds, seed=args.seed, only_hemorrhage=args.only_hemorrhage,
-                            force=args.force, test_patients=test_patients)
+                            force=args.force, test_patients=test_patients,
+                            hemorrhage_types=args.hemorrhage_types)
     for line in report.lines():
         print(line)
     config = Path(args.out) / ("fold_0" if args.folds else "") / "train_eval_infer.config"
@@ -152,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "split into train and valid by --split's first two fractions")
     ct.add_argument("--only-hemorrhage", action="store_true",
                     help="keep only slices with hemorrhage (the seed's choice; hides false positives)")
+    ct.add_argument("--hemorrhage-types", action="store_true",
+                    help="one class per hemorrhage type (1 intraventricular, 2 intraparenchymal, 3 subarachnoid, "
+                         "4 epidural, 5 subdural; colour masks), from the slices whose hemorrhage is of one type")
     ct.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     ct.set_defaults(func=_cmd_prepare)
 

@@ -38,6 +38,9 @@ _LOSS_ALIASES = {
 }
 METRICS = ("foreground_dice", "dice_coef_multiclass")
 OPTIMIZERS = ("Adam", "AdamW", "SGD", "RMSprop")
+# How the loss weighs classes: "none", or "balanced" (each class by 1/sqrt of its pixel share
+# in the training masks: flexunet.losses.class_weights).
+CLASS_WEIGHTS = ("none", "balanced")
 ACTIVATIONS = ("relu", "elu", "gelu", "selu", "silu", "swish", "mish", "leaky_relu")
 MODEL_NAMES = ("TensorFlowFlexUNet", "FlexUNet")  # [model] model: the one architecture built here
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -78,6 +81,7 @@ class ModelConfig:
     clipvalue: float | None = None
     weight_decay: float | None = None
     loss: str = "categorical_crossentropy"
+    class_weights: str = "none"
     metrics: tuple[str, ...] = field(default=("dice_coef_multiclass",), metadata=_NOT_SEARCHED)
     show_summary: bool = field(default=False, metadata=_NOT_SEARCHED)
     # The seed's head of a one-class model (sigmoid, trained with binary cross-entropy); models
@@ -119,6 +123,11 @@ class TrainConfig:
     # The most of the training time that each periodic save (best model, resume checkpoint,
     # learning curves) may take; 0 saves after every epoch. Final outputs are always written.
     save_overhead: float = 0.02
+    # The share of each batch's slices drawn to hold a class, as nnU-Net oversamples
+    # foreground: each such slot draws a class present in the training masks, then a slice that
+    # holds it (flexunet.data.batches). None: 1/3, except where every training slice holds
+    # every class (nothing to balance: a binary set of lesion slices trains as before).
+    class_sampling: float | None = None
 
 
 @dataclass(frozen=True)
@@ -404,6 +413,7 @@ _MODEL: _Spec = {
     "clipvalue": _float(0.0, None, open_lo=True, optional=True),
     "weight_decay": _float(0.0, 1.0, optional=True),
     "loss": _str(LOSSES, _LOSS_ALIASES),
+    "class_weights": _str(CLASS_WEIGHTS),
     "metrics": _metrics,
     "show_summary": _bool,
     "dropout_seed_fixing": _bool,
@@ -429,6 +439,7 @@ _TRAIN: _Spec = {
     "augmentation": _bool,
     "augmentation_strength": _float(0.0, 1.0),
     "save_overhead": _float(0.0, 0.5),
+    "class_sampling": _float(0.0, 1.0, optional=True),
 }
 _DIRS: _Spec = {"images_dir": _path, "masks_dir": _path}
 _EVAL: _Spec = {"output_dir": _path}

@@ -61,9 +61,9 @@ def json_ready(value: Any) -> Any:
     return value
 
 
-def _nanmean(values: list[float]) -> float:
+def _nanmean(values: list[float], empty: float = float("nan")) -> float:
     finite = [v for v in values if v is not None and not math.isnan(v)]
-    return float(np.mean(finite)) if finite else float("nan")
+    return float(np.mean(finite)) if finite else empty
 
 
 def score(pred: np.ndarray, true: np.ndarray, names: list[str], num_classes: int,
@@ -92,7 +92,9 @@ def score(pred: np.ndarray, true: np.ndarray, names: list[str], num_classes: int
             row[f"hd95_{c}"] = float("nan") if h is None else h
             row[f"true_pixels_{c}"] = int(tp[c] + fn[c])
             row[f"pred_pixels_{c}"] = int(tp[c] + fp[c])
-        row["foreground_dice"] = float(np.mean(dice[1:]))
+        # Classes absent from this image (NaN) leave its mean; an image with none present is NaN
+        # and leaves the mean per image (nnU-Net's and MONAI's ignore_empty convention).
+        row["foreground_dice"] = float(m.class_mean(dice[1:])) if m.present_classes(tp, fp, fn).size else float("nan")
         row["has_foreground"] = int(bool((true[i] > 0).any()))
         row["predicted_foreground"] = int(bool((pred[i] > 0).any()))
         rows.append(row)
@@ -102,17 +104,27 @@ def score(pred: np.ndarray, true: np.ndarray, names: list[str], num_classes: int
     precision, recall = m.precision_score(tp, fp), m.recall_score(tp, fn)
     per_class = {}
     for c in classes:
+        true_pixels, pred_pixels = int(tp[c] + fn[c]), int(tp[c] + fp[c])
         per_class[c] = {
             "dice_global": float(dice[c]), "dice_mean_per_image": _nanmean([r[f"dice_{c}"] for r in rows]),
             "iou_global": float(iou[c]), "precision_global": float(precision[c]),
             "recall_global": float(recall[c]), "hd95_mean": _nanmean([r[f"hd95_{c}"] for r in rows]),
             "hd95_images": sum(1 for r in rows if not math.isnan(r[f"hd95_{c}"])),
+            "reference_slices": sum(1 for r in rows if r[f"true_pixels_{c}"] > 0),
+            "reference_pixels": true_pixels, "predicted_pixels": pred_pixels,
+            # Predicted over true foreground area: 1 is right, above 1 over-segments; NaN where
+            # the reference has none of the class.
+            "area_ratio": pred_pixels / true_pixels if true_pixels else float("nan"),
         }
+    averaged = [int(c) for c in m.present_classes(tp, fp, fn)]
     summary: dict[str, Any] = {
         "images": len(rows),
         "num_classes": num_classes,
-        "foreground_dice_global": float(np.mean(dice[1:])),
-        "foreground_dice_mean_per_image": _nanmean([r["foreground_dice"] for r in rows]),
+        "foreground_dice_global": float(m.mean_foreground_dice(tp, fp, fn)),
+        "foreground_dice_mean_per_image": _nanmean([r["foreground_dice"] for r in rows], empty=0.0),
+        # The classes the means average (reference or predicted pixels); the others are absent.
+        "averaged_classes": averaged,
+        "absent_classes": [c for c in classes if c not in averaged],
         "classes": per_class,
         "detection": _detection(rows),
         SEED_DICE_LABEL: float(np.mean(seed_dice)),
@@ -151,8 +163,8 @@ def _per_patient(rows: list[dict[str, Any]], pred: np.ndarray, true: np.ndarray,
         positive = [rows[i]["foreground_dice"] for i in idx if rows[i]["has_foreground"]]
         result[patient] = {
             "slices": len(idx), "positive_slices": len(positive),
-            "foreground_dice_global": float(np.mean(m.dice_score(tp, fp, fn)[1:])),
-            "foreground_dice_mean_per_image": _nanmean([rows[i]["foreground_dice"] for i in idx]),
+            "foreground_dice_global": float(m.mean_foreground_dice(tp, fp, fn)),
+            "foreground_dice_mean_per_image": _nanmean([rows[i]["foreground_dice"] for i in idx], empty=0.0),
             # Hssayeni et al. average Dice over a patient's hemorrhage slices, then over patients.
             "dice_mean_over_positive_slices": _nanmean(positive),
         }
@@ -188,8 +200,7 @@ def evaluate(config: Config, model_path: Path | None = None) -> Evaluation:
     _check_shapes(network, config)
     pred = predict_classes(network, data, config.train.batch_size, config.postprocess)
     result = score(pred, data.masks, data.names, config.model.num_classes, config.dataset.patient_pattern)
-    # How sure the figure is (a bootstrap interval over the test patients) and how much the
-    # model over-segments: flexunet/intervals.py.
+    # How sure the figure is: a bootstrap interval over the test patients (flexunet/intervals.py).
     groups = [row["patient"] or row["image"] for row in result.rows]
     result.summary.update(intervals.summary(pred, data.masks, groups, config.model.num_classes))
     out = config.eval.output_dir
@@ -209,18 +220,33 @@ def _check_shapes(network: Any, config: Config) -> None:
                             f"{config.model.num_classes}")
 
 
+def averaged_text(summary: dict[str, Any]) -> str:
+    """Which classes a summary's mean averages, in words (absent ones: no reference, no prediction)."""
+    def named(classes: list[int]) -> str:
+        return ("class " if len(classes) == 1 else "classes ") + ", ".join(map(str, classes))
+
+    averaged, absent = summary["averaged_classes"], summary["absent_classes"]
+    text = f"averages {named(averaged)}" if averaged else "no class present: 0 by definition"
+    if absent:
+        text += f"; absent (no reference, no prediction), left out: {named(absent)}"
+    return text
+
+
 def format_table(summary: dict[str, Any]) -> str:
     """The summary as a short table for the terminal."""
 
     def f(value: Any) -> str:
         return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.4f}"
 
-    lines = [f"{'class':<8}{'Dice':>9}{'Dice/img':>10}{'IoU':>9}{'prec':>9}{'recall':>9}{'HD95 px':>9}"]
+    lines = [f"{'class':<8}{'Dice':>9}{'Dice/img':>10}{'IoU':>9}{'prec':>9}{'recall':>9}{'HD95 px':>9}"
+             f"{'ref slices':>12}{'ref px':>9}{'pred/ref':>10}"]
     for c, v in summary["classes"].items():
         lines.append(f"{c!s:<8}{f(v['dice_global']):>9}{f(v['dice_mean_per_image']):>10}{f(v['iou_global']):>9}"
-                     f"{f(v['precision_global']):>9}{f(v['recall_global']):>9}{f(v['hd95_mean']):>9}")
+                     f"{f(v['precision_global']):>9}{f(v['recall_global']):>9}{f(v['hd95_mean']):>9}"
+                     f"{v['reference_slices']:>12}{v['reference_pixels']:>9}{f(v['area_ratio']):>10}")
     lines.append(f"mean foreground Dice: {f(summary['foreground_dice_global'])} (global over "
-                 f"{summary['images']} images), {f(summary['foreground_dice_mean_per_image'])} (mean per image)")
+                 f"{summary['images']} images), {f(summary['foreground_dice_mean_per_image'])} (mean per image); "
+                 + averaged_text(summary))
     if "patient_mean_dice_over_positive_slices" in summary:
         lines.append(f"per patient ({len(summary['per_patient'])}): Dice over hemorrhage slices, mean "
                      f"{f(summary['patient_mean_dice_over_positive_slices'])}")
@@ -231,8 +257,5 @@ def format_table(summary: dict[str, Any]) -> str:
     if interval:
         lines.append(f"mean foreground Dice, {interval['level']:.0%} bootstrap interval over {interval['groups']} "
                      f"{interval['over']}: {f(interval['low'])} to {f(interval['high'])}")
-    if summary.get("area_ratio"):
-        lines.append("predicted / true foreground area: " + ", ".join(
-            f"class {c} {f(v)}" for c, v in summary["area_ratio"].items()) + " (1 is right, above 1 over-segments)")
     lines.append(f"{SEED_DICE_LABEL}: {f(summary[SEED_DICE_LABEL])}")
     return "\n".join(lines)

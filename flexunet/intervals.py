@@ -1,5 +1,4 @@
-"""How sure a Dice is: a bootstrap interval over patients, and how much a model over- or
-under-segments (the ratio of predicted to true foreground area).
+"""How sure a Dice is: a bootstrap interval over patients.
 
 A Dice over a few patients swings with which patients were drawn, so a figure comes with a 95%
 interval: patients are resampled with replacement (slices of one patient stay together, as a
@@ -12,8 +11,6 @@ Example:
     >>> tp = np.array([[0, 10], [0, 0]]); fp = np.array([[0, 0], [0, 10]]); fn = np.array([[0, 0], [0, 10]])
     >>> bootstrap_interval(tp, fp, fn, resamples=2000, seed=0)    # one perfect patient, one missed
     (0.0, 1.0)
-    >>> area_ratio(np.array([0, 5]), np.array([0, 15]), np.array([0, 5])).tolist()
-    [nan, 2.0]
 """
 
 from __future__ import annotations
@@ -57,21 +54,12 @@ def bootstrap_interval(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, *, resamp
     return float(low), float(high)
 
 
-def area_ratio(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:
-    """Per class: predicted foreground pixels over true ones (1 is the right amount, above 1
-    over-segmentation); NaN where the class has no true pixels."""
-    predicted, actual = np.asarray(tp) + np.asarray(fp), np.asarray(tp) + np.asarray(fn)
-    return np.where(actual > 0, predicted / np.maximum(actual, 1), np.nan)
-
-
 def summary(pred: np.ndarray, true: np.ndarray, groups: Sequence[str], num_classes: int, *,
             seed: int = 0) -> dict[str, Any]:
     """What an evaluation adds: the pooled mean foreground Dice's interval over ``groups``
-    (patients; a slice without one is its own group), and each class's area ratio."""
-    n = num_labels(num_classes)
-    tp, fp, fn = group_counts(pred, true, groups, n)
+    (patients; a slice without one is its own group). (Each class's predicted / true area is
+    ``flexunet.evaluate.score``'s ``area_ratio``.)"""
+    tp, fp, fn = group_counts(pred, true, groups, num_labels(num_classes))
     low, high = bootstrap_interval(tp, fp, fn, seed=seed)
-    ratio = area_ratio(tp.sum(axis=0), fp.sum(axis=0), fn.sum(axis=0))
     return {"foreground_dice_interval": {"low": low, "high": high, "level": LEVEL, "groups": len(tp),
-                                         "resamples": RESAMPLES, "over": "patients"},
-            "area_ratio": {str(c): float(ratio[c]) for c in range(1, n)}}
+                                         "resamples": RESAMPLES, "over": "patients"}}

@@ -20,7 +20,8 @@ from scipy import ndimage
 # The NumPy scoring lives in flexunet.scoring (no Keras), which the config's checks and
 # post-processing import too; these names are the same functions.
 from flexunet.scoring import (  # noqa: F401
-    confusion, dice_score, foreground_dice_of, mean_foreground_dice, num_labels, present_classes, to_classes)
+    class_mean, confusion, dice_score, foreground_dice_of, mean_foreground_dice, num_labels, present_classes,
+    to_classes)
 
 
 def iou_score(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray) -> np.ndarray:

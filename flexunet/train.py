@@ -76,9 +76,17 @@ def make_optimizer(model: ModelConfig, ema_every: int | None = None,
     }[model.optimizer](**kwargs)
 
 
-def compile_model(network: keras.Model, model: ModelConfig, ema_every: int | None = None,
+def compile_model(network: keras.Model, model: ModelConfig, masks: Any = None, ema_every: int | None = None,
                   ema_momentum: float = 0.99) -> None:
-    network.compile(optimizer=make_optimizer(model, ema_every, ema_momentum), loss=losses.get(model.loss),
+    """Compile with the config's optimizer, loss and metrics; ``masks`` (the training masks)
+    give the class weights where ``class_weights = "balanced"``; ``ema_every`` and
+    ``ema_momentum`` as for :func:`make_optimizer`."""
+    weights = None
+    if model.class_weights == "balanced":
+        if masks is None:
+            raise ValueError("class_weights = 'balanced' needs the training masks")
+        weights = losses.class_weights(masks, metrics.num_labels(model.num_classes))
+    network.compile(optimizer=make_optimizer(model, ema_every, ema_momentum), loss=losses.get(model.loss, weights),
                     metrics=metrics.keras_metrics(model.num_classes, model.metrics))
 
 
@@ -105,13 +113,14 @@ def fit(model: ModelConfig, train: TrainConfig, train_data: SliceSet, valid_data
         network = keras.models.load_model(checkpoint_dir / cb.EpochCheckpoint.LAST, safe_mode=True)
     if network is None:
         network = build(model, seed=train.seed)
-        compile_model(network, model)
+        compile_model(network, model, train_data.masks)
     if model.show_summary:
         network.summary(print_fn=lambda line, **_: _logger.info(line))
     initial_epoch = int(state["epoch"]) + 1 if state else 0
     train_batches = Batches(train_data, train.batch_size, shuffle=True,
                             augment_strength=train.augmentation_strength if train.augmentation else 0.0,
-                            seed=train.seed, steps=train.steps_per_epoch, start_epoch=initial_epoch)
+                            seed=train.seed, steps=train.steps_per_epoch, start_epoch=initial_epoch,
+                            class_sampling=train.class_sampling)
 
     best = cb.BestCheckpoint(outputs.model_path, train.patience, save_share=train.save_overhead,
                              flush_only=not outputs.model_at_end)

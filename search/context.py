@@ -56,7 +56,8 @@ def ensure_dataset(spec: StudySpec, out: Path) -> Path:
     data = RunFolder(out).data
     print(f"preparing {p.dataset} from {p.source} into {data}", flush=True)
     try:
-        report = ct_ich.prepare(p.source, data, size=p.size, fractions=p.split, seed=p.seed)
+        report = ct_ich.prepare(p.source, data, size=p.size, fractions=p.split, seed=p.seed,
+                                hemorrhage_types=p.hemorrhage_types)
     except FlexUNetError:
         if path.exists():  # another process on this machine prepared it first
             return path

@@ -21,7 +21,6 @@ nor between epochs. Successive halving stops a weak trial at a rung within its f
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
 import json
@@ -43,14 +42,12 @@ from optuna.artifacts import upload_artifact
 from flexunet import config as cfg
 from flexunet import metrics as m
 from flexunet.callbacks import MONITOR
-from flexunet.data.dataset import SliceSet, load_split, patient_of
-from flexunet.data.split import PatientInfo, cv_folds
-from flexunet.errors import ConfigError
-from flexunet.textfiles import read_text
+from flexunet.data.dataset import SliceSet, load_split
 from flexunet.model import build
 from flexunet.train import MODEL_FILE, TrainOutputs, compile_model, fit
 from search.artifacts import Store
 from search import keys, paths
+from search.folds import fold_of
 
 _logger = logging.getLogger(__name__)
 _LOG_FILE = "train_log.csv"
@@ -88,11 +85,8 @@ def load_fold_data(config: cfg.Config, folds: int, folds_file: Path, seed: int =
     [0, 1, 2]
     """
     pool = _concat(load_split(config, "train"), load_split(config, "valid"))
-    if folds_file.is_file():
-        fold_of = _read_folds_file(folds_file, pool.names, folds)
-    else:
-        fold_of = _patient_folds(pool, config.dataset.patient_pattern, folds, seed)
-    return FoldData(pool, fold_of, folds)
+    assert pool.masks is not None
+    return FoldData(pool, fold_of(pool.names, pool.masks, config, folds, folds_file, seed), folds)
 
 
 def _concat(a: SliceSet, b: SliceSet) -> SliceSet:
@@ -101,52 +95,16 @@ def _concat(a: SliceSet, b: SliceSet) -> SliceSet:
                     a.names + b.names, a.original_sizes + b.original_sizes)
 
 
-def _patient_folds(pool: SliceSet, pattern: str | None, folds: int, seed: int) -> np.ndarray:
-    # Without a patient pattern every slice is its own group.
-    groups = [patient_of(name, pattern)[0] or name for name in pool.names]
-    assert pool.masks is not None
-    patients: dict[str, PatientInfo] = {}
-    for group, mask in zip(groups, pool.masks):
-        info = patients.get(group, PatientInfo(0, 0))
-        patients[group] = PatientInfo(info.slices + 1, info.positive_slices + int(bool(mask.any())))
-    fold_of_patient = {p: k for k, members in enumerate(cv_folds(patients, folds, seed)) for p in members}
-    return np.array([fold_of_patient[g] for g in groups], np.int64)
-
-
-def _read_folds_file(path: Path, names: list[str], folds: int) -> np.ndarray:
-    reader = csv.DictReader(io.StringIO(read_text(path, "folds file", ConfigError)))
-    if not {"name", "fold"} <= set(reader.fieldnames or []):
-        raise ConfigError(f"{path}: expected the columns name,fold")
-    given: dict[str, int] = {}
-    wanted = set(names)
-    try:
-        for row in reader:
-            name, text = str(row["name"] or "").strip(), str(row["fold"] or "").strip()
-            where = f"{path}: line {reader.line_num}"
-            if not text.isascii() or not text.isdigit() or int(text) >= folds:
-                raise ConfigError(f"{where}: fold {text!r} is not one of 0..{folds - 1} ([study] folds = {folds})")
-            if name not in wanted:
-                raise ConfigError(f"{where}: {name!r} is not a train or valid slice of the dataset "
-                                  "(test slices stay out of every fold)")
-            if name in given:
-                raise ConfigError(f"{where}: {name!r} is listed twice")
-            given[name] = int(text)
-    except csv.Error as exc:
-        raise ConfigError(f"{path}: line {reader.line_num + 1}: not valid CSV ({exc})") from None
-    missing = [n for n in names if n not in given]
-    if missing:
-        raise ConfigError(f"{path}: {len(missing)} train/valid slices have no fold, e.g. {missing[0]!r}")
-    fold_of = np.array([given[n] for n in names], np.int64)
-    empty = sorted(set(range(folds)) - set(fold_of.tolist()))
-    if empty:
-        raise ConfigError(f"{path}: fold {empty[0]} has no slices")
-    return fold_of
-
-
 def pooled_foreground_dice(probabilities: np.ndarray, masks: np.ndarray, num_classes: int) -> float:
-    """One global foreground Dice over every slice (flexunet.metrics' definition)."""
+    """One global foreground Dice over every slice, over the classes present in them
+    (flexunet.metrics' definition)."""
+    return float(m.foreground_dice_of(m.to_classes(probabilities), masks, m.num_labels(num_classes)))
+
+
+def class_dice(probabilities: np.ndarray, masks: np.ndarray, num_classes: int) -> list[float | None]:
+    """Each foreground class's Dice pooled over every slice; None where the class is absent."""
     tp, fp, fn = m.confusion(m.to_classes(probabilities), masks, m.num_labels(num_classes))
-    return float(np.mean(m.dice_score(tp, fp, fn)[1:]))
+    return [None if math.isnan(d) else float(d) for d in m.dice_score(tp, fp, fn)[1:]]
 
 
 class FoldPruningReporter(keras.callbacks.Callback):
@@ -284,7 +242,9 @@ class CrossValidation:
         if self._network is None:
             keras.utils.set_random_seed(self.config.train.seed)
             self._network = build(self.config.model)
-            compile_model(self._network, self.config.model)
+            # One compiled model serves every fold: its class weights (if any) come from the
+            # whole development pool's masks, a label statistic, not an image.
+            compile_model(self._network, self.config.model, self.data.data.masks)
             self._initial = self._network.get_weights()
             return self._network
         self._network.set_weights(self._initial)
@@ -344,7 +304,8 @@ class CrossValidation:
                                                   for f in folds]))
         upload_artifact(artifact_store=self.artifacts, file_path=str(path), study_or_trial=self.trial)
         self.trial.set_user_attr(keys.POOLED_DICE, pooled)
-        self.trial.set_user_attr("best_val_foreground_dice", pooled)
+        self.trial.set_user_attr(keys.CLASS_DICE, class_dice(probabilities, masks, self.config.model.num_classes))
+        self.trial.set_user_attr(keys.BEST_VAL_DICE, pooled)
         return CVResult(pooled, [f.dice for f in folds], model)
 
     # --- resume point: one archive per trial, with the finished folds --------------------

@@ -486,15 +486,16 @@ def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], mask
             "foreground_dice": trial.values[0] if trial.values else None,
             "best_epoch": attrs.get("best_epoch"), "epochs_run": attrs.get("epochs_run"),
             "stop_reason": attrs.get("stop_reason"), "seconds_per_epoch": attrs.get("seconds_per_epoch"),
+            "class_dice": attrs.get(keys.CLASS_DICE),
         },
         "test": {
             "foreground_dice_global": test["foreground_dice_global"],
             "foreground_dice_mean_per_image": test["foreground_dice_mean_per_image"],
             "patient_mean_dice_over_positive_slices": test.get("patient_mean_dice_over_positive_slices"),
-            "classes": test["classes"], "detection": test["detection"], "images": test["images"],
+            "classes": test["classes"], "averaged_classes": test["averaged_classes"],
+            "absent_classes": test["absent_classes"], "detection": test["detection"], "images": test["images"],
             "per_patient": test.get("per_patient"),
             "foreground_dice_interval": test.get("foreground_dice_interval"),
-            "area_ratio": test.get("area_ratio"),
         },
         "search": {
             "trials": dict(states),
@@ -561,6 +562,32 @@ def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
     return lines
 
 
+def _classes_text(classes: list[Any]) -> str:
+    return ("class " if len(classes) == 1 else "classes ") + ", ".join(map(str, classes))
+
+
+def _class_lines(metrics: dict[str, Any], f: Any) -> list[str]:
+    """Each class's Dice with the reference it was scored on, and which classes the means average."""
+    test, validation = metrics["test"], metrics["validation"].get("class_dice") or []
+    lines = ["| class | validation Dice | test Dice | test slices with it | its test pixels | predicted / true area |",
+             "|---|---|---|---|---|---|"]
+    for c, v in test["classes"].items():
+        i = int(c) - 1
+        val = validation[i] if i < len(validation) else None
+        lines.append(f"| {c} | {f(val)} | {f(v['dice_global'])} | {v['reference_slices']} | {v['reference_pixels']} | "
+                     f"{f(v['area_ratio'])} |")
+    averaged, absent = test["averaged_classes"], test["absent_classes"]
+    head = (f"The test means average {_classes_text(averaged)}: the classes with reference or predicted pixels "
+            "in the test slices" if averaged else "No class has reference or predicted pixels in the test slices: "
+            "the test means are 0 by definition")
+    if absent:
+        head += (f"; {_classes_text(absent)} {'has' if len(absent) == 1 else 'have'} neither there and "
+                 f"{'is' if len(absent) == 1 else 'are'} left out (Dice undefined), as in nnU-Net's evaluation "
+                 "and MONAI's `ignore_empty`")
+    lines += ["", head + ". A class predicted where the reference has none counts 0."]
+    return lines
+
+
 def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, metrics: dict[str, Any],
                 files: list[str]) -> str:
     def f(value: Any) -> str:
@@ -569,7 +596,6 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
     m, test, search = config.model, metrics["test"], metrics["search"]
     expected, interval = metrics.get("expected") or {}, test.get("foreground_dice_interval") or {}
     oof_interval = expected.get("interval_95_over_patients")
-    ratios = ", ".join(f"class {c} {f(v)}" for c, v in (test.get("area_ratio") or {}).items())
     dataset = metrics.get("dataset") or {}
     split = dataset.get("split") or {}
     lines = [
@@ -606,9 +632,9 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
         f"{f(interval.get('low'))}-{f(interval.get('high'))}) | {f(test['foreground_dice_global'])} | "
         f"{f(test['foreground_dice_mean_per_image'])} | {f(test.get('patient_mean_dice_over_positive_slices'))} |",
         "",
-        f"Predicted / true foreground area on the test slices (1 is right, above 1 over-segments): {ratios or 'n/a'}.",
         "A 95% interval resamples patients with replacement (2,000 draws): with few patients it is wide, and",
         "two pipelines whose intervals overlap are not told apart by these figures.",
+        *_class_lines(metrics, f),
         "",
         f"Detection (any predicted hemorrhage): sensitivity {f(test['detection'].get('sensitivity'))}, "
         f"specificity {f(test['detection'].get('specificity'))} (n/a where the test split has no negative slices).",

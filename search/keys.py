@@ -65,6 +65,10 @@ FAIL_INTERRUPTED = "interrupted"
 FOLDS = "folds"  # K, the number of folds the trial was cross-validated on
 FOLD_DICE = "fold_val_foreground_dice"  # list: best validation foreground Dice of each finished fold
 POOLED_DICE = "val_foreground_dice_pooled"  # the trial's value: one Dice over every out-of-fold slice
+# list, one per foreground class (class 1 first): the validation Dice of each class, pooled over
+# the out-of-fold slices (or the single split's validation slices, best epoch); None where the
+# class is absent there (no reference, no prediction: it left the mean)
+CLASS_DICE = "val_class_dice"
 FOLD = "fold"  # 0-based fold in progress
 RESUMED_FROM_FOLD = "resumed_from_fold"  # a retry: the fold it resumed in (earlier ones were kept)
 

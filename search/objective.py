@@ -193,6 +193,7 @@ class Objective:
         interrupted or killed trial uploads nothing; its retry resumes from its last checkpoint
         (which carries the best model so far and the history) and writes them at its end."""
         result.model.save(work / MODEL_FILE)
+        trial.set_user_attr(k.CLASS_DICE, _class_dice(result.model, valid_data, config))
         plots.learning_curves(result.history, work / CURVES_FILE)
         self._overlays(result.model, valid_data, config, work / OVERLAYS_FILE)
         for name in (MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE):
@@ -270,6 +271,15 @@ def training_memory(trial: optuna.Trial) -> Iterator[None]:
         # clear_session runs frees their graphs too (a second one cost ~0.2 CPU s a trial).
         _forget_custom_gradients(custom_gradients)
         keras.backend.clear_session()
+
+
+def _class_dice(network: Any, data: SliceSet, config: cfg.Config) -> list[float | None]:
+    """Each class's validation Dice of the best epoch's model (the single split's figure)."""
+    # Eager calls, as for the overlays: a predict function would be traced for one use.
+    parts = [keras.ops.convert_to_numpy(network(data.images[i:i + 8].astype(np.float32), training=False))
+             for i in range(0, len(data), 8)]
+    assert data.masks is not None
+    return cv.class_dice(np.concatenate(parts), data.masks, config.model.num_classes)
 
 
 def _out_of_device_memory(exc: BaseException) -> bool:

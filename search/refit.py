@@ -239,7 +239,8 @@ class RefitObjective:
         network = None
         if not resume:
             network = build(config.model, seed=config.train.seed)
-            compile_model(network, config.model, ema_every=config.train.steps_per_epoch if refit.ema else None,
+            compile_model(network, config.model, train_data.masks,
+                          ema_every=config.train.steps_per_epoch if refit.ema else None,
                           ema_momentum=refit.ema_momentum)
         outputs = TrainOutputs(model_path=work / paths.MODEL_FILE, log_csv=work / paths.LOG_FILE, model_at_end=False)
         started = time.perf_counter()

@@ -15,6 +15,7 @@ import contextlib
 import csv
 import html
 import io
+import math
 import tempfile
 import time
 import warnings
@@ -246,6 +247,7 @@ class _TestRun:
     predictions: np.ndarray | None
     dice: float | None
     problem: str | None = None  # the page's HTML saying why there are no predictions
+    class_dice: dict[int, float] = field(default_factory=dict)  # per class; NaN where absent
 
 
 def _test_predictions(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], base: cfg.Config,
@@ -272,10 +274,30 @@ def _test_predictions(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], b
             continue
         predicted = predict_classes(network, data)
         evaluation = score(predicted, data.masks, data.names, config.model.num_classes)
-        runs[trial.number] = _TestRun(data, predicted, float(evaluation.summary["foreground_dice_global"]))
+        summary = evaluation.summary
+        runs[trial.number] = _TestRun(data, predicted, float(summary["foreground_dice_global"]),
+                                      class_dice={c: v["dice_global"] for c, v in summary["classes"].items()})
         del network
         keras.backend.clear_session()
     return runs
+
+
+def _class_rows(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _TestRun]) -> list[tuple[str, ...]]:
+    """Per class: validation and test Dice ("absent" where the class has no reference and no
+    predicted pixels there, so that it is left out of the mean above)."""
+    def cell(v: Any) -> str:
+        return "absent" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.4f}"
+
+    classes = sorted({c for run in test.values() for c in run.class_dice}
+                     | {i + 1 for _, t in trials for i in range(len(t.user_attrs.get(keys.CLASS_DICE) or []))})
+    if len(classes) < 2:  # one foreground class: the means above are its figures
+        return []
+    rows = []
+    for c in classes:
+        val = [(t.user_attrs.get(keys.CLASS_DICE) or [])[c - 1:c] for _, t in trials]
+        rows.append((f"class {c}: validation Dice", *[cell(v[0]) if v else "n/a" for v in val]))
+        rows.append((f"class {c}: test Dice", *[cell(test[t.number].class_dice.get(c)) for _, t in trials]))
+    return rows
 
 
 def _metrics_table(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _TestRun]) -> str:
@@ -295,6 +317,7 @@ def _metrics_table(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _T
         (DICE, *[value(t) for _, t in trials]),
         (f"test foreground Dice ({images} slices)",
          *[f"{test[t.number].dice:.4f}" if test[t.number].dice is not None else "n/a" for _, t in trials]),
+        *_class_rows(trials, test),
         ("parameters", *[attr(t, "params", lambda v: f"{v:,}") for _, t in trials]),
         ("GFLOPs per image", *[attr(t, "gflops") for _, t in trials]),
         ("epochs run (best epoch)", *[f"{attr(t, 'epochs_run')} ({attr(t, 'best_epoch')})" for _, t in trials]),

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,14 +23,14 @@ import optuna
 from flexunet import devices
 from flexunet.errors import ConfigError
 from search import artifacts as af
-from search import dashboard, lifecycle, progress
+from search import dashboard, folds, lifecycle, paths, progress
 from search import keys as k
 from search import space as sp
 from search import storage as st
 from search import budget
 from search import refit as rf
-from search.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, WorkerPlan, create_study, ensure_dataset,
-                            out_dir)
+from search.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, WorkerPlan, create_study, dataset_config_path,
+                            ensure_dataset, open_dataset, out_dir)
 from search.paths import RunFolder
 from search.study_file import StudySpec
 
@@ -175,6 +176,8 @@ def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path
     storage = st.open_storage(url)
     out.mkdir(parents=True, exist_ok=True)
     ensure_dataset(spec, out)
+    for line in _fold_class_warnings(spec, out):
+        print(line, file=sys.stderr, flush=True)
     study = create_study(spec, url, out, storage, artifacts)
     warning = af.mismatch_warning(study, artifacts)
     if warning:
@@ -182,6 +185,21 @@ def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path
     dashboard.write_study_note(study, st.mask(url))
     print(f"study {spec.name!r} on {st.mask(url)}; output in {out}; trial files in {artifacts}", flush=True)
     return study, url, out
+
+
+def _fold_class_warnings(spec: StudySpec, out: Path) -> list[str]:
+    """One line per fold whose validation patients hold no slice of some class: that fold
+    cannot score the class, and its mean leaves it out (the folds are stratified, so this
+    happens only where fewer patients hold the class than there are folds)."""
+    if not spec.cross_validated:
+        return []
+    base, size = open_dataset(spec, out)
+    config = dataclasses.replace(base, model=dataclasses.replace(base.model, image_width=size, image_height=size))
+    folds_file = dataset_config_path(spec, out).parent / paths.FOLDS_FILE
+    missing = folds.missing_classes(config, spec.folds, folds_file, spec.prepare.seed if spec.prepare else 0)
+    return [f"warning: fold {k + 1} of {spec.folds}: no validation slice holds class "
+            f"{', '.join(map(str, classes))} (too few patients hold it); that fold's Dice leaves it out"
+            for k, classes in sorted(missing.items())]
 
 
 def run(spec: StudySpec, options: RunOptions) -> int:

@@ -55,6 +55,7 @@ class PrepareSpec:
     size: int | None = None
     seed: int = 0
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)
+    hemorrhage_types: bool = False  # ct-ich: one class per hemorrhage type (prepare --hemorrhage-types)
 
 
 @dataclass(frozen=True)
@@ -346,7 +347,10 @@ def _dataset(table: Mapping[str, Any], base: Path, where: _Where) -> tuple[Path 
     if not isinstance(prep, dict):
         raise ConfigError(f"{where.key('prepare')}: expected a table")
     pw = where.sub("prepare")
-    _only(prep, ("dataset", "source", "size", "seed", "split"), pw)
+    _only(prep, ("dataset", "source", "size", "seed", "split", "hemorrhage_types"), pw)
+    types = prep.get("hemorrhage_types", False)
+    if not isinstance(types, bool):
+        raise ConfigError(f"{pw.key('hemorrhage_types')}: expected true or false, got {types!r}")
     kind = _string(prep, "dataset", pw, required=True)
     if kind != "ct-ich":
         raise ConfigError(f"{pw.key('dataset')}: only 'ct-ich' can be prepared, got {kind!r}")
@@ -362,7 +366,7 @@ def _dataset(table: Mapping[str, Any], base: Path, where: _Where) -> tuple[Path 
     return None, PrepareSpec(
         dataset=kind, source=base / _string(prep, "source", pw, required=True),
         size=None if size is None else _positive_int(size, pw.key("size")), seed=seed,
-        split=(float(split[0]), float(split[1]), float(split[2])))
+        split=(float(split[0]), float(split[1]), float(split[2])), hemorrhage_types=types)
 
 
 def _fixed(table: Mapping[str, Any], where: _Where) -> dict[str, Any]:

@@ -1,4 +1,4 @@
-"""flexunet/intervals.py: the bootstrap interval over patients and the area ratio, on known inputs."""
+"""flexunet/intervals.py: the bootstrap interval over patients, on known inputs."""
 
 from __future__ import annotations
 
@@ -36,9 +36,3 @@ def test_group_counts_keep_a_patients_slices_together() -> None:
     assert tp[:, 1].tolist() == [1, 0] and fp[:, 1].tolist() == [1, 0] and fn[:, 1].tolist() == [0, 1]
     found = intervals.summary(pred, true, ["a", "a", "b"], 2)
     assert found["foreground_dice_interval"]["groups"] == 2
-    assert found["area_ratio"] == {"1": pytest.approx(2 / 2)}  # 2 predicted pixels, 2 true ones
-
-
-def test_area_ratio_says_over_and_under_segmentation() -> None:
-    ratio = intervals.area_ratio(np.array([0, 4, 1, 0]), np.array([0, 12, 0, 3]), np.array([0, 0, 3, 0]))
-    assert np.isnan(ratio[0]) and ratio[1] == 4.0 and ratio[2] == 0.25 and np.isnan(ratio[3])

@@ -26,7 +26,8 @@ class Batches:
     stopped."""
 
     def __init__(self, data: SliceSet, batch_size: int, *, shuffle: bool = False, augment_strength: float = 0.0,
-                 seed: int = 0, steps: int | None = None, start_epoch: int = 0) -> None:
+                 seed: int = 0, steps: int | None = None, start_epoch: int = 0,
+                 class_sampling: float | None = None) -> None:
         if data.masks is None:
             raise ValueError("Batches needs masks")
         self.data, self.batch_size = data, batch_size
@@ -36,6 +37,8 @@ class Batches:
         self.fixed_steps = steps
         self.steps = steps or math.ceil(len(data) / batch_size)
         self.start_epoch = start_epoch
+        self.holders = class_holders(data.masks)
+        self.class_sampling = resolve_class_sampling(class_sampling, self.holders, len(data))
 
     def order(self, epoch: int) -> np.ndarray:
         """The slice indices of one epoch, batch after batch."""
@@ -44,7 +47,22 @@ class Batches:
             return np.resize(np.arange(n), self.steps * self.batch_size) if self.fixed_steps else np.arange(n)
         rng = np.random.default_rng([self.seed, epoch])
         passes = math.ceil(self.steps * self.batch_size / n)
-        return np.concatenate([rng.permutation(n) for _ in range(passes)])
+        order = np.concatenate([rng.permutation(n) for _ in range(passes)])
+        return self._draw_classes(order, epoch) if self.class_sampling > 0 else order
+
+    def _draw_classes(self, order: np.ndarray, epoch: int) -> np.ndarray:
+        """The last slots of each batch (nnU-Net's rule: slot i of B when i >= round(B * (1 -
+        share))) each take a slice that holds a class drawn uniformly from those present, so a
+        rare class comes as often as a common one."""
+        rng = np.random.default_rng([self.seed, epoch, 1])
+        first_forced = round(self.batch_size * (1.0 - self.class_sampling))
+        classes = sorted(self.holders)
+        order = order.copy()
+        for start in range(0, self.steps * self.batch_size, self.batch_size):
+            for slot in range(start + first_forced, min(start + self.batch_size, len(order))):
+                holders = self.holders[classes[rng.integers(len(classes))]]
+                order[slot] = holders[rng.integers(len(holders))]
+        return order
 
     def batch(self, epoch: int, index: int, order: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
         """Batch ``index`` of ``epoch``: (uint8 images, uint8 masks) and, when augmenting, the
@@ -64,6 +82,31 @@ class Batches:
             for index in range(self.steps):
                 yield self.batch(epoch, index, order)
             epoch += 1
+
+
+DEFAULT_CLASS_SAMPLING = 1.0 / 3.0  # nnU-Net's oversample_foreground_percent
+
+
+def class_holders(masks: np.ndarray) -> dict[int, np.ndarray]:
+    """Foreground class -> the indices of the slices whose mask holds it."""
+    flat = masks.reshape(len(masks), -1)
+    classes = sorted({int(c) for c in np.unique(flat)} - {0})
+    return {c: np.flatnonzero((flat == c).any(axis=1)) for c in classes}
+
+
+def resolve_class_sampling(share: float | None, holders: dict[int, np.ndarray], n: int) -> float:
+    """The share of slots drawn by class: as given, or by default 1/3 unless every slice holds
+    every class (then drawing by class changes nothing but the random stream); 0 without
+    foreground.
+
+    >>> resolve_class_sampling(None, {1: np.arange(4)}, 4), resolve_class_sampling(None, {1: np.arange(2)}, 4)
+    (0.0, 0.3333333333333333)
+    """
+    if not holders:
+        return 0.0
+    if share is None:
+        return 0.0 if all(len(h) == n for h in holders.values()) else DEFAULT_CLASS_SAMPLING
+    return float(share)
 
 
 @contextlib.contextmanager

@@ -38,6 +38,10 @@ _logger = logging.getLogger(__name__)
 
 BRAIN_WINDOW = (40.0, 80.0)  # level, width in HU
 DIAGNOSIS_CSV = "hemorrhage_diagnosis.csv"
+# ``--hemorrhage-types``: one class per type, in the CSV's column order (class 1..5), each with
+# its mask colour. The same class number means the same type on any copy of the dataset.
+HEMORRHAGE_TYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
+TYPE_COLOURS = ((255, 0, 0), (0, 255, 0), (0, 0, 255), (255, 255, 0), (255, 0, 255))
 PATIENT_PATTERN = r"^(?P<patient>\d+)_(?P<slice>.+)$"
 _NIFTI_SUFFIXES = (".nii", ".nii.gz")
 
@@ -58,6 +62,9 @@ class _SliceRef:
 @dataclass
 class PrepareReport:
     """What was found, written and skipped; printed at the end of ``prepare``."""
+
+    type_slices: dict[str, int] = field(default_factory=dict)  # --hemorrhage-types: type -> slices kept
+    mixed_types_skipped: int = 0  # --hemorrhage-types: slices with hemorrhage of several (or unknown) types
 
     written: dict[str, int] = field(default_factory=dict)  # part -> slices
     positive: dict[str, int] = field(default_factory=dict)  # part -> slices with hemorrhage
@@ -95,6 +102,10 @@ class PrepareReport:
                        f"patients of {DIAGNOSIS_CSV}, with {self.jpg_found} of their "
                        f"{self.csv_rows_on_disk_patients} listed slices; the other rows are not on disk, as "
                        f"expected of a partial copy (the full download has them all)")
+        if self.type_slices or self.mixed_types_skipped:
+            kept = ", ".join(f"{t} {self.type_slices.get(t, 0)}" for t in HEMORRHAGE_TYPES)
+            out.append(f"hemorrhage types (class 1-5): {kept} slices; {self.mixed_types_skipped} slices with "
+                       "several types, or whose type the CSV cannot tell, skipped")
         if self.snapped_pixels:
             out.append(f"JPEG masks: {self.snapped_pixels} grey edge pixels (compression blur) thresholded at 127")
         issues = [
@@ -167,6 +178,33 @@ def _read_diagnosis(path: Path) -> dict[tuple[str, str], bool]:
     if not rows:
         raise DataError(f"{path}: no rows")
     return rows
+
+
+def _read_types(path: Path) -> dict[tuple[str, str], frozenset[int]]:
+    """(patient, slice) -> the hemorrhage classes (1-5, :data:`HEMORRHAGE_TYPES`) the CSV marks."""
+    needed = ("PatientNumber", "SliceNumber", *HEMORRHAGE_TYPES)
+    rows: dict[tuple[str, str], frozenset[int]] = {}
+    for line, row in _read_csv(path, needed, " (--hemorrhage-types reads each slice's types from it)"):
+        try:
+            patient, number, *flags = (int(str(row[c]).strip()) for c in needed)
+        except (TypeError, ValueError):
+            raise DataError(f"{path}: line {line}: expected integers in {', '.join(needed)}") from None
+        if any(f not in (0, 1) for f in flags):
+            raise DataError(f"{path}: line {line}: a hemorrhage type column holds a value other than 0 or 1")
+        rows[(f"{patient:03d}", str(number))] = frozenset(c for c, f in enumerate(flags, start=1) if f)
+    return rows
+
+
+def _type_of(ref: _SliceRef, types: dict[tuple[str, str], frozenset[int]],
+             by_patient: dict[str, frozenset[int]]) -> int | None:
+    """The one hemorrhage class of a slice (0 for a slice without hemorrhage), or None where it
+    has several or the CSV cannot tell. JPG slices have their own CSV row; NIfTI and HU slices
+    are numbered otherwise (some patients' NIfTI volumes have more slices than the CSV lists),
+    so they take their patient's type, where every hemorrhage of the patient is of one type."""
+    if not ref.positive:
+        return 0
+    held = types.get((ref.patient, ref.slice), frozenset()) if ref.source == "jpg" else by_patient.get(ref.patient, frozenset())
+    return next(iter(held)) if len(held) == 1 else None
 
 
 def _jpg_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
@@ -400,13 +438,16 @@ def find_slices(src: Path, report: PrepareReport) -> list[_SliceRef]:
 
 def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[float, ...] = (0.7, 0.15, 0.15),
             folds: int | None = None, seed: int = 0, only_hemorrhage: bool = False,
-            force: bool = False, test_patients: Sequence[str] | None = None) -> PrepareReport:
+            force: bool = False, test_patients: Sequence[str] | None = None,
+            hemorrhage_types: bool = False) -> PrepareReport:
     """Write ``out/{train,valid,test}/{images,masks}`` (or ``out/fold_k/...``), ``split.json``,
     ``slices.csv`` and a ready-to-train ``train_eval_infer.config``.
 
     ``test_patients`` (3-digit ids, e.g. an outer fold of nested cross-validation) are the test
     part; the other patients are split into train and valid in the ratio of the first two
-    ``fractions``."""
+    ``fractions``. ``hemorrhage_types`` makes a multi-class dataset: one class per hemorrhage
+    type (:data:`HEMORRHAGE_TYPES`, colour masks), from the slices whose hemorrhage is of one
+    type; the split is then stratified by type."""
     if size is not None and not 8 <= size <= 4096:
         raise DataError(f"--size {size}: expected a side between 8 and 4096 pixels")
     if folds and test_patients is not None:
@@ -415,10 +456,13 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
     refs = find_slices(Path(src), report)
     if only_hemorrhage:
         refs = [r for r in refs if r.positive]
+    label: dict[str, int] = {ref.name: int(ref.positive) for ref in refs}
+    if hemorrhage_types:
+        refs, label = _typed(Path(src), refs, report)
     patients: dict[str, PatientInfo] = {}
     for ref in refs:
-        info = patients.get(ref.patient, PatientInfo(0, 0))
-        patients[ref.patient] = PatientInfo(info.slices + 1, info.positive_slices + int(ref.positive))
+        classes = frozenset({label[ref.name]}) if label[ref.name] else frozenset()
+        patients[ref.patient] = patients.get(ref.patient, PatientInfo(0, 0)).add(classes)
     layouts: dict[str, dict[str, list[str]]]
     if folds:
         layouts = {f"fold_{k}": parts for k, parts in enumerate(fold_patients(patients, folds, seed))}
@@ -442,16 +486,18 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
             if size:
                 image = imio.resize_image(image[..., None], size, size)[..., 0]
                 mask = imio.resize_mask(mask, size, size)
+            picture = _type_mask(mask, label[ref.name]) if hemorrhage_types else mask * 255
             for prefix in layouts:
                 part = part_of[prefix][ref.patient]
                 imio.write_png(stage / prefix / part / "images" / f"{ref.name}.png", image)
-                imio.write_png(stage / prefix / part / "masks" / f"{ref.name}.png", mask * 255)
+                imio.write_png(stage / prefix / part / "masks" / f"{ref.name}.png", picture)
             report.sources[ref.source] = report.sources.get(ref.source, 0) + 1
             rows.append((ref, int(mask.sum())))
         for prefix, parts in layouts.items():
             root = stage / prefix
-            cfg.dump(_training_config(root, side), root / "train_eval_infer.config")
-        _write_split(stage, layouts, rows, part_of, seed, fractions, folds, size, test_patients)
+            cfg.dump(_training_config(root, side, hemorrhage_types), root / "train_eval_infer.config")
+        _write_split(stage, layouts, rows, part_of, seed, fractions, folds, size, test_patients,
+                     label if hemorrhage_types else None)
         first = next(iter(layouts))
         for part, ps in layouts[first].items():
             names = [ref for ref, _ in rows if ref.patient in set(ps)]
@@ -461,12 +507,45 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
     return report
 
 
+def _typed(src: Path, refs: list[_SliceRef], report: PrepareReport) -> tuple[list[_SliceRef], dict[str, int]]:
+    """The slices of one hemorrhage type (or none), and each one's class."""
+    types = _read_types(src / DIAGNOSIS_CSV)
+    by_patient: dict[str, frozenset[int]] = {}
+    for (patient, _), held in types.items():
+        by_patient[patient] = by_patient.get(patient, frozenset()) | held
+    kept, label = [], {}
+    for ref in refs:
+        c = _type_of(ref, types, by_patient)
+        if c is None:
+            report.mixed_types_skipped += 1
+            continue
+        kept.append(ref)
+        label[ref.name] = c
+        if c:
+            report.type_slices[HEMORRHAGE_TYPES[c - 1]] = report.type_slices.get(HEMORRHAGE_TYPES[c - 1], 0) + 1
+    if not any(label.values()):
+        raise DataError(f"{src / DIAGNOSIS_CSV}: no slice with hemorrhage of a single type: --hemorrhage-types "
+                        "has nothing to label")
+    return kept, label
+
+
+def _type_mask(mask: np.ndarray, c: int) -> np.ndarray:
+    """A 0/1 mask as an RGB mask whose lesion has class ``c``'s colour."""
+    picture = np.zeros((*mask.shape, 3), np.uint8)
+    if c:
+        picture[mask > 0] = TYPE_COLOURS[c - 1]
+    return picture
+
+
 def _write_split(stage: Path, layouts: dict[str, dict[str, list[str]]], rows: Iterable[tuple[_SliceRef, int]],
                  part_of: dict[str, dict[str, str]], seed: int, fractions: tuple[float, ...],
-                 folds: int | None, size: int | None, test_patients: Sequence[str] | None) -> None:
+                 folds: int | None, size: int | None, test_patients: Sequence[str] | None,
+                 label: dict[str, int] | None = None) -> None:
     rows = list(rows)
     split = {
         "dataset": "ct-ich",
+        "classes": ({"0": "background", **{str(i): t for i, t in enumerate(HEMORRHAGE_TYPES, start=1)}}
+                    if label is not None else {"0": "background", "1": "hemorrhage"}),
         "seed": seed,
         "size": size,
         "unit": "patient",
@@ -480,9 +559,10 @@ def _write_split(stage: Path, layouts: dict[str, dict[str, list[str]]], rows: It
         },
     }
     (stage / "split.json").write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
-    lines = ["name,patient,slice,source,foreground_pixels," + ",".join(k or "part" for k in layouts)]
+    lines = ["name,patient,slice,source,foreground_pixels,class," + ",".join(k or "part" for k in layouts)]
     for ref, pixels in rows:
-        lines.append(",".join([ref.name, ref.patient, ref.slice, ref.source, str(pixels)]
+        c = label[ref.name] if label is not None else int(pixels > 0)
+        lines.append(",".join([ref.name, ref.patient, ref.slice, ref.source, str(pixels), str(c if pixels else 0)]
                               + [part_of[k][ref.patient] for k in layouts]))
     (stage / "slices.csv").write_text("\n".join(lines) + "\n", encoding="utf-8")
 
@@ -496,10 +576,12 @@ def default_num_layers(side: int) -> int:
     return layers
 
 
-def _training_config(root: Path, side: int) -> cfg.Config:
+def _training_config(root: Path, side: int, hemorrhage_types: bool = False) -> cfg.Config:
     layers = default_num_layers(side)
+    rgb_map = ({(0, 0, 0): 0, **{colour: c for c, colour in enumerate(TYPE_COLOURS, start=1)}}
+               if hemorrhage_types else dict(cfg.BINARY_RGB_MAP))
     model = cfg.ModelConfig(
-        image_width=side, image_height=side, image_channels=1, num_classes=2, base_filters=16,
+        image_width=side, image_height=side, image_channels=1, num_classes=max(rgb_map.values()) + 1, base_filters=16,
         base_kernels=(3, 3), num_layers=layers, dropout_rate=0.05, normalization=True,
         learning_rate=1e-3, loss="categorical_crossentropy+dice_loss",
         metrics=("foreground_dice", "dice_coef_multiclass"),
@@ -510,7 +592,7 @@ def _training_config(root: Path, side: int) -> cfg.Config:
         epoch_change_infer=True, epoch_change_infer_dir=root / "epoch_change_infer", num_infer_images=4,
     )
     return cfg.Config(
-        model=model, mask=cfg.MaskConfig(rgb_map=dict(cfg.BINARY_RGB_MAP)), train=train,
+        model=model, mask=cfg.MaskConfig(rgb_map=rgb_map), train=train,
         valid=cfg.SplitDirs(root / "valid" / "images", root / "valid" / "masks"),
         test=cfg.SplitDirs(root / "test" / "images", root / "test" / "masks"),
         eval=cfg.EvalConfig(root / "evaluation"),

@@ -77,6 +77,18 @@ def load_pairs(images_dir: Path, masks_dir: Path, model: ModelConfig, image: Ima
     return SliceSet(images, masks, [stem for stem, _, _ in pairs], sizes)
 
 
+def load_masks(images_dir: Path, masks_dir: Path, model: ModelConfig, mask: MaskConfig) -> tuple[list[str], np.ndarray]:
+    """(names, class masks N,H,W at the model's size) of a folder pair, without decoding the
+    images: what a split needs to know of a dataset."""
+    pairs = pair_files(images_dir, masks_dir, mask.mask_file_format)
+    h, w, _ = model.input_shape
+    masks = np.empty((len(pairs), h, w), np.uint8)
+    for i, (_, _, mask_path) in enumerate(pairs):
+        labels = imio.decode_mask(mask_path, mask.rgb_map, model.num_classes, mask.colour_tolerance).labels
+        masks[i] = imio.resize_mask(labels, w, h)
+    return [stem for stem, _, _ in pairs], masks
+
+
 def load_images(images_dir: Path, model: ModelConfig, image: ImageConfig) -> SliceSet:
     """Decode every image of a folder (no masks), resized to the model's input."""
     files = imio.image_files(images_dir, IMAGE_SUFFIXES)

@@ -1,5 +1,12 @@
 """Patient-level splits: train/valid/test fractions or K folds, seeded, each part holding
-foreground. A patient's slices always stay together, so neighbouring slices cannot leak."""
+foreground and, where the patients allow, every foreground class. A patient's slices always
+stay together, so neighbouring slices cannot leak.
+
+Stratification by class: before the parts are balanced by slice count, each class in turn (the
+rarest first, by patients holding it) gets one patient that holds it into every part that lacks
+it, while such patients remain. With one foreground class this is the one-positive-patient-per-
+part rule of a binary split, so binary splits are the same as before classes were counted.
+"""
 
 from __future__ import annotations
 
@@ -16,10 +23,39 @@ PARTS = ("train", "valid", "test")
 class PatientInfo:
     slices: int
     positive_slices: int
+    classes: frozenset[int] = frozenset()  # foreground classes in the patient's masks
 
     @property
     def positive(self) -> bool:
         return self.positive_slices > 0
+
+    @property
+    def held(self) -> frozenset[int]:
+        """The foreground classes the patient holds (class 1 for a positive patient without a
+        class list: a binary dataset)."""
+        return self.classes or (frozenset({1}) if self.positive else frozenset())
+
+    def add(self, mask_classes: frozenset[int]) -> PatientInfo:
+        """This patient with one more slice, whose mask holds ``mask_classes``."""
+        return PatientInfo(self.slices + 1, self.positive_slices + int(bool(mask_classes)),
+                           self.classes | mask_classes)
+
+
+def missing_classes(groups: Sequence[Sequence[str]], patients: Mapping[str, PatientInfo]) -> dict[int, list[int]]:
+    """Group index -> the classes of the dataset that none of its patients holds (only groups
+    that lack one).
+
+    >>> info = {"a": PatientInfo(1, 1, frozenset({1, 2})), "b": PatientInfo(1, 1, frozenset({1}))}
+    >>> missing_classes([["a"], ["b"]], info)
+    {1: [2]}
+    """
+    every = set().union(*(info.held for info in patients.values())) if patients else set()
+    out = {}
+    for k, group in enumerate(groups):
+        held = set().union(*(patients[p].held for p in group)) if group else set()
+        if every - held:
+            out[k] = sorted(every - held)
+    return out
 
 
 def parse_fractions(text: str) -> tuple[float, float, float]:
@@ -86,6 +122,10 @@ def cv_folds(patients: Mapping[str, PatientInfo], folds: int, seed: int) -> list
     return [sorted(group) for group in _balanced_groups(patients, [1.0 / folds] * folds, seed, folds)]
 
 
+def _classes_of(patients: Mapping[str, PatientInfo], group: Sequence[str]) -> set[int]:
+    return set().union(*(patients[p].held for p in group)) if group else set()
+
+
 def check_disjoint(parts: Mapping[str, Sequence[str]]) -> None:
     """Raise if any patient appears in two parts."""
     seen: dict[str, str] = {}
@@ -110,11 +150,33 @@ def _balanced_groups(patients: Mapping[str, PatientInfo], fractions: Sequence[fl
     targets = [f * total for f in fractions]
     groups: list[list[str]] = [[] for _ in range(n)]
     counts = [0] * n
-    # One patient with foreground per part first, so that every part can be scored.
-    for k in range(n):
-        groups[k].append(positive[k])
-        counts[k] += patients[positive[k]].slices
-    for patient in positive[n:] + negative:
+    # Every part gets a patient of every class while some remain, the rarest class first, so
+    # that every part can be scored on every class (binary: one positive patient per part).
+    free = list(positive)
+    holders = {c: sum(1 for p in positive if c in patients[p].held) for c in set().union(*(patients[p].held for p in positive))}
+    for c in sorted(holders, key=lambda c: (holders[c], c)):
+        for k in range(n):
+            if any(c in patients[p].held for p in groups[k]):
+                continue
+            lacking = _classes_of(patients, free) - _classes_of(patients, groups[k])
+            candidates = [p for p in free if c in patients[p].held]
+            if not candidates:
+                break
+            # The patient that brings the part most of what it lacks (the first in the seeded
+            # order on ties, which is every patient of a binary dataset).
+            patient = max(candidates, key=lambda p: len(patients[p].held & lacking))
+            # A part that already has foreground takes no patient that an empty part needs.
+            if groups[k] and len(free) <= sum(1 for g in groups if not g):
+                continue
+            free.remove(patient)
+            groups[k].append(patient)
+            counts[k] += patients[patient].slices
+    for k in range(n):  # a part still without foreground (classes all taken): any positive left
+        if not groups[k]:
+            patient = free.pop(0)
+            groups[k].append(patient)
+            counts[k] += patients[patient].slices
+    for patient in free + negative:
         k = max(range(n), key=lambda i: (targets[i] - counts[i]) / targets[i])
         groups[k].append(patient)
         counts[k] += patients[patient].slices
