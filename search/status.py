@@ -73,7 +73,8 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         lines.append(f"{title}:")
         for t in best[:10]:
             lines.append(f"  {describe(t)}")
-            lines.append(f"    {_params(t)}")
+            if t.params:
+                lines.append(f"    {_params(t)}")
     else:
         lines.append("best: none yet (no completed trial)")
     base = baseline_trial(study)
@@ -82,6 +83,9 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         if best and base.values is not None and best[0].number != base.number:
             delta = best[0].values[0] - base.values[0]
             lines.append(f"  the search {'beats' if delta > 0 else 'does not beat'} the baseline by {delta:+.4f}")
+    from search import _internals, refit
+
+    lines += refit.status_lines(study, _internals.study_storage(study))
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if running:
         lines.append("running:")
