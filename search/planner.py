@@ -41,7 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from flexunet.errors import ConfigError, DataError
+from search import budget
 from search.fingerprint import Fingerprint
+from search.study_file import RefitSpec
 
 MIN_LESION_PIXELS = 9.0  # a 3x3 kernel's footprint: smaller lesions are a few pixels of noise
 LESION_PERCENTILE = "p10"
@@ -127,6 +129,10 @@ class Plan:
     search_seconds: float
     expected_trials: float  # decided trials the search's time holds at that cost
     throughput: Throughput
+    timeout: float = 0.0  # [budget] timeout: search and refit
+    baseline_seconds: float = 0.0  # trial 0, the seed's settings, trained in full
+    refit: RefitSpec | None = None
+    refit_seconds: float = 0.0  # the refit's estimate (search/budget.py), inside the timeout
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -137,8 +143,11 @@ class Plan:
             f"{self.folds}-fold trials of at most {self.max_epochs} epochs x {self.steps_per_epoch} batches; "
             f"max_gflops {self.max_gflops:g}, base_filters {self.base_filters[0]}-{self.base_filters[1]}, "
             f"levels {self.num_layers[0]}-{self.num_layers[1]}, kernels {', '.join(map(str, self.kernels))}",
-            f"time: {self.minutes:g} min = search {self.search_seconds:.0f} s + export {EXPORT_SECONDS:.0f} s; a trial "
-            f"at the space's middle ~{self.trial_seconds:.0f} s expected under the pruner, so ~"
+            f"time: {self.minutes:g} min = baseline {self.baseline_seconds:.0f} s + searched trials {self.search_seconds:.0f} s + "
+            + (f"refit {self.refit_seconds:.0f} s ({self.refit.top_k} configuration(s) x {self.folds} folds x "
+               f"{self.refit.seeds} seed(s), {self.refit.epochs} epochs of {self.refit.steps_per_epoch} batches) + "
+               if self.refit else "")
+            + f"export {EXPORT_SECONDS:.0f} s + one trial's overrun; a trial at the space's middle ~{self.trial_seconds:.0f} s expected under the pruner, so ~"
             f"{self.expected_trials:.0f} decided with {self.parallel} in parallel (at least {MIN_TRIALS} "
             f"with a {MARGIN:g}x margin)",
             *self.notes,
@@ -316,9 +325,37 @@ def _cost(model: Any) -> tuple[int, int]:
     return _COSTS[key]
 
 
+DEFAULT_REFIT = RefitSpec(top_k=2, seeds=1, epochs=30, steps_per_epoch=16, patience=8)
+MIN_REFIT_EPOCHS = 10
+
+
+def _refit_for(t: Throughput, gflops: float, folds: int, side: int, timeout: float,
+               refit: RefitSpec) -> tuple[RefitSpec, float]:
+    """``refit`` cut (epochs down to :data:`MIN_REFIT_EPOCHS`, then one configuration) until
+    its estimate (:func:`search.budget.refit_seconds`, from a search epoch at ``gflops``) fits
+    the share of the timeout a refit may take."""
+    epoch = STEPS_PER_EPOCH * 4 * t.seconds(gflops) * (1 + VALIDATION_SHARE)
+    while True:
+        estimate = budget.refit_seconds([epoch] * refit.top_k, search_steps=STEPS_PER_EPOCH, search_size=side,
+                                        refit=refit, folds=folds)
+        if estimate <= budget.MAX_REFIT_SHARE * timeout:
+            return refit, estimate
+        if refit.epochs > MIN_REFIT_EPOCHS:
+            refit = dataclasses.replace(refit, epochs=max(MIN_REFIT_EPOCHS, refit.epochs - 5))
+        elif refit.top_k > 1:
+            refit = dataclasses.replace(refit, top_k=1)
+        else:
+            return refit, estimate
+
+
 def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name: str, workers: int = 1,
-               gpus: Sequence[str] = (), refit_share: float = 0.0) -> Plan:
-    """The study for ``fp`` in ``minutes`` on the measured device (see the module's rules)."""
+               gpus: Sequence[str] = (), refit: RefitSpec | None = DEFAULT_REFIT) -> Plan:
+    """The study for ``fp`` in ``minutes`` on the measured device (see the module's rules).
+
+    With ``refit`` (the default: the main command refits), the study's timeout covers the search
+    and the refit, whose estimate (:mod:`search.budget`, the model the launcher moves the
+    search's deadline by) is kept within a third of it by cutting its epochs, then its
+    configurations; the search gets the rest."""
     if minutes <= 0:
         raise ConfigError(f"--minutes {minutes}: expected a positive number")
     if workers < 1:
@@ -334,13 +371,22 @@ def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name:
         # The baseline (the seed's settings, trial 0) trains in full before it is judged.
         baseline = trial_seconds(t, seed_gflops(side, fp), folds=folds, epochs=MAX_EPOCHS, steps=STEPS_PER_EPOCH,
                                  batch=2)
-        search = total * (1.0 - refit_share) - EXPORT_SECONDS - baseline / parallel
         grid = [g / 100 for g in range(5, 2001, 5)]
-        fitting = [g for g in grid if _fits(t, g, folds, search * parallel)]
+        fitting = []
+        for g in grid:
+            overrun = expected_trial_seconds(t, g / 2, folds=folds, epochs=MAX_EPOCHS, steps=STEPS_PER_EPOCH,
+                                             batch=4) / parallel
+            timeout = total - EXPORT_SECONDS - overrun
+            refit_spec, refit_estimate = _refit_for(t, g / 2, folds, side, timeout, refit) if refit else (None, 0.0)
+            search = timeout - refit_estimate - baseline / parallel
+            if search > 0 and _fits(t, g, folds, search * parallel):
+                fitting.append((g, timeout, refit_spec, refit_estimate, search))
+            else:
+                break
         # The side must afford a space that holds what did well on the bundled sample (base
         # 16, 4 levels, 3x3: BENCHMARKS.md sections 4 and 9), with room above it.
-        if fitting and fitting[-1] >= REFERENCE_ROOM * reference_gflops(side, fp):
-            max_gflops = fitting[-1]
+        if fitting and fitting[-1][0] >= REFERENCE_ROOM * reference_gflops(side, fp):
+            max_gflops, timeout, refit_spec, refit_estimate, search = fitting[-1]
             chosen = dataclasses.replace(size, side=side, lesions_under=sum(
                 c.lesions_under(MIN_LESION_PIXELS, side) for c in fp.classes.values()))
             if side < size.side:
@@ -353,14 +399,15 @@ def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name:
                         max_epochs=MAX_EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, max_gflops=max_gflops,
                         max_params=max_params, base_filters=filters, num_layers=layers, kernels=kernels,
                         trial_seconds=mid, search_seconds=search, expected_trials=search * parallel / mid,
-                        throughput=t, notes=notes)
+                        throughput=t, timeout=timeout, baseline_seconds=baseline / parallel, refit=refit_spec,
+                        refit_seconds=refit_estimate, notes=notes)
             lost = chosen.lesions_under / max(chosen.lesions, 1)
             if lost > 0.5:
                 raise DataError(f"{fp.source or 'the dataset'}: {chosen.lesions_under} of {chosen.lesions} lesions are under "
                                 f"{MIN_LESION_PIXELS:g} px at {side} px, the largest size {minutes:g} minutes allow; "
-                                f"the lesions need {size.wanted} px ({needed_minutes(fp, throughput, size.wanted, folds, parallel, refit_share):.0f} minutes)")
+                                f"the lesions need {size.wanted} px ({needed_minutes(fp, throughput, size.wanted, folds, parallel, refit):.0f} minutes)")
             return plan
-    need = needed_minutes(fp, throughput, min(SIDES), folds, parallel, refit_share)
+    need = needed_minutes(fp, throughput, min(SIDES), folds, parallel, refit)
     raise ConfigError(f"--minutes {minutes:g}: too little time for {MIN_TRIALS} decided trials even at {min(SIDES)} px "
                       f"on this device; it needs at least {math.ceil(need)} minutes")
 
@@ -399,7 +446,7 @@ def reference_gflops(side: int, fp: Fingerprint) -> float:
 
 
 def needed_minutes(fp: Fingerprint, throughput: Throughput, side: int, folds: int, parallel: int,
-                   refit_share: float) -> float:
+                   refit: RefitSpec | None) -> float:
     """The minutes a plan at ``side`` needs: a space with room above :data:`REFERENCE` under
     the sizing rule of :func:`size_study`."""
     t = throughput.at(side)
@@ -408,7 +455,11 @@ def needed_minutes(fp: Fingerprint, throughput: Throughput, side: int, folds: in
     search = max(MIN_TRIALS * MARGIN * expected_trial_seconds(t, g / 2, batch=4, **kw),
                  3 * trial_seconds(t, g, batch=8, **kw))
     baseline = trial_seconds(t, seed_gflops(side, fp), batch=2, **kw)
-    return ((search + baseline) / parallel + EXPORT_SECONDS) / (1.0 - refit_share) / 60.0
+    overrun = expected_trial_seconds(t, g / 2, batch=4, **kw)
+    work = (search + baseline + overrun) / parallel
+    # With a refit of at most a third of the timeout, the search keeps at least two thirds.
+    share = 1.0 - budget.MAX_REFIT_SHARE if refit else 1.0
+    return (work / share + EXPORT_SECONDS) / 60.0
 
 
 @dataclass(frozen=True)
@@ -501,7 +552,6 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         lines.append(f'prepare = {{ dataset = "ct-ich", source = "{relative.as_posix()}", size = {p.size.side}, seed = 0{types} }}')
     else:
         lines.append(f'config = "{relative.as_posix()}"')
-    timeout = max(p.search_seconds - p.trial_seconds / p.parallel, 0.5 * p.search_seconds)
     multi = fp.num_classes > 2
     lines += [
         "",
@@ -515,7 +565,7 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         "",
         "[budget]",
         "n_trials = 1000",
-        f"timeout = {timeout:.0f}",
+        f"timeout = {p.timeout:.0f}",
         f"max_epochs = {p.max_epochs}",
         f"max_params = {p.max_params}",
         f"max_gflops = {p.max_gflops:g}",
@@ -547,4 +597,19 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         "weight_decay = { type = \"float\", low = 1e-5, high = 1e-2, log = true, when = { optimizer = \"AdamW\" } }",
         "",
     ]
+    if p.refit is not None:
+        r = p.refit
+        lines += [
+            "[refit]",
+            f"# After the search: the {r.top_k} best configuration(s) trained again as {p.folds} fold models x "
+            f"{r.seeds} seed(s), estimated {p.refit_seconds:.0f} s",
+            "# (search/budget.py), inside the timeout: the search stops early enough to leave it.",
+            f"top_k = {r.top_k}",
+            f"seeds = {r.seeds}",
+            f"epochs = {r.epochs}",
+            f"steps_per_epoch = {r.steps_per_epoch}",
+            f"patience = {r.patience}",
+            "tta = [" + ", ".join(f'"{v}"' for v in r.tta) + "]",
+            "",
+        ]
     return "\n".join(lines)

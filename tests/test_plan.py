@@ -80,6 +80,8 @@ def test_a_plan_fits_8_trials_and_its_space_wastes_at_most_5_percent(sample: Pat
     fp = fingerprint.of_ct_ich(sample)
     sized = plan.size_study(fp, THROUGHPUT, 20, name="p")
     assert sized.expected_trials >= plan.MIN_TRIALS * plan.MARGIN - 1e-9
+    assert sized.refit is not None and sized.refit_seconds <= sized.timeout / 3
+    assert sized.baseline_seconds + sized.search_seconds + sized.refit_seconds <= sized.timeout + 1e-6
     source = plan.Source(sample, prepare=True)
     out = tmp_path / "p.toml"
     out.write_text(plan.study_text(sized, fp, source, out))
@@ -110,7 +112,7 @@ def test_a_budget_too_small_says_how_many_minutes_it_needs(sample: Path) -> None
 def test_lesions_too_small_for_any_affordable_size_are_named() -> None:
     fp = _fingerprint(share=4 / 512**2)            # 2x2 px lesions on 512 px slices
     with pytest.raises(DataError, match=r"lesions are under 9 px .* need \d+ px \(\d+ minutes\)"):
-        plan.size_study(fp, THROUGHPUT, 5, name="p")
+        plan.size_study(fp, THROUGHPUT, 15, name="p")
 
 
 def test_bad_datasets_get_one_line(tmp_path: Path, prepared64: Path) -> None:
@@ -149,5 +151,7 @@ def test_the_plan_command_writes_a_study_that_loads(tmp_path: Path, sample: Path
     spec = load_spec(out)
     assert spec.prepare is not None and spec.prepare.source.resolve() == sample.resolve()
     assert spec.folds == 3 and spec.budget.timeout < 20 * 60
+    # The refit's estimate fits the third of the timeout the launcher may keep for it.
+    assert spec.refit is not None and "refit" in run.stdout
     assert json.loads((out.parent / "fingerprint.json").read_text())["images"] == 46
     assert plan.Throughput.read(out.parent / "throughput.json") == THROUGHPUT.at(THROUGHPUT.image_size)
