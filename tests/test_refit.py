@@ -200,3 +200,43 @@ def test_refit_without_a_refit_section_is_refused_before_anything_is_written(tmp
     run = run_cli_here("search", "refit", study, "--out", tmp_path / "run")
     assert_user_error(run, "plain.toml: the study file has no [refit] section")
     assert not (tmp_path / "run").exists()
+
+
+def test_averaged_weights_are_what_validation_sees_and_they_resume(tmp_path: Path) -> None:
+    """``[refit] ema = true``: the optimizer's moving average is written into the model at each
+    epoch's end (so validation, early stopping and the saved model see it), and a checkpoint of
+    such a model resumes with its average."""
+    import keras
+
+    from conftest import SAMPLE
+    from flexunet import config as cfg
+    from flexunet.data import ct_ich
+    from flexunet.data.dataset import load_split
+    from flexunet.model import build
+    from flexunet.train import TrainOutputs, compile_model, fit
+    from search import _internals
+
+    ct_ich.prepare(SAMPLE, tmp_path / "data", size=32, seed=0)
+    config = cfg.load(tmp_path / "data" / "train_eval_infer.config")
+    config = cfg.override(config, "model", {"base_filters": 4, "num_layers": 2}, "test")
+    config = cfg.override(config, "train", {"epochs": 2, "steps_per_epoch": 3, "batch_size": 4, "patience": 0,
+                                            "save_overhead": 0}, "test")
+    train, valid = load_split(config, "train"), load_split(config, "valid")
+    gaps: list[float] = []
+
+    class Gap(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+            average = _internals.ema_variables(self.model.optimizer)
+            gaps.append(max(float(np.abs(w.numpy() - a.numpy()).max())
+                            for w, a in zip(self.model.trainable_variables, average)))
+
+    network = build(config.model, seed=0)
+    compile_model(network, config.model, train.masks, ema_every=3, ema_momentum=0.9)
+    outputs = TrainOutputs(model_path=tmp_path / "best.keras", log_csv=tmp_path / "log.csv", model_at_end=False)
+    fit(config.model, config.train, train, valid, outputs=outputs, extra_callbacks=[Gap()], verbose=0,
+        checkpoint_dir=tmp_path, network=network)
+    assert len(gaps) == 2 and max(gaps) < 1e-6  # the model held the average at every epoch's end
+    more = cfg.override(config, "train", {"epochs": 3}, "test")
+    resumed = fit(more.model, more.train, train, valid, outputs=outputs, verbose=0, checkpoint_dir=tmp_path,
+                  resume=True)
+    assert resumed.epochs_run == 3 and resumed.model.optimizer.use_ema
