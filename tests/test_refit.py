@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -137,8 +138,12 @@ def exports(refitted: Refitted, tmp_path_factory: pytest.TempPathFactory) -> tup
 
     root = tmp_path_factory.mktemp("exports")
     study = Study.from_file(refitted.study_file, out=refitted.out)
-    study.export(root / "refit")
-    study.export(root / "search", refit=False)
+    # As an install without the export extra: converting an ensemble to ONNX takes most of a
+    # minute, and tests/test_search_export_ensemble.py checks the ONNX file of an ensemble.
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(sys.modules, "tf2onnx", None)
+        study.export(root / "refit")
+        study.export(root / "search", refit=False)
     return root / "refit", root / "search"
 
 
