@@ -118,12 +118,16 @@ def toml_dumps(data: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def study_copy(path: Path, changes: dict[str, dict[str, Any]], drop: dict[str, list[str]] | None = None) -> str:
+def study_copy(path: Path, changes: dict[str, dict[str, Any]], drop: dict[str, list[str]] | None = None,
+               refit: bool = False) -> str:
     """The sample study file as TOML text with some keys changed (and some removed), its
-    dataset source made absolute so that the copy can live anywhere."""
+    dataset source made absolute so that the copy can live anywhere. Without ``refit`` its
+    ``[refit]`` section goes: a benchmark of the search measures the search alone."""
     import tomllib
 
     data = tomllib.loads(SAMPLE_STUDY.read_text(encoding="utf-8"))
+    if not refit:
+        data.pop("refit", None)
     prepare = data["dataset"]["prepare"]
     prepare["source"] = str((SAMPLE_STUDY.parent / prepare["source"]).resolve())
     for table, keys in (drop or {}).items():

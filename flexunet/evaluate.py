@@ -15,6 +15,7 @@ import numpy as np
 
 from flexunet import metrics as m
 from flexunet.config import Config
+from flexunet import intervals
 from flexunet.data.dataset import SliceSet, load_split, patient_of
 from flexunet.errors import FlexUNetError
 from flexunet.outputs import write_text_atomic
@@ -199,6 +200,9 @@ def evaluate(config: Config, model_path: Path | None = None) -> Evaluation:
     _check_shapes(network, config)
     pred = predict_classes(network, data, config.train.batch_size, config.postprocess)
     result = score(pred, data.masks, data.names, config.model.num_classes, config.dataset.patient_pattern)
+    # How sure the figure is: a bootstrap interval over the test patients (flexunet/intervals.py).
+    groups = [row["patient"] or row["image"] for row in result.rows]
+    result.summary.update(intervals.summary(pred, data.masks, groups, config.model.num_classes))
     out = config.eval.output_dir
     write_text_atomic(out / "evaluation.csv", result.csv_text())
     write_text_atomic(out / "evaluation.json", result.json_text())
@@ -249,5 +253,9 @@ def format_table(summary: dict[str, Any]) -> str:
     d = summary["detection"]
     lines.append(f"detection: sensitivity {f(d['sensitivity'])} ({d['tp']}/{d['positives']}), "
                  f"specificity {f(d['specificity'])} ({d['tn']}/{d['negatives']})")
+    interval = summary.get("foreground_dice_interval")
+    if interval:
+        lines.append(f"mean foreground Dice, {interval['level']:.0%} bootstrap interval over {interval['groups']} "
+                     f"{interval['over']}: {f(interval['low'])} to {f(interval['high'])}")
     lines.append(f"{SEED_DICE_LABEL}: {f(summary[SEED_DICE_LABEL])}")
     return "\n".join(lines)

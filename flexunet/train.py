@@ -56,8 +56,15 @@ class TrainResult:
         }
 
 
-def make_optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
+def make_optimizer(model: ModelConfig, ema_every: int | None = None,
+                   ema_momentum: float = 0.99) -> keras.optimizers.Optimizer:
+    """The config's optimizer. With ``ema_every`` (a number of steps), it keeps an exponential
+    moving average of the weights (Keras' ``use_ema``) and writes it into the model every
+    ``ema_every`` steps: one epoch's steps, so that validation, early stopping and the saved
+    model all see the averaged weights."""
     kwargs: dict[str, Any] = {"learning_rate": model.learning_rate}
+    if ema_every is not None:
+        kwargs.update(use_ema=True, ema_momentum=ema_momentum, ema_overwrite_frequency=ema_every)
     if model.clipvalue is not None:
         kwargs["clipvalue"] = model.clipvalue
     if model.weight_decay is not None:
@@ -69,15 +76,17 @@ def make_optimizer(model: ModelConfig) -> keras.optimizers.Optimizer:
     }[model.optimizer](**kwargs)
 
 
-def compile_model(network: keras.Model, model: ModelConfig, masks: Any = None) -> None:
+def compile_model(network: keras.Model, model: ModelConfig, masks: Any = None, ema_every: int | None = None,
+                  ema_momentum: float = 0.99) -> None:
     """Compile with the config's optimizer, loss and metrics; ``masks`` (the training masks)
-    give the class weights where ``class_weights = "balanced"``."""
+    give the class weights where ``class_weights = "balanced"``; ``ema_every`` and
+    ``ema_momentum`` as for :func:`make_optimizer`."""
     weights = None
     if model.class_weights == "balanced":
         if masks is None:
             raise ValueError("class_weights = 'balanced' needs the training masks")
         weights = losses.class_weights(masks, metrics.num_labels(model.num_classes))
-    network.compile(optimizer=make_optimizer(model), loss=losses.get(model.loss, weights),
+    network.compile(optimizer=make_optimizer(model, ema_every, ema_momentum), loss=losses.get(model.loss, weights),
                     metrics=metrics.keras_metrics(model.num_classes, model.metrics))
 
 

@@ -278,3 +278,13 @@ def gradient_registry() -> dict[str, Any] | None:
         return None
     registry = getattr(getattr(ops, "_gradient_registry", None), "_registry", None)
     return registry if isinstance(registry, dict) else None
+
+
+# --- Keras --------------------------------------------------------------------------------------
+
+
+def ema_variables(optimizer: Any) -> list[Any]:
+    """The moving averages a Keras 3 optimizer built with ``use_ema=True`` keeps of the model's
+    trainable variables, in their order (``Optimizer._model_variables_moving_average``; Keras
+    has no public accessor). tests/test_refit.py checks the refit's averaged weights with it."""
+    return list(optimizer._model_variables_moving_average)

@@ -134,6 +134,17 @@ class Study:
         count = _local_workers(workers, tuple(gpus), workers_per_gpu)
         return run(self._need_spec("run"), self._options(count, tuple(gpus)))
 
+    def refit(self, workers: int | None = None, gpus: tuple[str, ...] | list[str] = (),
+              workers_per_gpu: int | None = None) -> int:
+        """Train the ``[refit]`` of a searched study (``run`` does it when the search ends) with
+        local workers, as ``flexunet search refit``; a refit begun before is resumed. Returns
+        the exit status (0 done, 1 a worker failed, 130 interrupted)."""
+        from search.run import refit
+
+        self._optuna = None
+        count = _local_workers(workers, tuple(gpus), workers_per_gpu)
+        return refit(self._need_spec("refit"), self._options(count, tuple(gpus)))
+
     # --------------------------------------------------------------------- reading
 
     @property
@@ -194,10 +205,12 @@ class Study:
 
     def export(self, out: str | Path, *, trial: int | None = None, force: bool = False,
                data: str | Path | None = None, artifacts: str | None = None,
-               tta: bool = True):  # -> ExportResult
+               tta: bool = True, refit: bool = True):  # -> ExportResult
         """Export the best trial (or ``trial``) into ``out`` and evaluate it on the test split,
-        as ``flexunet search export`` does. A cross-validated trial exports as one ensemble of
-        its fold models, with horizontal-flip test-time augmentation unless ``tta=False``."""
+        as ``flexunet search export`` does. A study with a refit exports the refit's ensemble
+        (unless ``refit=False`` or a ``trial`` is named); a cross-validated trial exports as one
+        ensemble of its fold models, with horizontal-flip test-time augmentation unless
+        ``tta=False``."""
         from flexunet._tf import quiet_import
         from flexunet.outputs import check_target
 
@@ -208,7 +221,8 @@ class Study:
 
         study = self.optuna_study
         return export(study, _internals.study_storage(study), Path(out), base=base, artifacts=folder,
-                      masked_storage=st.public(self.url), trial_number=trial, force=force, tta=tta)
+                      masked_storage=st.public(self.url), trial_number=trial, force=force, tta=tta,
+                      refit=refit and trial is None)
 
     def report(self, out: str | Path, *, slices: int = 4, force: bool = False,
                data: str | Path | None = None, artifacts: str | None = None):  # -> ReportResult

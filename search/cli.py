@@ -35,6 +35,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
 
 
+def _cmd_refit(args: argparse.Namespace) -> int:
+    from search.api import Study
+
+    study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts)
+    gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
+    return study.refit(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
+
+
 def _cmd_create(args: argparse.Namespace) -> int:
     from search.api import Study
     from search.status import summary_lines
@@ -57,11 +65,20 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from flexunet.evaluate import format_table
 
     result = _study(args).export(args.out, trial=args.trial, force=args.force, data=args.data,
-                                 artifacts=args.artifacts, tta=args.tta)
-    print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
-          f"to {result.out}")
+                                 artifacts=args.artifacts, tta=args.tta, refit=args.refit)
     package = result.package
-    if package.members > 1:
+    if package.refit is not None:
+        expected = package.selection.dice_postprocessed if package.selection else float("nan")
+        low, high = package.oof_interval or (float("nan"), float("nan"))
+        print(f"exported the refit ensemble ({package.members} models; configurations of trials "
+              f"{', '.join(str(n) for n, w in zip(package.refit.configurations, package.refit.weights) if w)}; "
+              f"TTA {package.tta_mode}) to {result.out}")
+        print(f"expected Dice (pooled out-of-fold, as exported): {expected:.4f}, 95% interval over patients "
+              f"{low:.4f}-{high:.4f}; post-processing: {package.postprocessing.describe()}")
+    else:
+        print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
+              f"to {result.out}")
+    if package.refit is None and package.members > 1:
         print(f"ensemble of {package.members} fold models, horizontal-flip TTA {'on' if package.tta else 'off'}; "
               f"post-processing: {package.postprocessing.describe()}")
     print("test split:")
@@ -175,6 +192,24 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from search.planner import plan
+
+    gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
+    print(f"planning a study of {args.data} for {args.minutes:g} minutes"
+          + (" (measuring this device: under a minute)" if not args.throughput else ""), flush=True)
+    result = plan(Path(args.data), args.minutes, out=Path(args.out), name=args.name, workers=args.workers,
+                  gpus=gpus, throughput=Path(args.throughput) if args.throughput else None,
+                  hemorrhage_types=args.hemorrhage_types)
+    for line in result.lines():
+        print(line)
+    print(f"wrote {args.out} (and fingerprint.json, throughput.json beside it); run it with: "
+          f"flexunet search run {args.out}")
+    return 0
+
+
 def _study_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study_file", nargs="?", metavar="STUDY.toml", help="the study file")
     parser.add_argument("--study", help="study name (default: the study file's)")
@@ -188,19 +223,24 @@ _ARTIFACTS_HELP_RUN = ("where trials keep their files: a folder or s3://BUCKET/P
 _ARTIFACTS_HELP = "the study's artifact store, a folder or s3://BUCKET/PREFIX (default: from the study)"
 
 
+def _worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """What the commands that start local workers (run, refit) take."""
+    parser.add_argument("study_file", metavar="STUDY.toml")
+    parser.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
+                                          "or sqlite:///OUT/study.db)")
+    parser.add_argument("--workers", type=int, help="local worker processes (default 1)")
+    parser.add_argument("--gpus", help="comma-separated GPU ids, one per local worker (round robin); workers "
+                                       "sharing a GPU share its memory evenly")
+    parser.add_argument("--workers-per-gpu", type=int, metavar="N",
+                        help="with --gpus: N workers on each GPU, each with 1/N of its memory")
+
+
 def register(commands: argparse._SubParsersAction) -> None:
     search = commands.add_parser("search", help="run, watch and export Optuna studies over FlexUNet")
     sub = search.add_subparsers(dest="search_command", required=True, metavar="SUBCOMMAND")
 
     run = sub.add_parser("run", help="run a study with K local workers (other machines join with the same command)")
-    run.add_argument("study_file", metavar="STUDY.toml")
-    run.add_argument("--storage", help="storage URL (default: $FLEXUNET_STORAGE, the study file's, "
-                                       "or sqlite:///OUT/study.db)")
-    run.add_argument("--workers", type=int, help="local worker processes (default 1)")
-    run.add_argument("--gpus", help="comma-separated GPU ids, one per local worker (round robin); workers "
-                                    "sharing a GPU share its memory evenly")
-    run.add_argument("--workers-per-gpu", type=int, metavar="N",
-                     help="with --gpus: N workers on each GPU, each with 1/N of its memory")
+    _worker_arguments(run)
     run.add_argument("--n-trials", type=int, help="override [budget] n_trials")
     run.add_argument("--timeout", type=float, help="override [budget] timeout (seconds)")
     run.add_argument("--max-epochs", type=int, help="override [budget] max_epochs")
@@ -208,6 +248,13 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--out", help="output folder (default: runs/<study name>)")
     run.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     run.set_defaults(func=_cmd_run)
+
+    refit = sub.add_parser("refit", help="train the best configurations again as fold x seed models ([refit] in "
+                                         "the study file; `run` does it when the search ends)")
+    _worker_arguments(refit)
+    refit.add_argument("--out", help="output folder (default: runs/<study name>)")
+    refit.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
+    refit.set_defaults(func=_cmd_refit)
 
     create = sub.add_parser("create", help="prepare the data and create the study (with its baseline) "
                                            "without running workers: do this before a batch launch")
@@ -225,7 +272,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     export = sub.add_parser("export", help="export the best trial's model, evaluate it on the test split")
     _study_arguments(export)
     export.add_argument("--out", required=True, help="the folder to create")
-    export.add_argument("--trial", type=int, help="export this trial instead of the best")
+    export.add_argument("--trial", type=int, help="export this search trial instead of the refit (or the best trial)")
+    export.add_argument("--no-refit", dest="refit", action="store_false",
+                        help="export the best search trial even where the study has a refit")
     export.add_argument("--artifacts", help=_ARTIFACTS_HELP)
     export.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     export.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
@@ -261,3 +310,18 @@ def register(commands: argparse._SubParsersAction) -> None:
     report.add_argument("--data", help="the dataset's train_eval_infer.config (default: from the study)")
     report.add_argument("--force", action="store_true", help="replace OUT if flexunet wrote it before")
     report.set_defaults(func=_cmd_report)
+
+    plan = sub.add_parser("plan", help="size a study for a dataset, this device and a time budget, and write it")
+    plan.add_argument("data", metavar="DATA", help="a CT-ICH download folder (as prepare reads it) or a "
+                                                   "train_eval_infer.config of folder pairs")
+    plan.add_argument("--minutes", type=float, required=True, help="the whole study's wall time: search and export")
+    plan.add_argument("--out", required=True, metavar="STUDY.toml", help="the study file to write")
+    plan.add_argument("--name", help="the study's name (default: from the file name)")
+    plan.add_argument("--workers", type=int, default=1, help="local workers it will run with (on a CPU they share "
+                                                             "its cores)")
+    plan.add_argument("--gpus", help="comma-separated GPU ids it will run on, one worker each")
+    plan.add_argument("--throughput", metavar="FILE", help="a throughput.json written by an earlier plan, instead "
+                                                           "of measuring this device")
+    plan.add_argument("--hemorrhage-types", action="store_true",
+                      help="CT-ICH: plan the multi-class dataset (prepare --hemorrhage-types)")
+    plan.set_defaults(func=_cmd_plan)

@@ -28,7 +28,8 @@ from search.study_file import ParamSpec, StudySpec
 
 _logger = logging.getLogger(__name__)
 LAUNCHER_ENV = "FLEXUNET_LAUNCHER_PID"  # a local worker's launcher: the worker ends with it
-SLOT_ENV = "FLEXUNET_WORKER_SLOT"  # "<slot>.<launch>" of a local worker, to give each its own seed
+SLOT_ENV = "FLEXUNET_WORKER_SLOT"
+SEARCH, REFIT = "search", "refit"  # the stages a worker runs  # "<slot>.<launch>" of a local worker, to give each its own seed
 
 
 def out_dir(spec: StudySpec, out: Path | None) -> Path:
@@ -152,6 +153,7 @@ class WorkerPlan:
     out: Path
     deadline: float | None = None
     artifacts: af.Location | None = None  # None: the spec's store, or <out>/artifacts
+    stage: str = SEARCH  # SEARCH: the search's trials; REFIT: the refit study's (search/refit.py)
 
     @property
     def store(self) -> af.Location:
@@ -163,7 +165,7 @@ class WorkerPlan:
         # from the environment.
         spec = dataclasses.replace(self.spec, storage=None)
         text = json.dumps({"spec": json.loads(study_file.to_json(spec)), "out": str(self.out),
-                           "deadline": self.deadline,
+                           "deadline": self.deadline, "stage": self.stage,
                            "artifacts": self.artifacts.url if self.artifacts else None}, indent=1)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".tmp")
@@ -177,7 +179,10 @@ class WorkerPlan:
             data = json.loads(path.read_text(encoding="utf-8"))
             spec, out = study_file.from_json(json.dumps(data["spec"])), Path(data["out"])
             store = data.get("artifacts")
+            stage = data.get("stage", SEARCH)
+            if stage not in (SEARCH, REFIT):
+                raise ValueError(f"stage {stage!r}")
             return cls(spec, out, data.get("deadline"),
-                       af.parse(store, where=f"{path}: artifacts") if store else None)
+                       af.parse(store, where=f"{path}: artifacts") if store else None, stage)
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ConfigError(f"{path}: not a worker plan written by flexunet search run ({exc})") from None

@@ -93,6 +93,7 @@ def study_note(study: optuna.Study, masked_storage: str) -> str:
     algorithms = [attrs[k] for k in (keys.STUDY_SAMPLER, keys.STUDY_PRUNER) if attrs.get(k)]
     lines += ["### Sampler and pruner", "", (", ".join(algorithms) or "not recorded") + ".", ""]
     lines += _baseline_section(study)
+    lines += _refit_section(study)
     lines += _export_section(study.study_name, masked_storage)
     lines += ["", NOTE_FOOTER]
     return "\n".join(lines) + "\n"
@@ -162,6 +163,14 @@ def _baseline_section(study: optuna.Study) -> list[str]:
         lines.append("")
         lines.append(line + ".")
     return lines + [""]
+
+
+def _refit_section(study: optuna.Study) -> list[str]:
+    """The refit's progress and models (search/refit.py), once it is planned."""
+    from search import _internals, refit
+
+    found = refit.status_lines(study, _internals.study_storage(study))
+    return ["### Refit", "", *[f"- {line.strip()}" for line in found], ""] if found else []
 
 
 def _export_section(name: str, masked_storage: str) -> list[str]:

@@ -30,8 +30,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from flexunet import config as cfg
-from flexunet import postprocess
-from flexunet.ensemble import build_ensemble, forward_passes
+from flexunet import intervals, postprocess
+from flexunet.ensemble import build_ensemble, forward_passes, select_greedy
 from flexunet.errors import FlexUNetError
 from flexunet.evaluate import evaluate, load_model
 from flexunet.model import estimate_cost
@@ -67,6 +67,22 @@ class Package:
     selection: postprocess.Selection | None = None  # on the out-of-fold predictions, as exported
     stored_oof_dice: float | None = None  # the trial's value: out-of-fold, each fold model alone, no flip
     fold_models: tuple[Any, ...] = ()
+    oof_interval: tuple[float, float] | None = None  # 95% bootstrap interval over patients, post-processed
+    refit: RefitChoice | None = None  # what the refit's ensemble holds and how it was chosen
+    tta_mode: str | None = None  # the test-time augmentation by name (flexunet.ensemble.TTA_MODES)
+
+
+@dataclass(frozen=True)
+class RefitChoice:
+    """The refit ensemble: which configurations with which weights (Caruana's selection), the
+    test-time augmentation chosen, and every single model's out-of-fold figures."""
+
+    study: str
+    configurations: tuple[int, ...]  # search trial numbers, best first
+    weights: tuple[int, ...]  # one per configuration
+    tta_dice: dict[str, float]  # pooled out-of-fold Dice of the selected ensemble per TTA candidate
+    models: tuple[dict[str, Any], ...]  # per model: trial, configuration, fold, seed, validation Dice, epochs
+    spec: dict[str, Any]
 
 
 def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
@@ -147,7 +163,108 @@ def _with_postprocessing(package: Package, oof: OutOfFold, config: cfg.Config) -
                                     config.train.batch_size)
     selection = postprocess.select(probabilities, oof.masks, oof.folds)
     stored = postprocess.pooled_dice(oof.probabilities, oof.masks, PostProcessing())
-    return dataclasses.replace(package, postprocessing=selection.rules, selection=selection, stored_oof_dice=stored)
+    return dataclasses.replace(package, postprocessing=selection.rules, selection=selection, stored_oof_dice=stored,
+                               oof_interval=_oof_interval(probabilities, oof, selection.rules, config))
+
+
+def _oof_interval(probabilities: np.ndarray, oof: OutOfFold, rules: PostProcessing,
+                  config: cfg.Config) -> tuple[float, float]:
+    """The 95% bootstrap interval over patients of the pooled out-of-fold Dice, post-processed."""
+    from flexunet.data.dataset import patient_of
+
+    groups = [patient_of(name, config.dataset.patient_pattern)[0] or name for name in oof.names]
+    found = intervals.summary(postprocess.apply(probabilities, rules), oof.masks, groups,
+                              config.model.num_classes)["foreground_dice_interval"]
+    return found["low"], found["high"]
+
+
+def _refit_package(study: optuna.Study, storage: Any, artifacts: Store, into: Path, base: cfg.Config,
+                   tta: bool) -> tuple[Package, FrozenTrial, cfg.Config]:
+    """The refit's ensemble: for each TTA candidate, each configuration's out-of-fold
+    predictions (each slice by the seed models of the fold that did not train on it), Caruana's
+    selection over the configurations on their pooled Dice; the candidate with the best
+    selected ensemble (the cheapest within the post-processing's tolerance); then the
+    post-processing chosen on that ensemble's out-of-fold predictions."""
+    from search import cv
+    from search import refit as rf
+
+    refit_study = rf.load(study, storage)
+    spec = rf.recorded_spec(study)
+    assert refit_study is not None and spec is not None
+    done, total = rf.finished(refit_study), rf.models(refit_study)
+    if len(done) < total:
+        raise FlexUNetError(f"the refit of study {study.study_name!r} has {len(done)} of its {total} models; finish "
+                            "it with `flexunet search refit STUDY.toml`, or export a search trial with --no-refit")
+    record = study.user_attrs[keys.STUDY_REFIT]
+    numbers = [int(n) for n in record["configurations"]]
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    sources = [by_number[n] for n in numbers]
+    config = trial_config(base, sources[0], into)
+    size = int(spec.image_size or config.model.image_width)
+    config = cfg.override(config, "model", {"image_width": size, "image_height": size}, "[refit] image_size")
+    members: dict[tuple[int, int], list[Any]] = {}
+    oofs: dict[tuple[int, int], OutOfFold] = {}
+    rows_of_model: list[dict[str, Any]] = []
+    for t in done:
+        rank, fold = int(t.user_attrs[keys.REFIT_RANK]), int(t.user_attrs[keys.REFIT_FOLD])
+        folder = into / f"refit-{t.number}"
+        folder.mkdir()
+        members.setdefault((rank, fold), []).append(
+            load_model(_download_artifact(t, storage, artifacts, MODEL_FILE, folder)))
+        oof = _read_oof(_download_artifact(t, storage, artifacts, paths.OOF_PREDICTIONS, folder))
+        oofs.setdefault((rank, fold), oof)
+        rows_of_model.append({"refit_trial": t.number, "configuration": numbers[rank], "fold": fold,
+                              "seed": int(t.user_attrs[keys.REFIT_SEED]), "val_foreground_dice": t.values[0],
+                              "epochs_run": t.user_attrs.get(keys.EPOCHS_RUN),
+                              "stop_reason": t.user_attrs.get(keys.STOP_REASON),
+                              "oof_foreground_dice": postprocess.pooled_dice(oof.probabilities, oof.masks,
+                                                                             PostProcessing())})
+    folds = sorted({fold for _, fold in members})
+    first = [oofs[(0, fold)] for fold in folds]
+    oof = OutOfFold(np.concatenate([o.probabilities for o in first]), np.concatenate([o.masks for o in first]),
+                    [n for o in first for n in o.names], np.concatenate([o.folds for o in first]))
+    images = _development_images(config, oof.names)
+    classes = config.model.num_classes
+
+    def score(probabilities: np.ndarray) -> float:
+        return cv.pooled_foreground_dice(probabilities, oof.masks, classes)
+
+    candidates = spec.tta if tta else ("none",)
+    chosen: dict[str, tuple[list[int], np.ndarray, float]] = {}
+    for mode in candidates:
+        per_config = []
+        for rank in range(len(numbers)):
+            probabilities = np.zeros(oof.probabilities.shape, np.float32)
+            for fold in folds:
+                rows = np.flatnonzero(oof.folds == fold)
+                network = build_ensemble(members[(rank, fold)], tta=mode, name=f"refit_{rank}_{fold}")
+                probabilities[rows] = network.predict(images[rows].astype(np.float32),
+                                                      batch_size=config.train.batch_size, verbose=0)
+            per_config.append(probabilities)
+        weights = select_greedy(per_config, score, rounds=2 * len(per_config)) if len(per_config) > 1 else [1]
+        mean = sum(w * p for w, p in zip(weights, per_config)) / sum(weights)
+        chosen[mode] = (weights, mean, score(mean))
+    best = max(value for _, _, value in chosen.values())
+    mode = min((m for m in candidates if chosen[m][2] >= best - postprocess.TOLERANCE),
+               key=lambda m: forward_passes(1, m))
+    weights, probabilities, _ = chosen[mode]
+    selection = postprocess.select(probabilities, oof.masks, oof.folds)
+    ensemble, member_weights = [], []
+    for rank, weight in enumerate(weights):
+        for fold in folds:
+            for model in members[(rank, fold)]:
+                ensemble.append(model)
+                member_weights.append(weight)
+    try:
+        network = build_ensemble(ensemble, tta=mode, weights=member_weights)
+    except ValueError as exc:
+        raise FlexUNetError(f"cannot ensemble the refit's models: {exc}") from None
+    choice = RefitChoice(refit_study.study_name, tuple(numbers), tuple(weights),
+                         {m: value for m, (_, _, value) in chosen.items()}, tuple(rows_of_model), dict(record["spec"]))
+    package = Package(network, sum(1 for w in member_weights if w), mode != "none", selection.rules, selection,
+                      fold_models=tuple(ensemble), oof_interval=_oof_interval(probabilities, oof, selection.rules, config),
+                      refit=choice, tta_mode=mode)
+    return package, sources[0], config
 
 
 def oof_predictions(members: tuple[Any, ...] | list[Any], oof: OutOfFold, images: np.ndarray, tta: bool,
@@ -213,19 +330,25 @@ def _replace(obj: Any, **changes: Any) -> Any:
 
 
 def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Store, masked_storage: str,
-           trial_number: int | None = None, force: bool = False, tta: bool = True) -> ExportResult:
-    """Write the export folder (all or nothing) and evaluate the model on the test split; a
-    cross-validated trial exports as the ensemble of its folds (flip TTA unless ``tta`` is False)."""
-    trial = choose_trial(study, trial_number)
-    if not tta and fold_count(trial) == 1:
-        raise FlexUNetError(f"--no-tta: trial {trial.number} is a single-split trial, exported as its one model "
-                            "without test-time augmentation; only a cross-validated trial's ensemble has the "
-                            "flip to leave out")
+           trial_number: int | None = None, force: bool = False, tta: bool = True, refit: bool = True) -> ExportResult:
+    """Write the export folder (all or nothing) and evaluate the model on the test split. A
+    study with a refit exports the refit's ensemble (unless ``refit`` is False or a trial is
+    named); a cross-validated trial exports as the ensemble of its folds (flip TTA unless
+    ``tta`` is False)."""
+    refitted = refit and trial_number is None and bool(study.user_attrs.get(keys.STUDY_REFIT))
     with tempfile.TemporaryDirectory() as tmp:
-        package = _package(trial, storage, artifacts, Path(tmp), tta)
-        if package.members > 1:
-            oof = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, Path(tmp)))
-            package = _with_postprocessing(package, oof, trial_config(base, trial, Path(tmp)))
+        if refitted:
+            package, trial, refit_config = _refit_package(study, storage, artifacts, Path(tmp), base, tta)
+        else:
+            trial = choose_trial(study, trial_number)
+            if not tta and fold_count(trial) == 1:
+                raise FlexUNetError(f"--no-tta: trial {trial.number} is a single-split trial, exported as its one "
+                                    "model without test-time augmentation; only a cross-validated trial's ensemble "
+                                    "has the flip to leave out")
+            package = _package(trial, storage, artifacts, Path(tmp), tta)
+            if package.members > 1:
+                oof = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, Path(tmp)))
+                package = _with_postprocessing(package, oof, trial_config(base, trial, Path(tmp)))
     network = package.network
     with staged_dir(out, replace=force) as stage, _quiet_exporters():
         # Saved again uncompiled: no training objects, so plain Keras loads it with no imports.
@@ -238,12 +361,17 @@ def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, ar
             files.append("model.onnx")
         else:
             _logger.info("ONNX skipped: install the 'export' extra (tf2onnx, onnxruntime)")
-        config = trial_config(base, trial, stage).replace(postprocess=package.postprocessing)
+        config = trial_config(base, trial, stage)
+        if refitted:
+            config = config.replace(model=refit_config.model)
+        config = config.replace(postprocess=package.postprocessing)
         cfg.dump(config, stage / paths.CONFIG_FILE)
         files.append(paths.CONFIG_FILE)
         evaluation = evaluate(config, stage / MODEL_FILE)
         files += ["evaluation.csv", "evaluation.json"]
         metrics = _metrics(study, trial, evaluation.summary, masked_storage)
+        if refitted:
+            metrics["validation"] = {"foreground_dice": None, "search_trial_foreground_dice": trial.values[0]}
         metrics.update(_package_metrics(package, trial, config))
         write_text_atomic(stage / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         write_text_atomic(stage / "model_card.md", _model_card(study, trial, config, metrics, files))
@@ -254,17 +382,30 @@ def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, ar
 def _package_metrics(package: Package, trial: FrozenTrial, config: cfg.Config) -> dict[str, Any]:
     from flexunet.evaluate import json_ready
 
-    passes = forward_passes(package.members, package.tta)
-    pp, sel = package.postprocessing, package.selection
+    mode = package.tta_mode or ("horizontal" if package.tta else "none")
+    passes = forward_passes(package.members, mode)
+    pp, sel, refit = package.postprocessing, package.selection, package.refit
     return json_ready({
         "inference": {
-            "models": package.members, "flip_tta": package.tta, "forward_passes": passes,
+            "models": package.members, "flip_tta": package.tta, "tta": mode, "forward_passes": passes,
             "gflops_per_image": estimate_cost(config.model).flops * passes / 1e9,
             # Median of single-image predictions on this machine's CPU, measured at export.
             "ms_per_image": latency_ms(package.network, config),
         },
+        # What to expect on new patients: the pooled out-of-fold Dice as exported (post-processed),
+        # with its 95% bootstrap interval over the development patients.
+        "expected": None if sel is None else {
+            "oof_foreground_dice_pooled": sel.dice_postprocessed,
+            "interval_95_over_patients": list(package.oof_interval) if package.oof_interval else None},
+        "refit": None if refit is None else {
+            "study": refit.study, "configurations": list(refit.configurations), "weights": list(refit.weights),
+            "selection": "Caruana et al. 2004: greedy, with replacement, on pooled out-of-fold foreground Dice",
+            "tta_candidates_oof_foreground_dice": refit.tta_dice, "tta": mode, "settings": refit.spec,
+            "models": list(refit.models),
+            "single_model_oof_foreground_dice": _spread([m["oof_foreground_dice"] for m in refit.models]),
+        },
         "cross_validation": None if sel is None else {
-            "folds": package.members,
+            "folds": len(sel.fold_dice),
             "fold_val_foreground_dice": trial.user_attrs.get(keys.FOLD_DICE),
             # The trial's value: each fold model alone on its validation slices, no flip.
             "oof_foreground_dice_pooled_stored": package.stored_oof_dice,
@@ -318,6 +459,13 @@ def _onnx_available() -> bool:
     return True
 
 
+def _spread(values: list[float]) -> dict[str, float]:
+    """Mean, standard deviation, min and max of single models' figures."""
+    array = np.asarray(values, np.float64)
+    return {"mean": float(array.mean()), "sd": float(array.std()), "min": float(array.min()),
+            "max": float(array.max()), "models": len(values)}
+
+
 def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], masked_storage: str) -> dict[str, Any]:
     from collections import Counter
 
@@ -347,6 +495,7 @@ def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], mask
             "classes": test["classes"], "averaged_classes": test["averaged_classes"],
             "absent_classes": test["absent_classes"], "detection": test["detection"], "images": test["images"],
             "per_patient": test.get("per_patient"),
+            "foreground_dice_interval": test.get("foreground_dice_interval"),
         },
         "search": {
             "trials": dict(states),
@@ -370,8 +519,23 @@ def _validation_label(metrics: dict[str, Any]) -> str:
 def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
     """The card's lines on the ensemble, its inference cost and the post-processing."""
     run, cv, pp = metrics["inference"], metrics.get("cross_validation"), metrics["postprocess"]
+    refit = metrics.get("refit")
     lines = []
-    if cv:
+    if refit:
+        spec, spread = refit["settings"], refit["single_model_oof_foreground_dice"]
+        configs = ", ".join(f"trial {n} x{w}" for n, w in zip(refit["configurations"], refit["weights"]) if w)
+        lines.append(f"- Ensemble: the refit (study `{refit['study']}`): {run['models']} models, the "
+                     f"configurations {configs} (chosen by Caruana's greedy selection with replacement on pooled "
+                     f"out-of-fold Dice among the {len(refit['configurations'])} best of the search), each trained "
+                     f"again as {spec['folds']} folds x {spec['seeds']} seeds, {spec['epochs']} epochs of "
+                     f"{spec['steps_per_epoch']} batches (patience {spec['patience']}) at {spec['image_size']} px"
+                     + (", with averaged weights (EMA)" if spec.get("ema") else "") + ".")
+        lines.append(f"- Single models' out-of-fold foreground Dice (each alone on its fold, no TTA): mean "
+                     f"{f(spread['mean'])}, sd {f(spread['sd'])}, range {f(spread['min'])}-{f(spread['max'])}.")
+        lines.append("- Test-time augmentation: " + run["tta"] + ", chosen on out-of-fold predictions (pooled Dice "
+                     + ", ".join(f"{m} {f(v)}" for m, v in refit["tta_candidates_oof_foreground_dice"].items())
+                     + f"; the cheapest within {postprocess.TOLERANCE:g} of the best).")
+    elif cv:
         folds = ", ".join(f(d) for d in cv.get("fold_val_foreground_dice") or [])
         lines.append(f"- Ensemble: the mean of the {cv['folds']} fold models' outputs"
                      + (", each also on the horizontally flipped image (flipped back)" if run["flip_tta"] else "")
@@ -382,7 +546,7 @@ def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
     if cv:
         guards = pp["guards"]
         lines.append(f"- Post-processing ([postprocess] in train_eval_infer.config): {pp['rule']}; chosen on the "
-                     f"{pp['chosen_on']}: pooled foreground Dice {f(cv['oof_foreground_dice_pooled'])} without, "
+                     f"{pp['chosen_on'] if not refit else 'out-of-fold predictions of the refit ensemble'}: pooled foreground Dice {f(cv['oof_foreground_dice_pooled'])} without, "
                      f"{f(cv['oof_foreground_dice_pooled_postprocessed'])} with it (per fold "
                      f"{', '.join(f(d) for d in cv['oof_fold_foreground_dice'])} without, "
                      f"{', '.join(f(d) for d in cv['oof_fold_foreground_dice_postprocessed'])} with). A rule is kept "
@@ -430,10 +594,13 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
         return "n/a" if value is None else (f"{value:.4f}" if isinstance(value, float) else str(value))
 
     m, test, search = config.model, metrics["test"], metrics["search"]
+    expected, interval = metrics.get("expected") or {}, test.get("foreground_dice_interval") or {}
+    oof_interval = expected.get("interval_95_over_patients")
     dataset = metrics.get("dataset") or {}
     split = dataset.get("split") or {}
     lines = [
-        f"# FlexUNet model card: study `{study.study_name}`, trial {trial.number}",
+        f"# FlexUNet model card: study `{study.study_name}`, "
+        + (f"refit of trial {trial.number}" if metrics.get("refit") else f"trial {trial.number}"),
         "",
         "Exported by `flexunet search export`. A research model trained on a small sample: it is",
         "not a medical device and its figures are not a clinical validation.",
@@ -456,10 +623,17 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
         "",
         "| split | foreground Dice (global) | mean per image | patients: mean over hemorrhage slices |",
         "|---|---|---|---|",
-        f"| {_validation_label(metrics)} | {f(metrics['validation']['foreground_dice'])} | | |",
-        f"| test ({test['images']} slices) | {f(test['foreground_dice_global'])} | "
+        *([f"| {_validation_label(metrics)} | {f(metrics['validation']['foreground_dice'])} | | |"]
+          if metrics["validation"].get("foreground_dice") is not None else []),
+        *([f"| expected: pooled out-of-fold, as exported (95% interval over patients "
+           f"{f(oof_interval[0])}-{f(oof_interval[1])}) | {f(expected['oof_foreground_dice_pooled'])} | | |"]
+          if expected else []),
+        f"| test ({test['images']} slices; 95% interval over {interval.get('groups', 'n/a')} patients "
+        f"{f(interval.get('low'))}-{f(interval.get('high'))}) | {f(test['foreground_dice_global'])} | "
         f"{f(test['foreground_dice_mean_per_image'])} | {f(test.get('patient_mean_dice_over_positive_slices'))} |",
         "",
+        "A 95% interval resamples patients with replacement (2,000 draws): with few patients it is wide, and",
+        "two pipelines whose intervals overlap are not told apart by these figures.",
         *_class_lines(metrics, f),
         "",
         f"Detection (any predicted hemorrhage): sensitivity {f(test['detection'].get('sensitivity'))}, "

@@ -72,3 +72,13 @@ POOLED_DICE = "val_foreground_dice_pooled"  # the trial's value: one Dice over e
 CLASS_DICE = "val_class_dice"
 FOLD = "fold"  # 0-based fold in progress
 RESUMED_FROM_FOLD = "resumed_from_fold"  # a retry: the fold it resumed in (earlier ones were kept)
+
+# --- the refit (search/refit.py) ----------------------------------------------------------------
+STUDY_REFIT = "flexunet_refit"  # on the search study: the refit study's name, configurations and spec
+STUDY_REFIT_OF = "flexunet_refit_of"  # on the refit study: the search study it refits
+STUDY_REFIT_MODELS = "flexunet_refit_models"  # on the refit study: how many fold x seed models it trains
+STUDY_SEARCH_DEADLINE = "flexunet_search_deadline"  # epoch seconds after which no search trial starts
+REFIT_SOURCE = "refit_source_trial"  # a refit trial: the search trial whose configuration it trains
+REFIT_RANK = "refit_rank"  # 0 for the best configuration, 1 for the next...
+REFIT_FOLD = "refit_fold"  # 0-based fold it validates on
+REFIT_SEED = "refit_seed"  # 0-based seed of that fold's models

@@ -3,6 +3,7 @@ artifacts, and return validation foreground Dice (plus the second objective, if 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
@@ -10,6 +11,7 @@ import math
 import tempfile
 import time
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -115,59 +117,18 @@ class Objective:
         reason = sp.infeasible(config, self.spec.budget, baseline=baseline)
         if reason:
             raise lifecycle.infeasible(trial, reason)
-        custom_gradients = _custom_gradient_names()
-        try:
+        with training_memory(trial):
             return self._train(trial, config, cost.params)
-        except MemoryError as exc:
-            raise self._fail(trial, f"out of memory: {exc}") from None
-        except Exception as exc:
-            if _out_of_device_memory(exc):
-                raise self._fail(trial, f"out of memory: {(str(exc).strip().splitlines() or [''])[0]}") from None
-            raise
-        finally:
-            # Keras keeps every model built in this process unless the session is cleared. The
-            # trial's gradient functions go first, so that the one garbage collection that
-            # clear_session runs frees their graphs too (a second one cost ~0.2 CPU s a trial).
-            _forget_custom_gradients(custom_gradients)
-            keras.backend.clear_session()
 
     @staticmethod
     def _fail(trial: optuna.Trial, reason: str) -> TrialFailure:
         return lifecycle.failure(trial, reason)
 
     def _save_resume_point(self, trial: optuna.Trial, folder: Path, epoch: int) -> None:
-        """Keep the epoch's checkpoint in the artifact store under one id per trial, so that a
-        retry of this trial (another worker, after this one died) starts from here."""
-        study_key = hashlib.sha1(trial.study.study_name.encode()).hexdigest()[:12]
-        artifact_id = f"resume-{study_key}-{trial.number}"
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-            for name in _RESUME_FILES:
-                if (folder / name).exists():
-                    archive.write(folder / name, name)
-        buffer.seek(0)
-        self.artifacts.write(artifact_id, buffer)
-        if trial.user_attrs.get(RESUME_ATTR) != artifact_id:
-            trial.set_user_attr(RESUME_ATTR, artifact_id)
-        trial.set_user_attr("resume_epoch", epoch + 1)
+        save_resume_point(self.artifacts, trial, folder, epoch)
 
     def _restore_resume_point(self, trial: optuna.Trial, folder: Path) -> bool:
-        artifact_id = trial.user_attrs.get(RESUME_ATTR)
-        if not artifact_id:
-            return False
-        try:
-            with self.artifacts.open_reader(artifact_id) as reader:
-                data = reader.read()
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                names = set(archive.namelist())
-                if not {"last.keras", "state.json"} <= names or names - set(_RESUME_FILES):
-                    raise ValueError(f"unexpected members {sorted(names)}")
-                archive.extractall(folder)
-        except Exception as exc:  # a missing or damaged checkpoint: start again from scratch
-            _logger.warning("trial %d: cannot resume from %s (%s); starting afresh", trial.number, artifact_id, exc)
-            return False
-        trial.set_user_attr("resumed_from_epoch", trial.user_attrs.get("resume_epoch"))
-        return True
+        return restore_resume_point(self.artifacts, trial, folder)
 
     def _train_folds(self, trial: optuna.Trial, config: cfg.Config, params: int) -> float | tuple[float, float]:
         """A cross-validated trial (search/cv.py): its value is the pooled out-of-fold Dice."""
@@ -251,6 +212,65 @@ class Objective:
         from flexunet.data.io import write_png
 
         write_png(path, strip)
+
+
+def save_resume_point(artifacts: Store, trial: optuna.Trial, folder: Path, epoch: int) -> None:
+    """Keep the epoch's checkpoint in the artifact store under one id per trial, so that a
+    retry of this trial (another worker, after this one died) starts from here."""
+    study_key = hashlib.sha1(trial.study.study_name.encode()).hexdigest()[:12]
+    artifact_id = f"resume-{study_key}-{trial.number}"
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name in _RESUME_FILES:
+            if (folder / name).exists():
+                archive.write(folder / name, name)
+    buffer.seek(0)
+    artifacts.write(artifact_id, buffer)
+    if trial.user_attrs.get(RESUME_ATTR) != artifact_id:
+        trial.set_user_attr(RESUME_ATTR, artifact_id)
+    trial.set_user_attr("resume_epoch", epoch + 1)
+
+
+def restore_resume_point(artifacts: Store, trial: optuna.Trial, folder: Path) -> bool:
+    """Unpack the trial's last epoch checkpoint (a retry carries the attribute naming it) into
+    ``folder``; False when there is none, or it cannot be read (the trial starts afresh)."""
+    artifact_id = trial.user_attrs.get(RESUME_ATTR)
+    if not artifact_id:
+        return False
+    try:
+        with artifacts.open_reader(artifact_id) as reader:
+            data = reader.read()
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            names = set(archive.namelist())
+            if not {"last.keras", "state.json"} <= names or names - set(_RESUME_FILES):
+                raise ValueError(f"unexpected members {sorted(names)}")
+            archive.extractall(folder)
+    except Exception as exc:  # a missing or damaged checkpoint: start again from scratch
+        _logger.warning("trial %d: cannot resume from %s (%s); starting afresh", trial.number, artifact_id, exc)
+        return False
+    trial.set_user_attr("resumed_from_epoch", trial.user_attrs.get("resume_epoch"))
+    return True
+
+
+@contextlib.contextmanager
+def training_memory(trial: optuna.Trial) -> Iterator[None]:
+    """Around one trial's training: out of memory fails the trial (FAIL with the reason), and
+    what the training left in the process is released when it ends, however it ends."""
+    custom_gradients = _custom_gradient_names()
+    try:
+        yield
+    except MemoryError as exc:
+        raise lifecycle.failure(trial, f"out of memory: {exc}") from None
+    except Exception as exc:
+        if _out_of_device_memory(exc):
+            raise lifecycle.failure(trial, f"out of memory: {(str(exc).strip().splitlines() or [''])[0]}") from None
+        raise
+    finally:
+        # Keras keeps every model built in this process unless the session is cleared. The
+        # trial's gradient functions go first, so that the one garbage collection that
+        # clear_session runs frees their graphs too (a second one cost ~0.2 CPU s a trial).
+        _forget_custom_gradients(custom_gradients)
+        keras.backend.clear_session()
 
 
 def _class_dice(network: Any, data: SliceSet, config: cfg.Config) -> list[float | None]:

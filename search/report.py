@@ -123,6 +123,11 @@ def _summary(study: optuna.Study, public_storage: str) -> str:
     budget = {k: v for k, v in (attrs.get(keys.STUDY_BUDGET) or {}).items() if v is not None}
     if budget:
         rows.append(("budget", ", ".join(f"{k} {v}" for k, v in budget.items())))
+    from search import _internals, refit
+
+    found = refit.status_lines(study, _internals.study_storage(study))
+    if found:  # the refit's progress and its models' validation Dice (search/refit.py)
+        rows.append(("refit", "; ".join(line.strip() for line in found)))
     return (f"<h1>FlexUNet study <code>{_e(study.study_name)}</code></h1>\n"
             f"<p class=\"meta\">Report written {time.strftime('%Y-%m-%d %H:%M')} by "
             "<code>flexunet search report</code>.</p>\n" + _table(rows))

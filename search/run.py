@@ -28,8 +28,10 @@ from search import dashboard, folds, lifecycle, paths, progress
 from search import keys as k
 from search import space as sp
 from search import storage as st
-from search.context import (LAUNCHER_ENV, SLOT_ENV, WorkerPlan, create_study, dataset_config_path, ensure_dataset,
-                            open_dataset, out_dir)
+from search import budget
+from search import refit as rf
+from search.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, WorkerPlan, create_study, dataset_config_path,
+                            ensure_dataset, open_dataset, out_dir)
 from search.paths import RunFolder
 from search.study_file import StudySpec
 
@@ -75,7 +77,7 @@ class _Workers:
         self.url, self.options = url, options
         self.logs = RunFolder(plan.out).logs
         self.logs.mkdir(exist_ok=True)
-        self.stamp = time.strftime("%Y%m%d-%H%M%S")
+        self.stamp = time.strftime("%Y%m%d-%H%M%S") + ("" if plan.stage == SEARCH else f"-{plan.stage}")
         # Written once: every worker of this launcher (restarts too) runs exactly this spec.
         self.plan_path = plan.write(self.logs / f"plan-{os.uname().nodename}-{self.stamp}-{os.getpid()}.json")
         self.command = [sys.executable, "-m", "search.worker", str(self.plan_path)]
@@ -230,19 +232,106 @@ def _fold_class_warnings(spec: StudySpec, out: Path) -> list[str]:
 
 
 def run(spec: StudySpec, options: RunOptions) -> int:
-    """Run the study with ``options.workers`` local processes; returns the exit status."""
+    """Run the study with ``options.workers`` local processes, then its refit when the study
+    file has a ``[refit]`` section; returns the exit status.
+
+    One timeout covers both: the search stops starting trials early enough to leave the refit
+    the time search.budget estimates for it (at most a third of the timeout), an estimate
+    updated as the search measures the configurations it will refit."""
     if options.workers < 1:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
     study, url, out = setup(spec, options)
-    deadline = time.time() + spec.budget.timeout if spec.budget.timeout else None
-    workers = _Workers(WorkerPlan(spec, out, deadline, af.resolve(options.artifacts, spec.artifacts, out)), url, options)
+    started = time.time()
+    timeout = spec.budget.timeout
+    if spec.refit is None:
+        deadline = started + timeout if timeout else None
+    else:
+        deadline = budget.search_deadline(started, timeout, rf.estimate(study, spec, options.workers))
+        study.set_user_attr(k.STUDY_SEARCH_DEADLINE, deadline)
+    artifacts = af.resolve(options.artifacts, spec.artifacts, out)
+    workers = _Workers(WorkerPlan(spec, out, deadline, artifacts), url, options)
+    watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
+    clock = _SearchClock(study, spec, options.workers, started) if spec.refit is not None and timeout else None
+    code = _follow(study, workers, watcher, spec.budget.n_trials, deadline, clock)
+    dashboard.write_study_note(study, st.mask(url))  # now with the baseline's final value
+    if code != 0 or spec.refit is None:
+        return code
+    return _run_refit(spec, options, study, url, out, artifacts, deadline=started + timeout if timeout else None)
+
+
+def refit(spec: StudySpec, options: RunOptions) -> int:
+    """``flexunet search refit``: plan the refit of a searched study (once) and run its
+    unfinished models with ``options.workers`` local processes; returns the exit status."""
+    if options.workers < 1:
+        raise ConfigError(f"--workers {options.workers}: need at least 1")
+    if spec.refit is None:
+        raise ConfigError(f"{spec.path}: the study file has no [refit] section (add one: README, \"The refit\")")
+    study, url, out = setup(spec, options)
+    return _run_refit(spec, options, study, url, out, af.resolve(options.artifacts, spec.artifacts, out))
+
+
+def _run_refit(spec: StudySpec, options: RunOptions, study: optuna.Study, url: str, out: Path,
+               artifacts: af.Location, deadline: float | None = None) -> int:
+    refit_study = rf.plan(study, st.open_storage(url), spec)
+    total = rf.models(refit_study)
+    done = len(rf.finished(refit_study))
+    record = study.user_attrs[k.STUDY_REFIT]
+    print(f"refit: {total} models ({len(record['configurations'])} configurations: trials "
+          f"{', '.join(map(str, record['configurations']))}; {record['spec']['folds']} folds x "
+          f"{record['spec']['seeds']} seeds), {done} trained already, in study {refit_study.study_name!r}", flush=True)
+    if done < total:
+        estimate = rf.estimate(study, spec, options.workers)
+        if estimate is not None:
+            left = "" if deadline is None else f"; {max(0.0, deadline - time.time()):.0f} s of the timeout left"
+            print(f"refit: estimated at most {estimate:.0f} s{left}", flush=True)
+        workers = _Workers(WorkerPlan(spec, out, None, artifacts, stage=REFIT), url, options)
+        watcher = progress.Watcher(refit_study, total, int(record["spec"]["epochs"]))
+        code = _follow(refit_study, workers, watcher, total, None, None,
+                       resume_hint=f"run `flexunet search refit {spec.path}` to finish the refit (a model in "
+                                   "training resumes from its last epoch)")
+        if code != 0:
+            return code
+    dashboard.write_study_note(study, st.mask(url))
+    for line in rf.status_lines(study, st.open_storage(url, heartbeat=False, create=False)):
+        print(line)
+    return 0
+
+
+class _SearchClock:
+    """Moves the search's deadline as the configurations it will refit are measured (the
+    workers read it from the study: it reaches workers on other machines too)."""
+
+    def __init__(self, study: optuna.Study, spec: StudySpec, workers: int, started: float) -> None:
+        self.study, self.spec, self.workers, self.started = study, spec, workers, started
+        self.deadline = study.user_attrs.get(k.STUDY_SEARCH_DEADLINE)
+        self.warned = False
+
+    def update(self, watcher: progress.Watcher) -> float | None:
+        timeout = self.spec.budget.timeout
+        estimate = rf.estimate(self.study, self.spec, self.workers)
+        deadline = budget.search_deadline(self.started, timeout, estimate)
+        if estimate is not None and budget.over_share(estimate, timeout) and not self.warned:
+            self.warned = True
+            print(f"warning: the refit is estimated at {estimate:.0f} s, more than a third of the "
+                  f"{timeout:.0f} s timeout; the run will end late (lower [refit] epochs, seeds or top_k)",
+                  file=sys.stderr, flush=True)
+        if deadline is not None and (self.deadline is None or abs(deadline - self.deadline) > 1.0):
+            self.deadline = deadline
+            self.study.set_user_attr(k.STUDY_SEARCH_DEADLINE, deadline)
+            watcher.deadline = deadline
+        return self.deadline
+
+
+def _follow(study: optuna.Study, workers: _Workers, watcher: progress.Watcher, n_trials: int,
+            deadline: float | None, clock: _SearchClock | None,
+            resume_hint: str = "run the same command again to resume the study") -> int:
+    """Start the workers and follow them until they end; returns the exit status."""
     # SIGINT only where Python would raise KeyboardInterrupt for it (not in a job started with it ignored).
     caught = (signal.SIGTERM,) + ((signal.SIGINT,) if signal.getsignal(signal.SIGINT) is signal.default_int_handler else ())
     previous = {sig: signal.signal(sig, _on_signal) for sig in caught}
-    watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
     interrupted = False
     try:
-        for i in range(options.workers):
+        for i in range(workers.options.workers):
             workers.start(i)
         last_check = 0.0
         while True:
@@ -251,8 +340,10 @@ def run(spec: StudySpec, options: RunOptions) -> int:
                 # Any launcher (on any machine) fails trials whose worker stopped sending
                 # heartbeats, so a dead worker's trial is retried even while the others are busy.
                 lifecycle.sweep(study)
+                if clock is not None:
+                    deadline = clock.update(watcher)
                 last_check = time.time()
-            workers.restart_killed(study, spec.budget.n_trials, deadline)
+            workers.restart_killed(study, n_trials, deadline)
             workers.report_turned_away(study)
             if not workers.alive():
                 break
@@ -265,15 +356,14 @@ def run(spec: StudySpec, options: RunOptions) -> int:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     watcher.update(final=True)
-    dashboard.write_study_note(study, st.mask(url))  # now with the baseline's final value
     for p, path in workers.failures():
         tail = path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:] or [""]
         print(f"worker {p.pid} exited with status {p.returncode}: {tail[0]} (log: {path})", file=sys.stderr)
     if interrupted:
-        print("run the same command again to resume the study", file=sys.stderr)
+        print(resume_hint, file=sys.stderr)
         return 130
     workers.report_turned_away(study, final=True)
     # Workers turned away by a full server lose nothing (they never had a trial): the run is done
     # if the others spent the budget, and failed if none could join.
-    every_one_turned_away = len(workers.turned_away()) == options.workers
+    every_one_turned_away = len(workers.turned_away()) == workers.options.workers
     return 1 if workers.failures() or every_one_turned_away else 0

@@ -23,6 +23,8 @@ SEED_BASELINE: dict[str, Any] = {
     "activation": "relu", "learning_rate": 7e-5, "optimizer": "Adam", "clipvalue": 0.5,
     "loss": "categorical_crossentropy", "batch_size": 2, "augmentation": False,
     "learning_rate_reducer": True, "reducer_factor": 0.5, "reducer_patience": 4,
+    # The seed neither weighs classes nor draws batches by class.
+    "class_weights": "none", "class_sampling": 0.0,
 }
 _SEED_SIZE, _SEED_LAYERS = 512, 8
 # How long a trial trains, not what it is: the baseline takes these from the study's [fixed]

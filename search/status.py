@@ -39,6 +39,16 @@ def baseline_trial(study: optuna.Study) -> FrozenTrial | None:
     return next((t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(keys.BASELINE)), None)
 
 
+def class_text(trial: FrozenTrial) -> str | None:
+    """A multi-class trial's validation Dice per class ("absent": no reference, no prediction,
+    left out of the value), or None for one foreground class."""
+    values = trial.user_attrs.get(keys.CLASS_DICE)
+    if not values or len(values) < 2:
+        return None
+    return "per class: " + ", ".join(f"{c} {'absent' if v is None else f'{v:.4f}'}"
+                                     for c, v in enumerate(values, start=1))
+
+
 def describe(trial: FrozenTrial) -> str:
     attrs = trial.user_attrs
     bits = [f"trial {trial.number}", trial.state.name, f"value {_value(trial)}"]
@@ -73,7 +83,11 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         lines.append(f"{title}:")
         for t in best[:10]:
             lines.append(f"  {describe(t)}")
-            lines.append(f"    {_params(t)}")
+            if t.params:
+                lines.append(f"    {_params(t)}")
+            per_class = class_text(t)
+            if per_class:
+                lines.append(f"    {per_class}")
     else:
         lines.append("best: none yet (no completed trial)")
     base = baseline_trial(study)
@@ -82,6 +96,9 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         if best and base.values is not None and best[0].number != base.number:
             delta = best[0].values[0] - base.values[0]
             lines.append(f"  the search {'beats' if delta > 0 else 'does not beat'} the baseline by {delta:+.4f}")
+    from search import _internals, refit
+
+    lines += refit.status_lines(study, _internals.study_storage(study))
     running = [t for t in trials if t.state == TrialState.RUNNING]
     if running:
         lines.append("running:")

@@ -76,6 +76,35 @@ class Component:
     kwargs: Mapping[str, Any] = field(default_factory=dict)
 
 
+# The test-time augmentations a refit may choose among (flexunet.ensemble.TTA_MODES): none, the
+# horizontal flip, or every mirror of the image plane (nnU-Net's default).
+TTA_CHOICES = ("none", "horizontal", "all")
+
+
+@dataclass(frozen=True)
+class RefitSpec:
+    """``[refit]``: after the search, the ``top_k`` best configurations are trained again as
+    ``folds`` x ``seeds`` models at a higher fidelity (search/refit.py).
+
+    ``folds`` None means the study's; ``image_size`` None the study's. ``tta`` lists the
+    test-time augmentations the export chooses among on the refit's out-of-fold predictions.
+    ``ema`` trains with the optimizer's exponential moving average of the weights (Keras'
+    ``use_ema``), written into the model at every epoch's end, so that validation, early
+    stopping and the saved model all see the averaged weights.
+    """
+
+    folds: int | None = None
+    seeds: int = 1
+    epochs: int = 30
+    steps_per_epoch: int = 16
+    patience: int = 8
+    image_size: int | None = None
+    ema: bool = False
+    ema_momentum: float = 0.99
+    tta: tuple[str, ...] = ("none", "horizontal", "all")
+    top_k: int = 1
+
+
 @dataclass(frozen=True)
 class StudySpec:
     name: str
@@ -94,6 +123,12 @@ class StudySpec:
     out: Path | None = None
     folds: int = 1  # K >= 2: every trial is K-fold cross-validated (search/cv.py); 1: one split
     artifacts: Location | None = None  # [study] artifacts: a folder or s3://BUCKET/PREFIX
+    refit: RefitSpec | None = None  # [refit]: the winners trained again after the search
+
+    def refit_folds(self) -> int:
+        """The folds of the refit: its own, or the study's."""
+        assert self.refit is not None
+        return self.refit.folds or (self.folds if self.folds >= 2 else 3)
 
     @property
     def cross_validated(self) -> bool:
@@ -105,16 +140,21 @@ class StudySpec:
 
     def with_overrides(self, *, n_trials: int | None = None, timeout: float | None = None,
                        max_epochs: int | None = None, image_size: int | None = None) -> StudySpec:
-        """The spec with command-line overrides applied (smoke runs)."""
+        """The spec with command-line overrides applied (smoke runs). ``max_epochs`` caps the
+        refit's epochs (and patience) too: a smoke run stays one."""
         budget = self.budget
+        refit = self.refit
         if n_trials is not None:
             budget = dataclasses.replace(budget, n_trials=_positive_int(n_trials, "--n-trials"))
         if timeout is not None:
             budget = dataclasses.replace(budget, timeout=_positive_number(timeout, "--timeout"))
         if max_epochs is not None:
             budget = dataclasses.replace(budget, max_epochs=_positive_int(max_epochs, "--max-epochs"))
+            if refit is not None:
+                refit = dataclasses.replace(refit, epochs=min(refit.epochs, max_epochs),
+                                            patience=min(refit.patience, max_epochs))
         size = self.image_size if image_size is None else _positive_int(image_size, "--image-size")
-        return dataclasses.replace(self, budget=budget, image_size=size)
+        return dataclasses.replace(self, budget=budget, image_size=size, refit=refit)
 
 
 def to_json(spec: StudySpec) -> str:
@@ -188,7 +228,7 @@ def loads(text: str, path: Path) -> StudySpec:
         raise ConfigError(f"{path}: not valid TOML (nested too deeply)") from None
     base = path.resolve().parent
     where = _Where(str(path))
-    _only(data, ("study", "dataset", "fixed", "space", "budget", "sampler", "pruner"), where)
+    _only(data, ("study", "dataset", "fixed", "space", "budget", "sampler", "pruner", "refit"), where)
 
     study = _table(data, "study", where, required=True)
     _only(study, ("name", "second_objective", "image_size", "baseline", "storage", "out", "folds", "artifacts"),
@@ -229,6 +269,7 @@ def loads(text: str, path: Path) -> StudySpec:
         baseline=baseline, storage=storage, out=(base / out) if out else None, folds=folds,
         artifacts=None if artifacts is None else parse_artifacts(artifacts, where=where.sub("study").key("artifacts"),
                                                                 base=base),
+        refit=_refit(data["refit"], where.sub("refit")) if "refit" in data else None,
     )
 
 
@@ -424,6 +465,38 @@ def _budget(table: Mapping[str, Any], where: _Where) -> Budget:
         if key in table:
             values[key] = _positive_number(table[key], where.key(key))
     return Budget(**values)
+
+
+def _refit(table: Any, where: _Where) -> RefitSpec:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{where.file}: refit: expected a table [refit]")
+    names = tuple(f.name for f in dataclasses.fields(RefitSpec))
+    _only(table, names, where)
+    values: dict[str, Any] = {}
+    for key in ("folds", "seeds", "epochs", "steps_per_epoch", "patience", "image_size", "top_k"):
+        if key in table:
+            values[key] = _positive_int(table[key], where.key(key))
+    if values.get("folds") == 1:
+        raise ConfigError(f"{where.key('folds')}: expected at least 2 (a refit trains one model per fold "
+                          "and chooses its post-processing on their out-of-fold predictions)")
+    if "ema" in table:
+        if not isinstance(table["ema"], bool):
+            raise ConfigError(f"{where.key('ema')}: expected true or false, got {table['ema']!r}")
+        values["ema"] = table["ema"]
+    if "ema_momentum" in table:
+        momentum = table["ema_momentum"]
+        if isinstance(momentum, bool) or not isinstance(momentum, int | float) or not 0 < momentum < 1:
+            raise ConfigError(f"{where.key('ema_momentum')}: expected a number between 0 and 1, got {momentum!r}")
+        values["ema_momentum"] = float(momentum)
+    if "tta" in table:
+        tta = table["tta"]
+        tta = [tta] if isinstance(tta, str) else tta
+        if (not isinstance(tta, list) or not tta or not all(isinstance(t, str) and t in TTA_CHOICES for t in tta)
+                or len(set(tta)) != len(tta)):
+            raise ConfigError(f"{where.key('tta')}: expected a list of distinct values among "
+                              f"{', '.join(TTA_CHOICES)}, got {table['tta']!r}")
+        values["tta"] = tuple(tta)
+    return RefitSpec(**values)
 
 
 def _component(table: Mapping[str, Any], known: tuple[str, ...], default: str, where: _Where) -> Component:

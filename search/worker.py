@@ -33,21 +33,27 @@ _logger = logging.getLogger("search.worker")
 
 
 def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, deadline: float | None = None,
-               catch: tuple[type[Exception], ...] = ()) -> None:
+               catch: tuple[type[Exception], ...] = (), moving_deadline: bool = False) -> None:
     """Run trials until the budget is spent and no other trial is still running.
 
     Every trial goes through :func:`search.lifecycle.start` first, so ``n_trials`` is met
     exactly. A worker whose budget is spent stays while other workers' trials run: if one of
     those workers died, its trial goes back to the queue (heartbeat) and someone must be there
-    to run it.
+    to run it. With ``moving_deadline``, a deadline the launcher recorded on the study
+    (``flexunet_search_deadline``: it moves as the search learns what its refit will cost,
+    search/budget.py) stops it too.
     """
     from optuna.trial import TrialState
 
-    from search import lifecycle
+    from search import keys, lifecycle
 
     guarded = lifecycle.guarded(objective, n_trials)
     while True:
-        if deadline and time.time() >= deadline:
+        limit = deadline
+        if moving_deadline:
+            recorded = study.user_attrs.get(keys.STUDY_SEARCH_DEADLINE)
+            limit = recorded if isinstance(recorded, int | float) else deadline
+        if limit and time.time() >= limit:
             _logger.info("timeout reached; no new trial")
             return
         lifecycle.sweep(study)
@@ -165,7 +171,7 @@ def _run(plan_path: Path, storage: Any) -> int:
     from search import algorithms
     from search import artifacts as af
     from search import storage as st
-    from search.context import SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
+    from search.context import REFIT, SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
     from search.objective import Objective, TrialFailure
 
     url = os.environ[st.ENV_VAR]
@@ -180,12 +186,36 @@ def _run(plan_path: Path, storage: Any) -> int:
     study = st.load_study(storage, spec.name, algorithms.make_sampler(spec, worker_name),
                           algorithms.make_pruner(spec))
     artifacts = af.open_store(plan.store, create=True)
+    if plan.stage == REFIT:
+        return _run_refit(spec, plan, base, study, storage, artifacts)
     objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space,
                           dataset_dir=dataset_config_path(spec, plan.out).parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _logger.info("worker pid %d on %s joined study %r (%s), trial files in %s", os.getpid(), socket.gethostname(),
                  spec.name, st.mask(url), artifacts.location)
-    run_trials(study, objective, spec.budget.n_trials, deadline=plan.deadline, catch=(TrialFailure,))
+    run_trials(study, objective, spec.budget.n_trials, deadline=plan.deadline, catch=(TrialFailure,),
+               moving_deadline=spec.refit is not None)
+    return EXIT_OK
+
+
+def _run_refit(spec: Any, plan: Any, base: Any, study: Any, storage: Any, artifacts: Any) -> int:
+    """The refit's trials (search/refit.py), run as search trials are: one fold x seed model each."""
+    import optuna
+
+    from flexunet.errors import FlexUNetError
+    from search import refit
+    from search.context import dataset_config_path
+    from search.objective import TrialFailure
+
+    refit_study = refit.load(study, storage)
+    if refit_study is None:
+        raise FlexUNetError(f"study {spec.name!r} has no refit planned")
+    objective = refit.RefitObjective(spec=spec, base=base, search=study, artifacts=artifacts,
+                                     dataset_dir=dataset_config_path(spec, plan.out).parent)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    _logger.info("worker pid %d on %s joined refit %r (%d models)", os.getpid(), socket.gethostname(),
+                 refit_study.study_name, refit.models(refit_study))
+    run_trials(refit_study, objective, refit.models(refit_study), catch=(TrialFailure,))
     return EXIT_OK
 
 

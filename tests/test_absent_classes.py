@@ -91,3 +91,14 @@ def test_binary_values_are_unchanged_where_every_image_holds_a_lesion() -> None:
     for i, row in enumerate(rows):
         t, f_p, f_n = m.confusion(pred[i], true[i], 2)
         assert row["foreground_dice"] == pytest.approx(2 * t[1] / (2 * t[1] + f_p[1] + f_n[1]))
+
+
+def test_status_shows_each_class_of_a_multiclass_trial_and_absent_ones_as_such() -> None:
+    import optuna
+
+    from search import keys
+    from search.status import class_text
+
+    trial = optuna.trial.create_trial(value=0.25, user_attrs={keys.CLASS_DICE: [0.5, None, 0.0]})
+    assert class_text(trial) == "per class: 1 0.5000, 2 absent, 3 0.0000"
+    assert class_text(optuna.trial.create_trial(value=0.5, user_attrs={keys.CLASS_DICE: [0.5]})) is None

@@ -25,10 +25,12 @@ USER_ATTRS = {"host", "pid", "params", "gflops", "settings", "epochs_run", "best
 
 
 def single_split_copy(folder: Path) -> Path:
-    """The shipped sample study without ``[study] folds``: one train/valid split, as every study
-    had before cross-validation (tests/test_cv.py runs the shipped file as it is)."""
+    """The shipped sample study without ``[study] folds`` and without its ``[refit]``: one
+    train/valid split, as every study had before cross-validation (tests/test_cv.py runs the
+    shipped file as it is, tests/test_refit.py the refit)."""
     text = SAMPLE_STUDY.read_text(encoding="utf-8")
-    assert "\nfolds = 3\n" in text and 'source = "data/ct-ich"' in text
+    assert "\nfolds = 3\n" in text and 'source = "data/ct-ich"' in text and "\n[refit]\n" in text
+    text = text[:text.index("\n[refit]\n") + 1]
     path = folder / "ct_ich_sample_single_split.toml"
     path.write_text(text.replace("\nfolds = 3\n", "\n").replace('source = "data/ct-ich"', f'source = "{SAMPLE}"'),
                     encoding="utf-8")

@@ -195,3 +195,52 @@ def test_settable_keys_come_from_the_config_definition() -> None:
     assert study_file.SETTABLE["dropout_rate"] == "model" and study_file.SETTABLE["batch_size"] == "train"
     for decided in ("image_width", "num_classes", "epochs", "model_dir", "images_dir"):  # dataset, budget, paths
         assert decided not in study_file.SETTABLE
+
+
+REFIT = MINIMAL + """
+[refit]
+folds = 4
+seeds = 2
+epochs = 40
+steps_per_epoch = 12
+patience = 6
+image_size = 128
+ema = true
+ema_momentum = 0.95
+tta = ["none", "all"]
+top_k = 3
+"""
+
+
+def test_refit_section_is_parsed_once_into_a_typed_spec(tmp_path: Path) -> None:
+    spec = _load(tmp_path, REFIT)
+    assert spec.refit == study_file.RefitSpec(folds=4, seeds=2, epochs=40, steps_per_epoch=12, patience=6,
+                                              image_size=128, ema=True, ema_momentum=0.95, tta=("none", "all"),
+                                              top_k=3)
+    assert spec.refit_folds() == 4
+    assert study_file.from_json(study_file.to_json(spec)) == spec  # as a launcher hands it to its workers
+    assert _load(tmp_path, MINIMAL).refit is None
+    defaults = _load(tmp_path, MINIMAL.replace('name = "s"', 'name = "s"\nfolds = 5') + "[refit]\n")
+    assert defaults.refit == study_file.RefitSpec() and defaults.refit_folds() == 5  # the study's folds
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("seeds = 0", "[refit] seeds: expected a positive integer, got 0"),
+    ("epochs = 2.5", "[refit] epochs: expected a positive integer, got 2.5"),
+    ("folds = 1", "[refit] folds: expected at least 2"),
+    ("ema = \"yes\"", "[refit] ema: expected true or false, got 'yes'"),
+    ("ema_momentum = 1", "[refit] ema_momentum: expected a number between 0 and 1, got 1"),
+    ("tta = [\"flip\"]", "[refit] tta: expected a list of distinct values among none, horizontal, all"),
+    ("tta = [\"none\", \"none\"]", "[refit] tta: expected a list of distinct values"),
+    ("top_k = -1", "[refit] top_k: expected a positive integer, got -1"),
+    ("rounds = 3", "[refit] rounds: unknown key; expected one of folds, seeds"),
+])
+def test_refit_section_refuses_bad_keys_and_values(tmp_path: Path, line: str, fragment: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        _load(tmp_path, MINIMAL + "[refit]\n" + line + "\n")
+    assert fragment in str(error.value) and "study.toml" in str(error.value)
+
+
+def test_refit_must_be_a_table(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"refit: expected a table \[refit\]"):
+        _load(tmp_path, "refit = 3\n" + MINIMAL)

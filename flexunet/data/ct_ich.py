@@ -456,9 +456,8 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
     refs = find_slices(Path(src), report)
     if only_hemorrhage:
         refs = [r for r in refs if r.positive]
-    label: dict[str, int] = {ref.name: int(ref.positive) for ref in refs}
-    if hemorrhage_types:
-        refs, label = _typed(Path(src), refs, report)
+    label = slice_classes(Path(src), refs, report, hemorrhage_types)
+    refs = [ref for ref in refs if ref.name in label]
     patients: dict[str, PatientInfo] = {}
     for ref in refs:
         classes = frozenset({label[ref.name]}) if label[ref.name] else frozenset()
@@ -507,26 +506,30 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
     return report
 
 
-def _typed(src: Path, refs: list[_SliceRef], report: PrepareReport) -> tuple[list[_SliceRef], dict[str, int]]:
-    """The slices of one hemorrhage type (or none), and each one's class."""
+def slice_classes(src: Path, refs: Sequence[_SliceRef], report: PrepareReport,
+                  hemorrhage_types: bool = False) -> dict[str, int]:
+    """Slice name -> the class its lesion pixels get: 1 for hemorrhage (0 without), or with
+    ``hemorrhage_types`` its type's class, for the slices of one type (or none) only: the others
+    are left out (counted in ``report``)."""
+    if not hemorrhage_types:
+        return {ref.name: int(ref.positive) for ref in refs}
     types = _read_types(src / DIAGNOSIS_CSV)
     by_patient: dict[str, frozenset[int]] = {}
     for (patient, _), held in types.items():
         by_patient[patient] = by_patient.get(patient, frozenset()) | held
-    kept, label = [], {}
+    label = {}
     for ref in refs:
         c = _type_of(ref, types, by_patient)
         if c is None:
             report.mixed_types_skipped += 1
             continue
-        kept.append(ref)
         label[ref.name] = c
         if c:
             report.type_slices[HEMORRHAGE_TYPES[c - 1]] = report.type_slices.get(HEMORRHAGE_TYPES[c - 1], 0) + 1
     if not any(label.values()):
         raise DataError(f"{src / DIAGNOSIS_CSV}: no slice with hemorrhage of a single type: --hemorrhage-types "
                         "has nothing to label")
-    return kept, label
+    return label
 
 
 def _type_mask(mask: np.ndarray, c: int) -> np.ndarray:

@@ -59,6 +59,11 @@ def read_image(path: Path, channels: int, color_order: str = "RGB") -> np.ndarra
     return array
 
 
+def image_shape(path: Path) -> tuple[int, int]:
+    """(height, width) of an image file (decoded in grayscale: the cheapest read)."""
+    return tuple(_decode(path, cv2.IMREAD_GRAYSCALE).shape[:2])  # type: ignore[return-value]
+
+
 @dataclass(frozen=True)
 class MaskFile:
     """A decoded mask: class indices (HxW uint8), and how many of its pixels were not an

@@ -1,0 +1,157 @@
+"""``flexunet search plan`` (issue 21): the fingerprint, the resolution rule, the sizing and its
+honest limits, and the study file it writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import optuna
+import pytest
+
+from conftest import assert_user_error, run_cli_here
+from flexunet import config as cfg
+from flexunet.errors import ConfigError, DataError
+from search import fingerprint, planner as plan, space
+from search.study_file import load as load_spec
+
+# A CPU of this project's kind, measured at 128 px (seconds per training image at two model sizes).
+THROUGHPUT = plan.Throughput(device="cpu", image_size=128, seconds_per_image=(0.012, 0.035),
+                             gflops=(0.289, 1.151), build_seconds=12.0)
+
+
+def _independent_counts(sample: Path) -> dict:
+    """The bundled sample's slices, patients, sizes and lesions, read with OpenCV alone."""
+    slices, patients, sizes, lesions, pixels, total = 0, set(), {}, 0, 0, 0
+    masks = []
+    for folder in sorted((sample / "Patients_CT").iterdir()):
+        for path in sorted((folder / "brain").glob("*_HGE_Seg.jpg")):
+            masks.append((folder.name, (cv2.imread(str(path), cv2.IMREAD_GRAYSCALE) > 127).astype(np.uint8)))
+    with (sample / "hu_slices" / "manifest.csv").open() as f:
+        for row in csv.DictReader(f):
+            mask = cv2.imread(str(sample / "hu_slices" / row["mask"]), cv2.IMREAD_GRAYSCALE)
+            masks.append((f"{int(row['patient_id']):03d}", (mask > 0).astype(np.uint8)))
+    for patient, mask in masks:
+        slices += 1
+        patients.add(patient)
+        key = f"{mask.shape[0]}x{mask.shape[1]}"
+        sizes[key] = sizes.get(key, 0) + 1
+        lesions += cv2.connectedComponents(mask, connectivity=8)[0] - 1
+        pixels += int(mask.sum())
+        total += mask.size
+    return {"slices": slices, "patients": len(patients), "sizes": sizes, "lesions": lesions, "share": pixels / total}
+
+
+def test_the_fingerprint_of_the_bundled_sample_matches_counts_made_independently(sample: Path) -> None:
+    fp = fingerprint.of_ct_ich(sample)
+    expected = _independent_counts(sample)
+    assert (fp.images, fp.patients, fp.native_sizes) == (expected["slices"], expected["patients"], expected["sizes"])
+    assert fp.images == 46 and fp.patients == 17 and fp.num_classes == 2 and fp.channels == 1
+    lesion = fp.classes[1]
+    assert lesion.lesions == expected["lesions"] and lesion.slice_share == 1.0 and lesion.patients == 17
+    assert lesion.pixel_share == pytest.approx(expected["share"], rel=1e-9)
+    assert len(lesion.lesion_shares) == lesion.lesions and list(lesion.lesion_shares) == sorted(lesion.lesion_shares)
+    assert json.loads(fp.to_json())["classes"]["1"]["lesions"] == lesion.lesions
+
+
+def _fingerprint(share: float, lesions: int = 20, side: int = 512) -> fingerprint.Fingerprint:
+    masks, names = [], []
+    radius = max(1, int(round((share * side * side) ** 0.5 / 2)))
+    for i in range(lesions):
+        mask = np.zeros((side, side), np.uint8)
+        mask[100:100 + 2 * radius, 100:100 + 2 * radius] = 1
+        masks.append(mask)
+        names.append(f"{i:03d}_1")
+    return fingerprint.from_masks(masks, names, [n[:3] for n in names], channels=1, num_classes=2)
+
+
+def test_the_size_is_the_smallest_at_which_the_10th_percentile_lesion_covers_9_pixels() -> None:
+    fp = _fingerprint(share=(16 * 16) / 512**2)    # 16x16 px lesions on 512 px slices
+    choice = plan.choose_size(fp)
+    assert choice.side == 96                       # 96 px: 3x3 = 9 px; 80 px: 2.5x2.5 = 6.25 px
+    assert choice.lesions_under == 0 and choice.lesions == 20
+    assert plan.choose_size(fp, ceiling=64).side == 64
+
+
+def test_a_plan_fits_8_trials_and_its_space_wastes_at_most_5_percent(sample: Path, tmp_path: Path) -> None:
+    fp = fingerprint.of_ct_ich(sample)
+    sized = plan.size_study(fp, THROUGHPUT, 20, name="p")
+    assert sized.expected_trials >= plan.MIN_TRIALS * plan.MARGIN - 1e-9
+    assert sized.refit is not None and sized.refit_seconds <= sized.timeout / 3
+    assert sized.baseline_seconds + sized.search_seconds + sized.refit_seconds <= sized.timeout + 1e-6
+    source = plan.Source(sample, prepare=True)
+    out = tmp_path / "p.toml"
+    out.write_text(plan.study_text(sized, fp, source, out))
+    spec = load_spec(out)
+    assert spec.image_size == sized.size.side and spec.budget.max_gflops == sized.max_gflops
+    base = cfg.load(Path(__file__).parent / "data" / "seed_ich.config")
+    bounded = space.bounded(spec.space, spec.image_size, "p")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    refused = 0
+    for _ in range(300):
+        trial = study.ask()
+        config = space.trial_config(base, spec, spec.image_size, space.suggest(trial, bounded))
+        refused += space.infeasible(config, spec.budget) is not None
+        study.tell(trial, 0.0)
+    assert refused / 300 <= 0.05
+    # The configurations that did well on this data stay in the space (base 16, 4 levels, 3x3).
+    assert sized.base_filters[0] <= 16 <= sized.base_filters[1]
+    assert sized.num_layers[0] <= 4 <= sized.num_layers[1] and 3 in sized.kernels
+
+
+def test_a_budget_too_small_says_how_many_minutes_it_needs(sample: Path) -> None:
+    fp = fingerprint.of_ct_ich(sample)
+    slow = plan.Throughput("cpu", 128, (1.0, 2.0), (0.3, 1.2), 60.0)
+    with pytest.raises((ConfigError, DataError), match=r"minutes"):
+        plan.size_study(fp, slow, 2, name="p")
+
+
+def test_lesions_too_small_for_any_affordable_size_are_named() -> None:
+    fp = _fingerprint(share=4 / 512**2)            # 2x2 px lesions on 512 px slices
+    with pytest.raises(DataError, match=r"lesions are under 9 px .* need \d+ px \(\d+ minutes\)"):
+        plan.size_study(fp, THROUGHPUT, 15, name="p")
+
+
+def test_bad_datasets_get_one_line(tmp_path: Path, prepared64: Path) -> None:
+    config = prepared64 / "train_eval_infer.config"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert_user_error(run_cli_here("search", "plan", empty, "--minutes", "10", "--out", tmp_path / "a.toml"),
+                      "no CT-ICH data found")
+    flat = tmp_path / "flat"
+    for part in ("train", "valid", "test"):
+        for kind in ("images", "masks"):
+            (flat / part / kind).mkdir(parents=True)
+        for path in (prepared64 / part / "images").glob("*.png"):
+            (flat / part / "images" / path.name).write_bytes(path.read_bytes())
+            cv2.imwrite(str(flat / part / "masks" / path.name), np.zeros((64, 64), np.uint8))
+    text = config.read_text().replace(str(prepared64.resolve()), str(flat.resolve()))
+    (flat / "c.config").write_text(text)
+    assert_user_error(run_cli_here("search", "plan", flat / "c.config", "--minutes", "10", "--out", tmp_path / "b.toml"),
+                      "no mask holds any foreground")
+    first = sorted((flat / "train" / "masks").glob("*.png"))[0]
+    cv2.imwrite(str(first), np.zeros((32, 32), np.uint8))
+    assert_user_error(run_cli_here("search", "plan", flat / "c.config", "--minutes", "10", "--out", tmp_path / "b.toml"),
+                      "mask is 32x32 but its image")
+    assert_user_error(run_cli_here("search", "plan", prepared64 / "train_eval_infer.config", "--minutes", "10",
+                                   "--gpus", "0", "--out", tmp_path / "c.toml"), "no GPU to measure")
+    assert not any((tmp_path / n).exists() for n in ("a.toml", "b.toml", "c.toml"))
+
+
+def test_the_plan_command_writes_a_study_that_loads(tmp_path: Path, sample: Path) -> None:
+    throughput = tmp_path / "tp.json"
+    throughput.write_text(THROUGHPUT.to_json())
+    out = tmp_path / "plans" / "sample.toml"
+    run = run_cli_here("search", "plan", sample, "--minutes", "20", "--out", out, "--throughput", throughput)
+    assert run.returncode == 0, run.stderr
+    assert "image size" in run.stdout and "wrote" in run.stdout
+    spec = load_spec(out)
+    assert spec.prepare is not None and spec.prepare.source.resolve() == sample.resolve()
+    assert spec.folds == 3 and spec.budget.timeout < 20 * 60
+    # The refit's estimate fits the third of the timeout the launcher may keep for it.
+    assert spec.refit is not None and "refit" in run.stdout
+    assert json.loads((out.parent / "fingerprint.json").read_text())["images"] == 46
+    assert plan.Throughput.read(out.parent / "throughput.json") == THROUGHPUT.at(THROUGHPUT.image_size)
