@@ -23,19 +23,7 @@ from typing import Any
 
 import _common as c
 import coordination as co
-
-
-def _poll(server: str, database: str, stop: threading.Event, peak: list[int]) -> None:
-    import sqlalchemy as sa
-
-    engine = sa.create_engine(server, poolclass=sa.pool.NullPool)
-    while not stop.is_set():
-        with engine.connect() as connection:
-            peak[0] = max(peak[0], connection.execute(sa.text(
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND backend_type = 'client backend'"),
-                {"d": database}).scalar_one())
-        stop.wait(0.5)
-    engine.dispose()
+from scale import poll_connections
 
 
 def one_run(workers: int, tmp: Path) -> dict[str, Any]:
@@ -44,8 +32,8 @@ def one_run(workers: int, tmp: Path) -> dict[str, Any]:
     with co.fresh_database(co.POSTGRES) as url:
         server = sa.engine.make_url(url)
         stop, peak = threading.Event(), [0]
-        poller = threading.Thread(target=_poll, args=(
-            server.set(database="postgres").render_as_string(hide_password=False), server.database, stop, peak))
+        poller = threading.Thread(target=poll_connections, args=(
+            server.set(database="postgres").render_as_string(hide_password=False), server.database, stop, peak, 0.5))
         poller.start()
         started = time.time()
         run = subprocess.run([sys.executable, "-m", "flexunet.cli", "search", "run", str(c.SAMPLE_STUDY),

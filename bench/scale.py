@@ -117,7 +117,8 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any
     out.put((os.getpid(), asks, tells, None))
 
 
-def _poll_connections(server: str, database: str, stop: threading.Event, peak: list[int]) -> None:
+def poll_connections(server: str, database: str, stop: threading.Event, peak: list[int], every: float = 0.25) -> None:
+    """Keep in ``peak[0]`` the most client connections to ``database`` seen until ``stop``."""
     import sqlalchemy as sa
 
     engine = sa.create_engine(server, poolclass=sa.pool.NullPool)
@@ -126,7 +127,7 @@ def _poll_connections(server: str, database: str, stop: threading.Event, peak: l
             peak[0] = max(peak[0], connection.execute(sa.text(
                 "SELECT count(*) FROM pg_stat_activity WHERE datname = :d AND backend_type = 'client backend'"),
                 {"d": database}).scalar_one())
-        stop.wait(0.25)
+        stop.wait(every)
     engine.dispose()
 
 
@@ -218,7 +219,7 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     study, _ = st.create_once(parent, name, ["maximize"])
     server = sa.engine.make_url(database)
     stop, peak = threading.Event(), [0]
-    poller = threading.Thread(target=_poll_connections, args=(
+    poller = threading.Thread(target=poll_connections, args=(
         server.set(database="postgres").render_as_string(hide_password=False), server.database, stop, peak))
     poller.start()
     ctx = mp.get_context("forkserver")
