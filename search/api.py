@@ -45,8 +45,8 @@ class Study:
 
     Args:
         spec: the study (``search.study_file.load(path)``, or built or changed in Python).
-        storage: a storage URL; default ``$FLEXUNET_STORAGE``, the spec's, or SQLite in the
-            run folder.
+        storage: a storage URL (``grpc://HOST:PORT`` for ``flexunet search proxy``); default
+            ``$FLEXUNET_STORAGE``, the spec's, or SQLite in the run folder.
         out: the run folder; default the spec's ``out``, or ``runs/<study name>``.
         artifacts: where trials keep their files: a folder or ``s3://BUCKET/PREFIX`` (credentials
             and endpoint from the AWS environment variables); default the spec's, or

@@ -1,4 +1,4 @@
-"""``flexunet search ...``: run, status, export, dashboard and report, registered into the
+"""``flexunet search ...``: run, status, export, dashboard, proxy and report, registered into the
 ``flexunet`` command through the ``flexunet.commands`` entry point."""
 
 from __future__ import annotations
@@ -87,6 +87,42 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_proxy(args: argparse.Namespace) -> int:
+    import logging
+    import sys
+
+    from search import dashboard as db
+    from search import proxy
+    from search import storage as st
+
+    url = args.storage or os.environ.get(st.ENV_VAR)
+    if not url:
+        raise FlexUNetError(f"the proxy needs --storage URL (or ${st.ENV_VAR}): the study's database")
+    if not db.is_loopback(args.host):
+        print(f"warning: the proxy listens on {args.host}, not only on this machine; it has no authentication, "
+              "and anyone who reaches it can read and write every study in the database (keep it on a "
+              "private network)", file=sys.stderr)
+    given = {name: value for name, value in (("port", args.port), ("threads", args.threads),
+                                                ("connections", args.connections)) if value is not None}
+    for name, value in given.items():
+        if value < (0 if name == "port" else 1) or value > 65535:
+            raise FlexUNetError(f"--{name} {value}: out of range")
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s proxy %(levelname)s %(message)s")
+    url = st.normalize(url)
+    proxy.serve(url, host=args.host, **given,
+                ready=lambda client: print(f"proxy of {st.mask(url)} listening; workers join with --storage {client} "
+                                           "(Ctrl-C stops it)", flush=True))
+    return 0
+
+
+def _dashboard_needs_a_database(url: str) -> None:
+    from search import storage as st
+
+    if st.kind(url) == "grpc":  # optuna-dashboard reads Optuna's tables, not the proxy's protocol
+        raise FlexUNetError(f"--storage {url}: the dashboard needs the database itself, not the proxy: pass the "
+                            "database URL that `flexunet search proxy` serves (postgresql://..., mysql://...)")
+
+
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     import sys
 
@@ -103,6 +139,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         print(warning, file=sys.stderr)
     if args.study_file or args.study:
         target = _study(args)
+        _dashboard_needs_a_database(target.url)
         study = target.optuna_study
         storage, url, studies, first = _internals.study_storage(study), target.url, [study], study
     else:
@@ -110,6 +147,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         if not url:
             raise FlexUNetError("name the study: give STUDY.toml, --study NAME or --storage URL")
         url = st.normalize(url)
+        _dashboard_needs_a_database(url)
         storage = st.open_storage(url, heartbeat=False, create=False)
         studies = [st.load_study(storage, name) for name in optuna.study.get_all_study_names(storage)]
         target, first = None, (studies[0] if len(studies) == 1 else None)
@@ -251,6 +289,17 @@ def register(commands: argparse._SubParsersAction) -> None:
                            help="address to listen on (default 127.0.0.1; the dashboard has no authentication)")
     dashboard.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080; 0: any free)")
     dashboard.set_defaults(func=_cmd_dashboard)
+
+    proxy = sub.add_parser("proxy", help="serve a study database to any number of workers through Optuna's gRPC "
+                                         "proxy (workers then use --storage grpc://HOST:PORT)")
+    proxy.add_argument("--storage", help="the database URL to serve (default: $FLEXUNET_STORAGE)")
+    proxy.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default 127.0.0.1; 0.0.0.0 for other machines: no authentication)")
+    proxy.add_argument("--port", type=int, help="port to listen on (default 13000, Optuna's)")
+    proxy.add_argument("--threads", type=int, help="request threads (default 16)")
+    proxy.add_argument("--connections", type=int,
+                       help="database connections the proxy holds for all its workers (default 4)")
+    proxy.set_defaults(func=_cmd_proxy)
 
     report = sub.add_parser("report", help="one self-contained HTML page of figures: the study, and the best "
                                            "trial against the baseline on test slices")

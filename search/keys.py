@@ -53,12 +53,13 @@ RESUMED_FROM_EPOCH = "resumed_from_epoch"  # set on a retry that started from a 
 FAILED_TRIAL = "failed_trial"  # the number of the first trial of a retry series
 RETRY_HISTORY = "retry_history"  # the numbers of every earlier attempt, oldest first
 # --- trial system attrs (ours) -------------------------------------------------------------------
-OVER_BUDGET = "flexunet_over_budget"  # a trial created after the budget was full; never trained
+OVER_BUDGET = "flexunet_over_budget"  # never trained, never counted: after the budget was full, or a duplicate copy
 
 # Stop reasons set by the trial lifecycle (fit sets its own: "patience", "epochs", "pruned", ...).
 STOP_INFEASIBLE = "infeasible"
 STOP_FAILED = "failed"
 STOP_OVER_BUDGET = "over budget"
+STOP_DUPLICATE = "duplicate retry"  # a second copy of a trial that another process queued again too
 FAIL_INTERRUPTED = "interrupted"
 
 # --- trial user attrs: cross-validated trials (search/cv.py), read by the export and the report ---

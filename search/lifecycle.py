@@ -131,7 +131,8 @@ def start(trial: optuna.Trial, n_trials: int | None = None) -> None:
     """Record who runs the trial; end it if it came after the budget was full.
 
     Raises :class:`OverBudget` (the worker catches it: the trial is FAIL with ``stop_reason``
-    ``over budget`` and a system attr that says it never counted)."""
+    ``over budget`` and a system attr that says it never counted); so does a second copy of a
+    trial already queued again (``stop_reason`` ``duplicate retry``)."""
     attrs = trial.user_attrs
     if attrs.get(k.PID) == os.getpid() and attrs.get(k.HOST) == socket.gethostname() and n_trials is None:
         return  # started already (the worker's guard, then the objective)
@@ -143,12 +144,34 @@ def start(trial: optuna.Trial, n_trials: int | None = None) -> None:
     if n_trials is None:
         return
     trials = trial.study.get_trials(deepcopy=False)
-    if not any(t.number == trial.number and is_retry(t) for t in trials) and over_budget(trials, trial.number,
-                                                                                          n_trials):
-        _internals.set_trial_system_attr(trial.study, trial, k.OVER_BUDGET, True)
-        trial.set_user_attr(k.STOP_REASON, k.STOP_OVER_BUDGET)
-        trial.set_user_attr(k.FAIL_REASON, f"over budget: {n_trials} trials had started before it")
-        raise OverBudget(f"trial {trial.number}: the budget of {n_trials} trials was full")
+    me = next((t for t in trials if t.number == trial.number), None)
+    if me is not None and is_retry(me):
+        twin = _earlier_copy(trials, me)
+        if twin is not None:
+            _never_counted(trial, k.STOP_DUPLICATE, f"duplicate: trial {twin} already repeats trial "
+                                                    f"{RetryHeartbeatStaleTrialCallback.retry_history(me)[-1]}")
+        return
+    if over_budget(trials, trial.number, n_trials):
+        _never_counted(trial, k.STOP_OVER_BUDGET, f"over budget: {n_trials} trials had started before it")
+
+
+def _earlier_copy(trials: Sequence[FrozenTrial], copy_: FrozenTrial) -> int | None:
+    """The number of a copy of the same trial made before ``copy_``, if any.
+
+    Processes that find the same failure at the same moment may each queue a copy (each read
+    the study before the others' copies landed: 297 copies of 9 trials with 128 workers on two
+    overloaded cores). The first by number runs; every process agrees on which."""
+    repeats = RetryHeartbeatStaleTrialCallback.retry_history(copy_)[-1:]
+    return next((t.number for t in sorted(trials, key=lambda t: t.number)
+                 if t.number < copy_.number and RetryHeartbeatStaleTrialCallback.retry_history(t)[-1:] == repeats),
+                None)
+
+
+def _never_counted(trial: optuna.Trial, stop_reason: str, reason: str) -> None:
+    _internals.set_trial_system_attr(trial.study, trial, k.OVER_BUDGET, True)
+    trial.set_user_attr(k.STOP_REASON, stop_reason)
+    trial.set_user_attr(k.FAIL_REASON, reason)
+    raise OverBudget(f"trial {trial.number}: {reason}")
 
 
 def infeasible(trial: optuna.Trial, reason: str) -> optuna.TrialPruned:

@@ -22,6 +22,7 @@ import optuna
 
 from flexunet import devices
 from flexunet.errors import ConfigError
+from search import _internals
 from search import artifacts as af
 from search import dashboard, folds, lifecycle, paths, progress
 from search import keys as k
@@ -35,6 +36,7 @@ from search.paths import RunFolder
 from search.study_file import StudySpec
 
 _logger = logging.getLogger(__name__)
+_FULL_SETTLE_SECONDS = 10.0  # a full server turns a worker away within ~6 s of its start (three tries)
 
 
 @dataclass(frozen=True)
@@ -84,6 +86,8 @@ class _Workers:
                                       for i in range(options.workers)]
         self.restarts = 0
         self.stopping = False
+        self.turned_away_seen = self.turned_away_count = 0  # reported; seen so far
+        self.turned_away_changed = 0.0
         self._reaped: set[int] = set()
         self.started = [0] * options.workers  # launches per slot, to give each its own seed
         self.gpu_memory = devices.gpu_memory_mib() if options.gpus else {}
@@ -144,8 +148,33 @@ class _Workers:
                 p.kill()
                 p.wait()
 
+    def turned_away(self) -> list[subprocess.Popen]:
+        """The workers the database server turned away at start-up (it was full)."""
+        return [p for p in self.procs if p is not None and p.returncode == st.EXIT_SERVER_FULL]
+
+    def report_turned_away(self, study: optuna.Study, final: bool = False) -> None:
+        """One line when workers were turned away, with the server's figures read through this
+        launcher's own connection (the turned-away workers have none to read them with). Workers
+        started together are turned away within seconds of each other: the line waits until no
+        more has been for ``_FULL_SETTLE_SECONDS`` (or the run ends), and counts them all."""
+        count = len(self.turned_away())
+        if count != self.turned_away_count:
+            self.turned_away_count, self.turned_away_changed = count, time.time()
+        settled = final or time.time() - self.turned_away_changed >= _FULL_SETTLE_SECONDS
+        if count <= self.turned_away_seen or not settled:
+            return
+        self.turned_away_seen = count
+        turned = self.turned_away()
+        try:
+            figures = st.connection_figures(_internals.study_storage(study))
+        except Exception:  # the launcher's own connection went too: say what is known
+            figures = None
+        others = "the others go on" if self.alive() else "none is left"
+        print(st.full_server_line(self.url, f"{len(turned)} of {self.options.workers} workers of this launcher "
+                                            f"turned away at start-up, {others}", figures), file=sys.stderr, flush=True)
+
     def failures(self) -> list[tuple[subprocess.Popen, Path]]:
-        ok = (0, 130) if self.stopping else (0,)
+        ok = (0, 130, st.EXIT_SERVER_FULL) if self.stopping else (0, st.EXIT_SERVER_FULL)
         return [(p, path) for p, path in zip(self.procs, self.log_paths)
                 if p is not None and p.returncode not in ok and p.returncode is not None and p.returncode > 0]
 
@@ -315,6 +344,7 @@ def _follow(study: optuna.Study, workers: _Workers, watcher: progress.Watcher, n
                     deadline = clock.update(watcher)
                 last_check = time.time()
             workers.restart_killed(study, n_trials, deadline)
+            workers.report_turned_away(study)
             if not workers.alive():
                 break
             time.sleep(1.0)
@@ -332,4 +362,8 @@ def _follow(study: optuna.Study, workers: _Workers, watcher: progress.Watcher, n
     if interrupted:
         print(resume_hint, file=sys.stderr)
         return 130
-    return 1 if workers.failures() else 0
+    workers.report_turned_away(study, final=True)
+    # Workers turned away by a full server lose nothing (they never had a trial): the run is done
+    # if the others spent the budget, and failed if none could join.
+    every_one_turned_away = len(workers.turned_away()) == workers.options.workers
+    return 1 if workers.failures() or every_one_turned_away else 0

@@ -2,8 +2,14 @@
 
 Accepted URLs: any SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg://...``,
 ``mysql+pymysql://...``), ``journal:PATH`` for a journal file (one host), and ``redis://...`` for
-a journal in Redis (many hosts). ``postgresql://`` and ``mysql://`` get the drivers this project
+a journal in Redis (many hosts), and ``grpc://HOST:PORT`` for a study served by ``flexunet search
+proxy`` (:mod:`search.proxy`). ``postgresql://`` and ``mysql://`` get the drivers this project
 installs.
+
+The connection budget: a process holds at most one connection to a database server (its
+heartbeat thread waits for the main thread's session, which lasts milliseconds), so a server
+holds ``max_connections`` less what others use of workers and launchers together. One that is
+full refuses a worker at start-up with :class:`ServerFull`, whose message says both ways out.
 """
 
 from __future__ import annotations
@@ -37,6 +43,19 @@ RECONNECT_SECONDS = 300.0  # how long a call waits for a lost database to come b
 # SQLite call tries again within a second.
 MAX_PAUSE_SECONDS = 15.0
 SQLITE_MAX_PAUSE_SECONDS = 1.0
+CONNECTIONS = 1  # database connections per process (the proxy takes more: search.proxy)
+FULL_ATTEMPTS = 3  # tries to connect to a full server, a few seconds apart, before giving up
+# What PostgreSQL and MySQL/MariaDB say when every connection slot is taken (MySQL's error 1040).
+_FULL_SERVER = ("too many clients", "remaining connection slots are reserved", "too many connections")
+
+
+EXIT_SERVER_FULL = 3  # the exit status of a worker that a full server turned away
+
+
+class ServerFull(ConfigError):
+    """The database server refused a connection because every slot of its ``max_connections``
+    is taken. The process stops at once (no trial of it exists yet); a launcher that holds a
+    connection adds the server's figures (:func:`full_server_line`)."""
 
 
 def resolve_url(cli_value: str | None, study_value: str | None, out_dir: Path) -> str:
@@ -64,6 +83,8 @@ def kind(url: str) -> str:
         return "journal-file"
     if url.startswith(("redis://", "rediss://", "unix://")):
         return "journal-redis"
+    if url.startswith("grpc://"):
+        return "grpc"
     scheme = url.split(":", 1)[0]
     return scheme.split("+", 1)[0]
 
@@ -97,8 +118,11 @@ def _journal_path(url: str) -> Path:
     return Path(path)
 
 
-def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``; RDB storages get heartbeats and the retry of stale trials.
+def open_storage(url: str, *, heartbeat: bool = True, create: bool = True,
+                 connections: int = CONNECTIONS) -> optuna.storages.BaseStorage:
+    """An Optuna storage for ``url``; RDB storages (and the proxy's clients) get heartbeats and
+    the retry of stale trials. A database server gets at most ``connections`` connections from
+    this storage (one: a worker's heartbeat shares its connection).
 
     With ``create=False`` (commands that only read a study) a SQLite or journal file that does
     not exist is an error, rather than an empty database left behind.
@@ -119,12 +143,16 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> op
             from optuna.storages.journal import JournalRedisBackend
 
             return optuna.storages.JournalStorage(JournalRedisBackend(url))
-        kwargs: dict[str, Any] = {"engine_kwargs": {"pool_pre_ping": True}} if what != "sqlite" else {}
+        if what == "grpc":
+            from search import proxy
+
+            return proxy.connect(url, **(heartbeat_settings() if heartbeat else {}))
+        # One connection, never more: SQLAlchemy's default pool lets the heartbeat thread open a
+        # second one beside the main thread's (2 per worker, measured in pg_stat_activity).
+        kwargs: dict[str, Any] = ({"engine_kwargs": {"pool_pre_ping": True, "pool_size": connections,
+                                                     "max_overflow": 0}} if what != "sqlite" else {})
         if heartbeat:
-            kwargs.update(
-                heartbeat_interval=_env_seconds("FLEXUNET_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
-                grace_period=_env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
-                heartbeat_stale_trial_callback=lifecycle.stale_trial_callback)
+            kwargs.update(heartbeat_settings())
         return _create_rdb(url, kwargs)
     except ConfigError:  # already names what is wrong (journal: without a path)
         raise
@@ -134,6 +162,37 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True) -> op
         raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(_root_cause(exc))})") from None
 
 
+def _create_schema_once(url: str) -> None:
+    """Optuna's tables on a database that has none yet (the first process of a new database:
+    for that moment it holds two connections), one connection at a time otherwise."""
+    import sqlalchemy as sa
+
+    engine = sa.create_engine(url, poolclass=sa.pool.NullPool)
+    try:
+        with engine.connect() as connection:
+            present = sa.inspect(connection).has_table("alembic_version")
+    finally:
+        engine.dispose()
+    if not present:
+        optuna.storages.RDBStorage(url, engine_kwargs={"poolclass": sa.pool.NullPool}).engine.dispose()
+
+
+def _check_schema(storage: RetryingStorage) -> None:
+    current, head = storage.get_current_version(), storage.get_head_version()
+    if current != head:
+        raise ConfigError(f"storage {mask(storage.url)}: its tables have Optuna's schema {current}, this Optuna "
+                          f"({optuna.__version__}) needs {head}: run `optuna storage upgrade --storage URL`, or use "
+                          "the Optuna that made them")
+
+
+def heartbeat_settings() -> dict[str, Any]:
+    """A worker's heartbeat: interval, grace period ($FLEXUNET_HEARTBEAT_INTERVAL,
+    $FLEXUNET_GRACE_PERIOD) and the retry of a trial whose heartbeat stopped."""
+    return {"heartbeat_interval": _env_seconds("FLEXUNET_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
+            "grace_period": _env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
+            "heartbeat_stale_trial_callback": lifecycle.stale_trial_callback}
+
+
 def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> RetryingStorage:
     """RDBStorage creates Optuna's tables on first use; processes that start together on a new
     database race to do so and the losers fail (a duplicate key, a table that already exists).
@@ -141,15 +200,31 @@ def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> Retrying
     short random wait; a server that refuses connections is not (there is no race to wait out)."""
     from sqlalchemy import exc as sa_exc
 
+    full, server = 0, kind(url) != "sqlite"
     for attempt in range(attempts):
         try:
-            return RetryingStorage(url, **kwargs)
+            if not server:
+                return RetryingStorage(url, **kwargs)
+            # Optuna's schema check holds a session while it opens a second connection (and so
+            # does its creation of a new schema): with one connection it would wait for itself.
+            _create_schema_once(url)
+            storage = RetryingStorage(url, skip_compatibility_check=True, **kwargs)
+            _check_schema(storage)
+            return storage
         except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as exc:
             # Optuna wraps SQLAlchemy's errors in StorageInternalError: look at what caused it.
             raced = (sa_exc.IntegrityError, sa_exc.ProgrammingError, sa_exc.OperationalError)
             if not (isinstance(exc, raced) or isinstance(exc.__cause__, raced)):
                 raise  # not a race nor a busy server: a file that is not a database, a bad schema
             cause = _root_cause(exc)
+            if server_full(cause):
+                # A slot may free in a moment (a worker that just finished); hundreds of workers
+                # asking again and again would only keep the server busy refusing them.
+                full += 1
+                if full >= FULL_ATTEMPTS:
+                    raise ServerFull(full_server_line(url, cause)) from None
+                time.sleep(1.0 + 2.0 * random.random())
+                continue
             refused = any(words in str(cause).lower() for words in (
                 "refused", "could not connect", "can't connect", "name or service not known",
                 "connection failed", "does not exist", "unknown database", "authentication failed",
@@ -159,6 +234,38 @@ def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> Retrying
             _logger.info("opening storage %s failed (%s); retrying", mask(url), _first_line(cause))
             time.sleep(0.2 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
+
+
+def server_full(exc: BaseException) -> bool:
+    """Whether the server refused a connection because all its connection slots are taken."""
+    text = str(exc).lower()
+    return any(words in text for words in _FULL_SERVER)
+
+
+def connection_figures(storage: optuna.storages.BaseStorage) -> tuple[int, int] | None:
+    """``(max_connections, connections in use)`` of the PostgreSQL or MySQL server behind
+    ``storage``, read through its own connection; None for other storages."""
+    import sqlalchemy as sa
+
+    engine = getattr(_internals.backend(storage), "engine", None)
+    if engine is None or engine.dialect.name not in ("postgresql", "mysql", "mariadb"):
+        return None
+    postgres = engine.dialect.name == "postgresql"
+    queries = (("SHOW max_connections", "SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'client backend'")
+               if postgres else ("SELECT @@max_connections", "SELECT count(*) FROM information_schema.processlist"))
+    with engine.connect() as connection:
+        return tuple(int(connection.execute(sa.text(query)).scalar_one()) for query in queries)  # type: ignore[return-value]
+
+
+def full_server_line(url: str, cause: BaseException | str, figures: tuple[int, int] | None = None) -> str:
+    """The one line that says a server is full, its figures where known, and both ways out."""
+    numbers = (f"max_connections = {figures[0]}, {figures[1]} in use" if figures else
+               "its max_connections and the count in use cannot be read without a free connection")
+    reason = cause if isinstance(cause, str) else _first_line(cause)
+    return (f"storage {mask(url)}: the database server is full ({numbers}; {reason}); each worker holds one "
+            "connection: raise the server's max_connections (less what other clients use is how many workers "
+            "it holds), or serve the study through one proxy (flexunet search proxy --storage URL, then every "
+            "worker --storage grpc://HOST:PORT)")
 
 
 def _root_cause(exc: BaseException) -> BaseException:
@@ -263,7 +370,9 @@ def _raise_deferred_interrupt() -> None:
         raise pending
 
 
-def _retried(method: Callable[..., Any]) -> Callable[..., Any]:
+def retried(method: Callable[..., Any]) -> Callable[..., Any]:
+    """``method`` of a storage (with ``url`` and ``max_wait``) retried while its server is
+    unreachable; a retried method that calls another retries as one call."""
     @functools.wraps(method)
     def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
         if getattr(_calls, "active", False):  # a method called by a retried one: the outer call retries
@@ -290,13 +399,15 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
             if attempt and method.__name__ == "set_trial_state_values" and _first_attempt_committed(storage, args, kwargs):
                 return True
             raise
-        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ConnectionError) as exc:
+        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ConnectionError,
+                _grpc_error()) as exc:
             # Optuna wraps SQLAlchemy's errors in StorageInternalError; only a lost
-            # connection is worth waiting for, not a bad write.
+            # connection (to the database, or to the proxy) is worth waiting for, not a bad write.
             if not _connection_lost(exc) or waited >= storage.max_wait:
                 raise
             _logger.warning("storage %s unreachable (%s); retrying in %.1fs", mask(storage.url),
                             _first_line(exc), delay)
+            storage.unreachable_at = time.time()
             _raise_deferred_interrupt()  # between attempts no cursor is open: a waiting worker stops now
             time.sleep(delay)
             waited += delay
@@ -305,7 +416,7 @@ def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tu
 
 
 for _name in RETRIED_METHODS:
-    setattr(RetryingStorage, _name, _retried(getattr(RetryingStorage, _name)))
+    setattr(RetryingStorage, _name, retried(getattr(RetryingStorage, _name)))
 
 
 def _first_attempt_committed(storage: RetryingStorage, args: tuple, kwargs: dict[str, Any]) -> bool:
@@ -325,6 +436,19 @@ def _first_attempt_committed(storage: RetryingStorage, args: tuple, kwargs: dict
     return stored.state == state and (values is None or stored.values == [float(v) for v in values])
 
 
+def _grpc_error() -> type[BaseException]:
+    """grpc's error type once grpc is loaded (a client of the proxy loaded it), else a stand-in
+    that nothing raises: the other storages never load grpc."""
+    import sys
+
+    grpc = sys.modules.get("grpc")
+    return grpc.RpcError if grpc is not None else _NoError
+
+
+class _NoError(Exception):
+    pass
+
+
 def _connection_lost(exc: BaseException) -> bool:
     """Whether an error (or what caused it: Optuna wraps SQLAlchemy's errors, which wrap the
     driver's) means the database went away, rather than that a statement was wrong."""
@@ -339,13 +463,24 @@ def _connection_lost(exc: BaseException) -> bool:
         if isinstance(current, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError
                       | sa_exc.PendingRollbackError | ConnectionError | TimeoutError):
             return True
+        if isinstance(current, sa_exc.TimeoutError):
+            # The process's one connection stayed busy past the pool's 30 s (the other thread's
+            # call on an overloaded server): wait for it, as for a lost one. Raised, it killed
+            # the heartbeat thread of 53 of 128 workers on two overloaded cores.
+            return True
         if type(current).__name__ in ("OperationalError", "InterfaceError"):  # psycopg, pymysql
+            return True
+        code = getattr(current, "code", None)  # a grpc.RpcError: the proxy is down or restarting
+        if callable(code) and getattr(code(), "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
             return True
         current = getattr(current, "orig", None) or current.__cause__ or current.__context__
     return False
 
 
 def _first_line(exc: BaseException) -> str:
+    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
+    if callable(code) and callable(details):  # a grpc.RpcError: its repr spans many lines
+        return f"gRPC {getattr(code(), 'name', code())}: {details()}"
     text = mask(str(exc)).strip().splitlines()
     return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 

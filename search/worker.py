@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130  # and search.storage.EXIT_SERVER_FULL
 _PR_SET_PDEATHSIG = 1
 _logger = logging.getLogger("search.worker")
 
@@ -118,14 +118,21 @@ def main(argv: list[str] | None = None) -> int:
     from flexunet.errors import FlexUNetError
     from search.context import LAUNCHER_ENV
     from search.lifecycle import Interrupted
+    from search.storage import EXIT_SERVER_FULL, ServerFull
 
     try:
         launcher = os.environ.get(LAUNCHER_ENV)
         if launcher and launcher.isdigit():
             end_with_launcher(int(launcher))
+        # The connection first: a worker the database turns away stops in a second, before
+        # TensorFlow's import, and before it has a trial to lose.
+        storage = open_worker_storage()
         quiet_import()
         _limit_threads()
-        return _run(Path(args.plan))
+        return _run(Path(args.plan), storage)
+    except ServerFull as exc:
+        print(f"flexunet: error: {exc}", file=sys.stderr)
+        return EXIT_SERVER_FULL
     except FlexUNetError as exc:
         print(f"flexunet: error: {exc}", file=sys.stderr)
         return EXIT_ERROR
@@ -146,24 +153,32 @@ def _limit_threads() -> None:
         tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
 
 
-def _run(plan_path: Path) -> int:
+def open_worker_storage() -> Any:
+    """The storage ``$FLEXUNET_STORAGE`` names, as a worker opens it (heartbeat, one
+    connection). Raises :class:`search.storage.ServerFull` when the database has no free slot."""
+    from flexunet.errors import ConfigError
+    from search import storage as st
+
+    url = os.environ.get(st.ENV_VAR)
+    if not url:
+        raise ConfigError(f"the worker needs ${st.ENV_VAR}")
+    return st.open_storage(st.normalize(url))
+
+
+def _run(plan_path: Path, storage: Any) -> int:
     import optuna
 
-    from flexunet.errors import ConfigError
     from search import algorithms
     from search import artifacts as af
     from search import storage as st
     from search.context import REFIT, SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
     from search.objective import Objective, TrialFailure
 
-    url = os.environ.get(st.ENV_VAR)
-    if not url:
-        raise ConfigError(f"the worker needs ${st.ENV_VAR}")
+    url = os.environ[st.ENV_VAR]
     plan = WorkerPlan.read(plan_path)
     spec = plan.spec
     base, image_size = open_dataset(spec, plan.out)
     space = study_space(spec, image_size)
-    storage = st.open_storage(st.normalize(url))
     slot = os.environ.get(SLOT_ENV, "")
     # The first worker of a run keeps the study file's seed (a one-worker run repeats exactly);
     # any other draws from its own stream.

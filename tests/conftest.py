@@ -246,12 +246,12 @@ def redis_url():  # type: ignore[no-untyped-def]
 class ThrowawayPostgres:
     """A PostgreSQL server of a test's own (initdb + pg_ctl, on another port), to stop and start."""
 
-    def __init__(self, bin_dir: Path, root: Path) -> None:
+    def __init__(self, bin_dir: Path, root: Path, settings: str = "") -> None:
         self._bin_dir, self._root, self._data = bin_dir, root, root / "data"
         self._as_postgres = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
         port = 55000 + os.getpid() % 1000
         self.url = f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres"
-        self._options = f"-o -p {port} -k {root} -c listen_addresses=127.0.0.1"
+        self._options = f"-o -p {port} -k {root} -c listen_addresses=127.0.0.1 {settings}"
         subprocess.run([*self._as_postgres, str(bin_dir / "initdb"), "-D", str(self._data), "-A", "trust",
                         "-U", "postgres"], check=True, capture_output=True)
 
@@ -283,6 +283,16 @@ class ThrowawayPostgres:
 @pytest.fixture
 def postgres_server() -> Iterator[ThrowawayPostgres]:
     """A running PostgreSQL server of the test's own; removed afterwards."""
+    yield from _throwaway_postgres()
+
+
+@pytest.fixture
+def small_postgres_server() -> Iterator[ThrowawayPostgres]:
+    """A running PostgreSQL server of the test's own that allows 20 connections."""
+    yield from _throwaway_postgres("-c max_connections=20")
+
+
+def _throwaway_postgres(settings: str = "") -> Iterator[ThrowawayPostgres]:
     bins = sorted(Path("/usr/lib/postgresql").glob("*/bin"))
     if not bins or shutil.which("runuser") is None:
         if REQUIRE_SERVICES:
@@ -291,7 +301,7 @@ def postgres_server() -> Iterator[ThrowawayPostgres]:
     root = Path(tempfile.mkdtemp(prefix="flexunet-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         shutil.chown(root, "postgres")
-    server = ThrowawayPostgres(bins[-1], root)
+    server = ThrowawayPostgres(bins[-1], root, settings)
     try:
         server.start()
         yield server

@@ -1,5 +1,5 @@
 """Servers the tests start as real processes: a local S3-compatible server (moto's standalone
-server, from the test extra) and ``flexunet search dashboard``."""
+server, from the test extra), ``flexunet search dashboard`` and ``flexunet search proxy``."""
 
 from __future__ import annotations
 
@@ -130,3 +130,41 @@ class Dashboard:
                 self.proc.kill()
                 self.proc.wait()
         return self.proc.returncode
+
+
+class Proxy:
+    """``flexunet search proxy`` of the database ``database`` on a free port of 127.0.0.1, to kill
+    (SIGKILL) and start again on the same port; ``url`` is what workers pass as --storage."""
+
+    def __init__(self, database: str, log: Path, env: dict[str, str] | None = None) -> None:
+        self.database, self.log, self.env = database, log, env or {}
+        self.port = _free_port()
+        self.url = f"grpc://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self, timeout: float = 60) -> None:
+        with self.log.open("a", encoding="utf-8") as handle:
+            self.proc = subprocess.Popen([sys.executable, "-m", "flexunet.cli", "search", "proxy", "--storage",
+                                          self.database, "--port", str(self.port)], stdout=handle,
+                                         stderr=subprocess.STDOUT, env={**os.environ, **self.env})
+        end = time.time() + timeout
+        while time.time() < end and self.proc.poll() is None:
+            with socket.socket() as probe:
+                if probe.connect_ex(("127.0.0.1", self.port)) == 0:
+                    return
+            time.sleep(0.2)
+        raise AssertionError(f"the proxy did not start: {self.log.read_text()}")
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()

@@ -223,3 +223,26 @@ def test_fail_loses_the_race_to_a_process_that_finishes_the_trial_meanwhile(monk
     lifecycle.fail(study, running, "heartbeat stopped", retry_it=False)
     monkeypatch.undo()
     assert study.trials[0].state == TrialState.COMPLETE and study.trials[0].value == 0.25
+
+
+def test_a_trial_queued_again_twice_runs_once_and_counts_once() -> None:
+    """Two processes that fail the same trial at the same moment may each queue a copy: the
+    first copy by number runs, the second ends untrained and never counts."""
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
+
+    from search.worker import run_trials
+
+    study = _study()
+    trial = study.ask(X)
+    study.tell(trial, state=TrialState.FAIL)
+    failed = lifecycle.frozen(study, trial.number)
+    for _ in range(2):  # what two processes' callbacks do, each before seeing the other's copy
+        RetryHeartbeatStaleTrialCallback(max_retry=3)(study, failed)
+    run_trials(study, lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=2)
+    trials = study.get_trials()
+    first, second = trials[1], trials[2]
+    assert first.state == TrialState.COMPLETE and first.params == trial.params
+    assert second.state == TrialState.FAIL and second.system_attrs[k.OVER_BUDGET]
+    assert second.user_attrs[k.STOP_REASON] == k.STOP_DUPLICATE
+    assert second.user_attrs[k.FAIL_REASON] == f"duplicate: trial 1 already repeats trial {trial.number}"
+    assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2  # the retry's slot, and one more

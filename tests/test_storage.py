@@ -151,7 +151,7 @@ def _lose_the_first_write(monkeypatch: pytest.MonkeyPatch, meanwhile) -> list[st
             _lost_connection("UPDATE trials", "database is locked")
         return real(self, trial_id, state, values)
 
-    monkeypatch.setattr(st.RetryingStorage, "set_trial_state_values", st._retried(set_trial_state_values))
+    monkeypatch.setattr(st.RetryingStorage, "set_trial_state_values", st.retried(set_trial_state_values))
     return calls
 
 
@@ -168,7 +168,7 @@ def test_a_waiting_trial_another_worker_finished_during_a_retried_pop_is_not_run
     def the_other_worker_runs_it() -> None:
         with monkeypatch.context() as unpatched:
             unpatched.setattr(st.RetryingStorage, "set_trial_state_values",
-                              st._retried(optuna.storages.RDBStorage.set_trial_state_values))
+                              st.retried(optuna.storages.RDBStorage.set_trial_state_values))
             other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
 
     calls = _lose_the_first_write(monkeypatch, the_other_worker_runs_it)
@@ -219,7 +219,7 @@ def test_an_interrupt_during_a_storage_call_is_raised_when_the_call_has_returned
             st.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))  # the signal arrives mid-call
         return real(self, trial_id, step, value)
 
-    monkeypatch.setattr(st.RetryingStorage, "set_trial_intermediate_value", st._retried(set_trial_intermediate_value))
+    monkeypatch.setattr(st.RetryingStorage, "set_trial_intermediate_value", st.retried(set_trial_intermediate_value))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         trial.report(0.25, step=1)
     assert study.trials[0].intermediate_values == {1: 0.25}  # the call finished, then the interrupt came
@@ -243,7 +243,7 @@ def test_an_interrupt_while_a_call_waits_for_the_database_ends_the_wait(tmp_path
         st.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))
         _lost_connection("SELECT", "database is locked")
 
-    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st._retried(get_all_studies))
+    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st.retried(get_all_studies))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         storage.get_all_studies()
     assert attempts == [1]  # no second attempt: the interrupt ended the wait
@@ -262,7 +262,7 @@ def _locked_then_open(monkeypatch: pytest.MonkeyPatch, failures: int) -> tuple[l
             _lost_connection("SELECT", "database is locked")
         return real(self)
 
-    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st._retried(get_all_studies))
+    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st.retried(get_all_studies))
     monkeypatch.setattr(st.time, "sleep", pauses.append)
     return attempts, pauses
 
@@ -302,7 +302,7 @@ def test_a_retried_param_write_whose_first_attempt_committed_keeps_one_value(
         if len(calls) == 1:
             _lost_connection("INSERT INTO trial_params", "server closed the connection unexpectedly")
 
-    monkeypatch.setattr(st.RetryingStorage, "_set_trial_param", st._retried(set_trial_param))
+    monkeypatch.setattr(st.RetryingStorage, "_set_trial_param", st.retried(set_trial_param))
     trial = study.ask()
     x = trial.suggest_float("x", 0, 1)
     assert calls == ["x", "x"]
