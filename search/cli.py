@@ -73,8 +73,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"exported the refit ensemble ({package.members} models; configurations of trials "
               f"{', '.join(str(n) for n, w in zip(package.refit.configurations, package.refit.weights) if w)}; "
               f"TTA {package.tta_mode}) to {result.out}")
-        print(f"expected Dice (pooled out-of-fold, as exported): {expected:.4f}, 95% interval over patients "
-              f"{low:.4f}-{high:.4f}; post-processing: {package.postprocessing.describe()}")
+        print(f"expected Dice (pooled out-of-fold, as exported; optimistic: the same patients chose each model's "
+              f"epoch and the ensemble): {expected:.4f}, 95% interval over patients {low:.4f}-{high:.4f}; "
+              f"post-processing: {package.postprocessing.describe()}")
     else:
         print(f"exported trial {result.trial.number} (validation foreground Dice {result.trial.values[0]:.4f}) "
               f"to {result.out}")

@@ -634,6 +634,11 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
         "",
         "A 95% interval resamples patients with replacement (2,000 draws): with few patients it is wide, and",
         "two pipelines whose intervals overlap are not told apart by these figures.",
+        *(["The out-of-fold figure is optimistic: each fold model's epoch was chosen by early stopping on the",
+           "same validation patients that score it, and the ensemble, its test-time augmentation and",
+           "post-processing were chosen on those predictions too; the test figure is the unbiased one, on",
+           "few patients."]
+          if expected else []),
         *_class_lines(metrics, f),
         "",
         f"Detection (any predicted hemorrhage): sensitivity {f(test['detection'].get('sensitivity'))}, "
