@@ -639,6 +639,7 @@ def _model_card(study: optuna.Study, trial: FrozenTrial, config: cfg.Config, met
            "post-processing were chosen on those predictions too; the test figure is the unbiased one, on",
            "few patients."]
           if expected else []),
+        "",
         *_class_lines(metrics, f),
         "",
         f"Detection (any predicted hemorrhage): sensitivity {f(test['detection'].get('sensitivity'))}, "
