@@ -669,11 +669,18 @@ def _format(value: Any, relative_to: Path | None) -> str:
     if isinstance(value, Path):
         if relative_to is not None and value.is_absolute():
             value = Path(os.path.relpath(value, relative_to))
-        return json.dumps(value.as_posix() if value.as_posix() != "." else "./")
+        return _quote(value.as_posix() if value.as_posix() != "." else "./")
     if isinstance(value, str):
-        return json.dumps(value)
+        return _quote(value)
     if isinstance(value, Mapping):
         return "{" + ", ".join(f"{tuple(k)}: {v}" for k, v in value.items()) + "}"
     if isinstance(value, tuple) and all(isinstance(v, str) for v in value):
-        return json.dumps(list(value))
+        return "[" + ", ".join(_quote(v) for v in value) + "]"
     return repr(value)
+
+
+def _quote(text: str) -> str:
+    """A string as a literal that ``ast.literal_eval`` reads back unchanged. JSON's ASCII
+    escapes would write a character beyond U+FFFF as a surrogate pair (``"\\ud800\\udc00"``),
+    which Python reads as two lone surrogates: non-ASCII text is written as it is (UTF-8)."""
+    return json.dumps(text, ensure_ascii=False)

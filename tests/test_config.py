@@ -198,3 +198,15 @@ def test_loading_a_config_does_not_load_keras() -> None:
     run = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent / "data" / "seed_ich.config")],
                          capture_output=True, text=True, check=True)
     assert run.stdout.strip() == "[]", run.stdout + run.stderr
+
+
+def test_a_path_beyond_the_basic_multilingual_plane_survives_dump_and_load(tmp_path: Path) -> None:
+    """Found by the fuzz test in CI: JSON's ASCII escapes wrote U+10000 as a surrogate pair,
+    which the loader read as two lone surrogates and refused."""
+    from flexunet import config as cfg
+
+    text = ("[model]\nimage_width = 64\nimage_height = 64\nnum_classes = 2\n[eval]\noutput_dir = \U00010000\n"
+            "[dataset]\npatient_pattern = \"^(?P<patient>\\\\d+)_\U0001F9E0\"\n")
+    config = cfg.loads(text, source="a.config", base_dir=tmp_path)
+    again = cfg.loads(cfg.dumps(config, relative_to=tmp_path), source="b.config", base_dir=tmp_path)
+    assert again == config and again.eval.output_dir == tmp_path / "\U00010000"
