@@ -74,7 +74,9 @@ def test_a_killed_worker_is_caught_by_the_heartbeat_and_its_trial_resumes(tmp_pa
     """A worker on "another machine" (no launcher watching it) is SIGKILLed mid-trial: its
     heartbeat stops, the trial is failed within the grace period, and a worker elsewhere
     retries it from its last epoch checkpoint."""
-    study_file = tiny_study(tmp_path / "study.toml", "killed", n_trials=3, **SLOW_TRIALS)
+    # Six trials: the launcher's own worker must not finish them all before the other machine's
+    # worker has started (a .ci/run saw it finish three in 45 s, before the other took one).
+    study_file = tiny_study(tmp_path / "study.toml", "killed", n_trials=6, **SLOW_TRIALS)
     log = tmp_path / "launcher.log"
     launcher = start_cli("search", "run", study_file, "--storage", postgres_url, "--workers", "1",
                          "--out", tmp_path / "here", log=log, env=FAST_HEARTBEAT)
@@ -98,7 +100,7 @@ def test_a_killed_worker_is_caught_by_the_heartbeat_and_its_trial_resumes(tmp_pa
     failed = _wait_for(lambda: next((t for t in _study(postgres_url, "killed").get_trials(states=(TrialState.FAIL,))
                                      if t.number == victim.number), None), 300, "the heartbeat to fail the trial")
     assert launcher.wait(timeout=600) == 0, log.read_text()
-    trials = _check_complete(_study(postgres_url, "killed"), 3)
+    trials = _check_complete(_study(postgres_url, "killed"), 6)
     retry = _retry_of(trials, failed.number)
     assert retry.state == TrialState.COMPLETE and retry.params == failed.params
     assert retry.user_attrs["resumed_from_epoch"] >= 1  # not from scratch
