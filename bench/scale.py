@@ -30,7 +30,7 @@ The runs use a PostgreSQL server of their own (initdb + pg_ctl in a temporary fo
 port, ``max_connections`` as given: 256 direct workers would take every connection of a shared
 server), removed afterwards; or, with ``--server URL``, a new database on that server.
 
-A worker count that memory cannot hold (free memory below 120 MiB per worker) is skipped and
+A worker count that memory cannot hold (free memory below 64 MiB per worker) is skipped and
 said so. Last line: ``proxy_128_trials_per_s: X`` (or the largest proxied count that ran).
 """
 
@@ -59,7 +59,7 @@ import coordination as co
 
 PRELOAD = ["optuna", "sqlalchemy", "psycopg", "grpc", "search.storage", "search.proxy", "search.worker",
            "search.lifecycle", "search.space", "search.study_file", "coordination"]
-MIB_PER_WORKER = 120  # what a no-op worker needs, with margin (measured: see BENCHMARKS.md)
+MIB_PER_WORKER = 64  # unique memory a forked no-op worker needs, with margin (53 MiB measured directly, 14 through the proxy: BENCHMARKS.md 14.3)
 
 
 def _percentile(values: list[float], q: float) -> float:

@@ -51,6 +51,7 @@ import os
 import socket
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -150,6 +151,7 @@ def start(trial: optuna.Trial, n_trials: int | None = None) -> None:
         if twin is not None:
             _never_counted(trial, k.STOP_DUPLICATE, f"duplicate: trial {twin} already repeats trial "
                                                     f"{RetryHeartbeatStaleTrialCallback.retry_history(me)[-1]}")
+        _unless_original_finished(trials, me, trial)
         return
     if over_budget(trials, trial.number, n_trials):
         _never_counted(trial, k.STOP_OVER_BUDGET, f"over budget: {n_trials} trials had started before it")
@@ -165,6 +167,49 @@ def _earlier_copy(trials: Sequence[FrozenTrial], copy_: FrozenTrial) -> int | No
     return next((t.number for t in sorted(trials, key=lambda t: t.number)
                  if t.number < copy_.number and RetryHeartbeatStaleTrialCallback.retry_history(t)[-1:] == repeats),
                 None)
+
+
+def _unless_original_finished(trials: Sequence[FrozenTrial], copy_: FrozenTrial, trial: optuna.Trial) -> None:
+    """End the copy ``trial`` untrained and uncounted if the trial it repeats finished after all.
+
+    A copy is queued *before* its original is failed (:func:`fail`), so an original judged
+    stale while its worker was alive but slow (an overloaded database) may still complete in
+    between: then the original counts, and its copy must not (257 COMPLETE of 256 with 128
+    workers on two overloaded cores, BENCHMARKS.md 14.3)."""
+    number = RetryHeartbeatStaleTrialCallback.retry_history(copy_)[-1]
+    original = next((t for t in trials if t.number == number), None)
+    if original is not None and original.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        _never_counted(trial, k.STOP_DUPLICATE, f"duplicate: trial {number}, which it repeats, "
+                                                f"ended {original.state.name} after all")
+
+
+def settle(trial: optuna.Trial) -> None:
+    """Before a copy's value is told: end it uncounted if its original finished meanwhile.
+
+    The check of :func:`start` leaves a window: the original may still be RUNNING when its copy
+    starts, and complete while the copy trains. Two reads of one trial each, for copies only."""
+    me = frozen(trial.study, trial.number)
+    if is_retry(me):
+        original = frozen(trial.study, RetryHeartbeatStaleTrialCallback.retry_history(me)[-1])
+        _unless_original_finished([original], me, trial)
+
+
+def taken_over(study: optuna.Study, number: int | None) -> bool:
+    """Whether trial ``number``, run by this process, was failed by another one meanwhile.
+
+    Another worker fails a trial whose heartbeat looks stopped (its copy queued first): on an
+    overloaded server a live worker's heartbeat can miss the grace period. That worker's
+    ``tell`` then meets a finished trial and Optuna raises; the trial's copy carries on, so the
+    worker drops its result and goes on instead of dying."""
+    if number is None:
+        return False
+    stored = frozen(study, number)
+    if (stored.state != TrialState.FAIL or stored.user_attrs.get(k.PID) != os.getpid()
+            or stored.user_attrs.get(k.HOST) != socket.gethostname()):
+        return False
+    # sweep() fails it with its reason; Optuna's own check with none, its copy queued after.
+    return (stored.user_attrs.get(k.FAIL_REASON) == STALE_REASON
+            or (stored.user_attrs.get(k.FAIL_REASON) is None and _has_copy(study.get_trials(deepcopy=False), number)))
 
 
 def _never_counted(trial: optuna.Trial, stop_reason: str, reason: str) -> None:
@@ -196,18 +241,32 @@ def interrupt(trial: optuna.Trial) -> None:
         _logger.info("trial %d interrupted; queued again to resume from its last epoch", trial.number)
 
 
-def guarded(objective: Callable[[optuna.Trial], Any], n_trials: int) -> Callable[[optuna.Trial], Any]:
-    """``objective`` run only in a trial that :func:`start` lets through; an interrupt at any
-    point of the trial (its start, its sampling, its training) queues it to resume."""
-    def run(trial: optuna.Trial) -> Any:
+@dataclass
+class Guarded:
+    """``objective`` run only in a trial that :func:`start` lets through, its value told only if
+    :func:`settle` lets it count; an interrupt at any point of the trial (its start, its
+    sampling, its training) queues it to resume. ``number`` is the trial it ran last, for
+    :func:`taken_over`."""
+
+    objective: Callable[[optuna.Trial], Any]
+    n_trials: int
+    number: int | None = None
+
+    def __call__(self, trial: optuna.Trial) -> Any:
+        self.number = trial.number
         try:
-            start(trial, n_trials)
-            return objective(trial)
+            start(trial, self.n_trials)
+            value = self.objective(trial)
+            settle(trial)
+            return value
         except Interrupted:
             interrupt(trial)
             raise
 
-    return run
+
+def guarded(objective: Callable[[optuna.Trial], Any], n_trials: int) -> Guarded:
+    """``objective`` wrapped as :class:`Guarded`."""
+    return Guarded(objective, n_trials)
 
 
 # ------------------------------------------------------------------------------ retries

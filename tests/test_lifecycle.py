@@ -246,3 +246,74 @@ def test_a_trial_queued_again_twice_runs_once_and_counts_once() -> None:
     assert second.user_attrs[k.STOP_REASON] == k.STOP_DUPLICATE
     assert second.user_attrs[k.FAIL_REASON] == f"duplicate: trial 1 already repeats trial {trial.number}"
     assert len([t for t in trials if t.state == TrialState.COMPLETE]) == 2  # the retry's slot, and one more
+
+
+def test_a_copy_whose_original_completed_after_all_ends_uncounted() -> None:
+    """The copy is queued before its original is failed; an original judged stale while its
+    worker was only slow may complete in between. It counts; its copy never does."""
+    from search.worker import run_trials
+
+    study = _study()
+    trial = study.ask(X)
+    assert lifecycle.retry(study, lifecycle.frozen(study, trial.number))  # a sweep queued the copy ...
+    study.tell(trial, 0.5)  # ... and the original's own worker completed it before it was failed
+    run_trials(study, lambda t: t.suggest_float("x", 0.0, 1.0), n_trials=1)
+    original, copy_ = study.get_trials()
+    assert original.state == TrialState.COMPLETE
+    assert copy_.state == TrialState.FAIL and copy_.system_attrs[k.OVER_BUDGET]
+    assert copy_.user_attrs[k.STOP_REASON] == k.STOP_DUPLICATE
+    assert copy_.user_attrs[k.FAIL_REASON] == f"duplicate: trial {trial.number}, which it repeats, ended COMPLETE after all"
+
+
+def test_a_copy_whose_original_completes_while_it_trains_is_not_counted() -> None:
+    from search.worker import run_trials
+
+    study = _study()
+    trial = study.ask(X)
+    assert lifecycle.retry(study, lifecycle.frozen(study, trial.number))
+
+    def objective(t: optuna.Trial) -> float:
+        study.tell(trial, 0.5)  # the original's worker finishes while the copy trains
+        return t.suggest_float("x", 0.0, 1.0)
+
+    run_trials(study, objective, n_trials=1)
+    states = [t.state for t in study.get_trials()]
+    assert states == [TrialState.COMPLETE, TrialState.FAIL]
+    assert study.get_trials()[1].user_attrs[k.STOP_REASON] == k.STOP_DUPLICATE
+
+
+def test_a_live_worker_whose_trial_another_worker_failed_goes_on() -> None:
+    """On an overloaded server a live worker's heartbeat can miss the grace period: another
+    worker fails its trial (copy queued first). Its own tell then meets a FAIL trial; the worker
+    drops that result and goes on, and the copy makes the count exact (3 workers died of "Cannot
+    tell a FAIL trial" with 128 workers, BENCHMARKS.md 14.3)."""
+    from search.worker import run_trials
+
+    study = _study()
+    calls: list[int] = []
+
+    def objective(t: optuna.Trial) -> float:
+        calls.append(t.number)
+        x = t.suggest_float("x", 0.0, 1.0)
+        if len(calls) == 1:  # another process judges this trial stale mid-training
+            lifecycle.fail(study, lifecycle.frozen(study, t.number), lifecycle.STALE_REASON)
+        return x
+
+    run_trials(study, objective, n_trials=2)
+    trials = study.get_trials()
+    assert calls == [0, 1, 2]
+    assert trials[0].state == TrialState.FAIL and trials[0].user_attrs[k.FAIL_REASON] == lifecycle.STALE_REASON
+    assert trials[1].state == TrialState.COMPLETE and trials[1].params == trials[0].params  # the copy
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 2
+
+
+def test_a_worker_still_stops_on_its_own_objectives_error() -> None:
+    from search.worker import run_trials
+
+    study = _study()
+
+    def objective(t: optuna.Trial) -> float:
+        raise RuntimeError("a bug in the objective")
+
+    with pytest.raises(RuntimeError, match="a bug in the objective"):
+        run_trials(study, objective, n_trials=1)
