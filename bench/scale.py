@@ -207,6 +207,7 @@ def _server_cpu_s(postmaster: int | None) -> float | None:
 def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tmp: Path,
             postmaster: int | None = None) -> dict[str, Any]:
     import sqlalchemy as sa
+    from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from search import keys as k
     from search import storage as st
@@ -272,8 +273,16 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     lost = [t for t in trials if t.state.name in ("RUNNING", "WAITING")
             or (t.state.name == "FAIL" and not t.system_attrs.get(k.OVER_BUDGET) and t.number not in copied)]
     ended = max(t.datetime_complete.timestamp() for t in complete)
+    # What a count over n_trials is made of: copies that completed beside an original that
+    # finished after all (the 257 of 256 of an earlier run).
+    by_number = {t.number: t for t in trials}
+    doubles = [t.number for t in complete if t.system_attrs.get(k.FAILED_TRIAL) is not None
+               and (orig := by_number.get(RetryHeartbeatStaleTrialCallback.retry_history(t)[-1]))
+               and orig.state.name in ("COMPLETE", "PRUNED")]
+    taken_over = sum(1 for t in trials if t.state.name == "FAIL" and t.user_attrs.get(k.FAIL_REASON) == "heartbeat stopped")
     row = {"workers": workers, "mode": mode, "n_trials": n_trials, "counted": len(complete), "lost": len(lost),
-           "over_budget": len(over), "exact": len(complete) == n_trials, "seconds": ended - begin,
+           "over_budget": len(over), "exact": len(complete) == n_trials,
+           "completed_twice": doubles, "judged_stale": taken_over, "seconds": ended - begin,
            "trials_per_s": len(complete) / (ended - begin), "joined_s": joined_s,
            "ask_ms_p50": 1000 * _percentile(asks, 0.5), "ask_ms_p99": 1000 * _percentile(asks, 0.99),
            "tell_ms_p50": 1000 * _percentile(tells, 0.5), "tell_ms_p99": 1000 * _percentile(tells, 0.99),
@@ -284,7 +293,7 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
            "crashed": len(crashed) + len(pids) - reported, "crashes": sorted(set(crashed))[:5],
            "exit_codes_nonzero": sum(1 for p in procs if p.exitcode != 0)}
     c.log(f"{mode:<6} {workers:>4} workers: {row['counted']}/{n_trials} counted (exact: {row['exact']}), "
-          f"{row['lost']} lost, {row['over_budget']} over budget; {row['trials_per_s']:.2f} trials/s; ask p50/p99 "
+          f"{row['lost']} lost, {row['over_budget']} over budget, {taken_over} judged stale, {len(doubles)} completed twice; {row['trials_per_s']:.2f} trials/s; ask p50/p99 "
           f"{row['ask_ms_p50']:.0f}/{row['ask_ms_p99']:.0f} ms, tell {row['tell_ms_p50']:.0f}/{row['tell_ms_p99']:.0f}"
           f" ms; peak {peak[0]} DB connections ({row['turned_away']} workers turned away, {row['crashed']} crashed); {rss:.0f} MiB RSS ({uss:.0f} unique) per worker"
           + (f"; proxy {proxy_rss:.0f} MiB, {1000 * row['proxy_cpu_s_per_trial']:.0f} ms CPU per trial" if proxy else "")
@@ -359,7 +368,7 @@ def main() -> None:
                     rows.append({"workers": workers, "mode": mode, "skipped": "memory"})
                     continue
                 rows.append(one_run(database, workers, mode, args, tmp, postmaster))
-    c.write_json(args.json, {"machine": c.machine(), "rows": rows})
+                c.write_json(args.json, {"machine": c.machine(), "rows": rows})  # after each: a long run may stop
     proxied = [r for r in rows if r["mode"] == "proxy" and "skipped" not in r]
     if proxied:
         best = next((r for r in proxied if r["workers"] == 128), proxied[-1])
