@@ -202,3 +202,21 @@ def test_a_study_runs_through_the_proxy_while_a_worker_and_the_proxy_are_killed(
     assert retry.state == TrialState.COMPLETE and retry.user_attrs[k.RESUMED_FROM_EPOCH] >= 1
     status = run_cli("search", "status", "--study", "through", "--storage", proxy.url)
     assert status.returncode == 0 and "through" in status.stdout, status.stdout + status.stderr
+    # Export and report read the study through the proxy too (no refit in this study: the best
+    # search trial, as --no-refit exports it).
+    import json
+
+    from search.paths import MODEL_FILE
+    from search.report import REPORT_FILE
+
+    export = run_cli("search", "export", study_file, "--storage", proxy.url, "--run-dir", tmp_path / "run",
+                     "--out", tmp_path / "best")
+    assert export.returncode == 0, export.stdout + export.stderr
+    best = max((t for t in finished if t.value is not None), key=lambda t: t.value)
+    assert json.loads((tmp_path / "best" / "metrics.json").read_text())["trial"] == best.number
+    assert (tmp_path / "best" / MODEL_FILE).stat().st_size > 0
+    report = run_cli("search", "report", study_file, "--storage", proxy.url, "--run-dir", tmp_path / "run",
+                     "--out", tmp_path / "report")
+    assert report.returncode == 0 and "warning" not in report.stderr, report.stdout + report.stderr
+    page = (tmp_path / "report" / REPORT_FILE).read_text(encoding="utf-8")
+    assert "Missing:" not in page and "through" in page
