@@ -197,19 +197,17 @@ def settle(trial: optuna.Trial) -> None:
 def taken_over(study: optuna.Study, number: int | None) -> bool:
     """Whether trial ``number``, run by this process, was failed by another one meanwhile.
 
-    Another worker fails a trial whose heartbeat looks stopped (its copy queued first): on an
-    overloaded server a live worker's heartbeat can miss the grace period. That worker's
-    ``tell`` then meets a finished trial and Optuna raises; the trial's copy carries on, so the
-    worker drops its result and goes on instead of dying."""
+    Another worker fails a trial whose heartbeat looks stopped (:func:`sweep`, or Optuna's own
+    check at the start of its ``optimize``): on an overloaded server a live worker's heartbeat
+    can miss the grace period. That worker's ``tell`` then meets a finished trial and Optuna
+    raises; the trial's copy carries on (queued by whoever failed it), so the worker drops its
+    result and goes on instead of dying. Ask only when the exception is not the objective's own
+    (:attr:`Guarded.raised`): this process's own failures are FAIL and its own too."""
     if number is None:
         return False
     stored = frozen(study, number)
-    if (stored.state != TrialState.FAIL or stored.user_attrs.get(k.PID) != os.getpid()
-            or stored.user_attrs.get(k.HOST) != socket.gethostname()):
-        return False
-    # sweep() fails it with its reason; Optuna's own check with none, its copy queued after.
-    return (stored.user_attrs.get(k.FAIL_REASON) == STALE_REASON
-            or (stored.user_attrs.get(k.FAIL_REASON) is None and _has_copy(study.get_trials(deepcopy=False), number)))
+    return (stored.state == TrialState.FAIL and stored.user_attrs.get(k.PID) == os.getpid()
+            and stored.user_attrs.get(k.HOST) == socket.gethostname())
 
 
 def _never_counted(trial: optuna.Trial, stop_reason: str, reason: str) -> None:
@@ -245,22 +243,27 @@ def interrupt(trial: optuna.Trial) -> None:
 class Guarded:
     """``objective`` run only in a trial that :func:`start` lets through, its value told only if
     :func:`settle` lets it count; an interrupt at any point of the trial (its start, its
-    sampling, its training) queues it to resume. ``number`` is the trial it ran last, for
-    :func:`taken_over`."""
+    sampling, its training) queues it to resume. ``number`` and ``raised`` say which trial it
+    ran last and what that raised, for :func:`taken_over`."""
 
     objective: Callable[[optuna.Trial], Any]
     n_trials: int
     number: int | None = None
+    raised: BaseException | None = None  # what the last trial raised, if anything
 
     def __call__(self, trial: optuna.Trial) -> Any:
-        self.number = trial.number
+        self.number, self.raised = trial.number, None
         try:
             start(trial, self.n_trials)
             value = self.objective(trial)
             settle(trial)
             return value
-        except Interrupted:
+        except Interrupted as exc:
+            self.raised = exc
             interrupt(trial)
+            raise
+        except BaseException as exc:
+            self.raised = exc
             raise
 
 

@@ -60,8 +60,8 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, de
         if lifecycle.budget_left(study, n_trials):
             try:
                 study.optimize(guarded, n_trials=1, catch=(*catch, lifecycle.OverBudget))
-            except Exception:
-                if not lifecycle.taken_over(study, guarded.number):
+            except Exception as exc:
+                if exc is guarded.raised or not lifecycle.taken_over(study, guarded.number):
                     raise
                 _logger.warning("trial %d was failed by another worker (its heartbeat looked stopped) and queued "
                                 "again; this worker's result for it is dropped", guarded.number)

@@ -317,3 +317,31 @@ def test_a_worker_still_stops_on_its_own_objectives_error() -> None:
 
     with pytest.raises(RuntimeError, match="a bug in the objective"):
         run_trials(study, objective, n_trials=1)
+
+
+def test_a_worker_whose_trial_optunas_own_check_failed_goes_on() -> None:
+    """Optuna's check at the start of another worker's ``optimize`` fails a trial without a
+    reason and queues its copy only after: the slow worker goes on even before the copy exists."""
+    from search.worker import run_trials
+
+    study = _study()
+
+    def objective(t: optuna.Trial) -> float:
+        x = t.suggest_float("x", 0.0, 1.0)
+        study.tell(t.number, state=TrialState.FAIL)  # what fail_stale_trials does elsewhere
+        return x
+
+    run_trials(study, objective, n_trials=1)
+    assert [t.state for t in study.get_trials()] == [TrialState.FAIL]
+
+
+def test_a_worker_still_stops_when_its_objective_fails_its_own_trial_and_raises() -> None:
+    from search.worker import run_trials
+
+    study = _study()
+
+    def objective(t: optuna.Trial) -> float:
+        raise ValueError("the objective's own error")
+
+    with pytest.raises(ValueError, match="the objective's own error"):
+        run_trials(study, objective, n_trials=1)
