@@ -62,9 +62,10 @@ def main() -> None:
     from flexunet.evaluate import load_model
     from flexunet.metrics import to_classes
     from flexunet.postprocess import PostProcessing
-    from search import _internals, paths
+    from search.store import _internals
+    from search import paths
     from search.api import Study
-    from search.export import _development_images, _package, _read_oof, choose_trial, oof_predictions, trial_config
+    from search.results.export import _development_images, _package, _read_oof, choose_trial, oof_predictions, trial_config
 
     study = Study.from_file(args.study_file, out=args.out)
     base, store = study.files()

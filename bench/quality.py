@@ -24,7 +24,7 @@ Four arms, on the same outer folds, each scored on the outer-test patients with
   space, sampler, pruner and budget (``timeout``, ``n_trials``, ``max_epochs``); its export is the
   best trial's single model.
 - (c) ``seed``: the seed's hand-tuned settings, as the study's trial 0 is built
-  (``search.space.trial_config(..., baseline=True)``): it is trial 0 of study (b), exported with
+  (``search.spec.space.trial_config(..., baseline=True)``): it is trial 0 of study (b), exported with
   ``Study.export(trial=0)``. One model, trained for at most ``max_epochs`` epochs with the study's
   fixed settings (steps per epoch, patience): the epoch budget of each of (a)'s fold models.
 - (d) ``default``: the model that ``prepare`` writes in ``train_eval_infer.config`` (5 levels at

@@ -2,7 +2,7 @@
 
 Four worker processes (``--workers``) run 60 trials (``--trials``) of a fast objective (five
 "epochs" of 0.2 s, each reported) on one PostgreSQL study, through the project's own storage
-(heartbeats, stale-trial retry, reconnects) and budget accounting (``search.worker``). Every
+(heartbeats, stale-trial retry, reconnects) and budget accounting (``search.runtime.worker``). Every
 few seconds a random worker is SIGKILLed and a new one started. At the end the script counts
 trials completed, retried, lost (a trial whose every attempt failed, or one left RUNNING or
 WAITING; must be 0) and duplicate trial numbers (must be 0).
@@ -34,8 +34,8 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, seconds: float) -> 
     os.environ.update(HEARTBEAT)
     import optuna
 
-    from search import storage as st
-    from search.worker import run_trials
+    from search.store import storage as st
+    from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = st.load_study(st.open_storage(url), name)
@@ -69,8 +69,8 @@ def main() -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from search import lifecycle
-    from search import storage as st
+    from search.trial import lifecycle
+    from search.store import storage as st
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     url = st.normalize(args.storage)

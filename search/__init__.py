@@ -18,7 +18,7 @@ from optuna.exceptions import ExperimentalWarning
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
 from search.api import Study  # noqa: E402  (after the filter: importing Optuna's pieces warns)
-from search.planner import plan  # noqa: E402
-from search.study_file import StudySpec, load as load_spec  # noqa: E402
+from search.spec.planner import plan  # noqa: E402
+from search.spec.study_file import StudySpec, load as load_spec  # noqa: E402
 
 __all__ = ["Study", "StudySpec", "load_spec", "plan"]

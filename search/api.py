@@ -30,11 +30,11 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from flexunet.errors import ConfigError, FlexUNetError
-from search import _internals
+from search.store import _internals
 from search import keys as k
-from search import storage as st
-from search import study_file
-from search.study_file import StudySpec
+from search.store import storage as st
+from search.spec import study_file
+from search.spec.study_file import StudySpec
 
 __all__ = ["Study"]
 
@@ -44,7 +44,7 @@ class Study:
     """One flexunet study: a spec, where it is stored, and its run folder.
 
     Args:
-        spec: the study (``search.study_file.load(path)``, or built or changed in Python).
+        spec: the study (``search.spec.study_file.load(path)``, or built or changed in Python).
         storage: a storage URL (``grpc://HOST:PORT`` for ``flexunet search proxy``); default
             ``$FLEXUNET_STORAGE``, the spec's, or SQLite in the run folder.
         out: the run folder; default the spec's ``out``, or ``runs/<study name>``.
@@ -85,7 +85,7 @@ class Study:
     @property
     def run_dir(self) -> Path | None:
         """The run folder (None for a study opened by name only)."""
-        from search.context import out_dir
+        from search.runtime.context import out_dir
 
         if self.spec is None:
             return Path(self.out).absolute() if self.out else None
@@ -101,8 +101,8 @@ class Study:
             raise FlexUNetError(f"--study needs --storage URL (or ${st.ENV_VAR})")
         return st.normalize(url)
 
-    def _options(self, workers: int = 1, gpus: tuple[str, ...] = ()):  # -> search.run.RunOptions
-        from search.run import RunOptions
+    def _options(self, workers: int = 1, gpus: tuple[str, ...] = ()):  # -> search.runtime.run.RunOptions
+        from search.runtime.run import RunOptions
 
         return RunOptions(storage=self.storage, workers=workers, gpus=tuple(gpus),
                           out=Path(self.out) if self.out else None, artifacts=self.artifacts)
@@ -117,7 +117,7 @@ class Study:
     def create(self) -> optuna.Study:
         """Prepare the data and create the study with its baseline, without running a trial
         (before a batch launch: workers on other machines then join it)."""
-        from search.run import setup
+        from search.runtime.run import setup
 
         self._optuna, _, _ = setup(self._need_spec("create"), self._options())
         return self._optuna
@@ -128,7 +128,7 @@ class Study:
         robin over those GPU ids), or ``workers_per_gpu`` on each GPU of ``gpus``, until its
         budget is spent. Returns the exit status ``flexunet search run`` would: 0 done, 1 a
         worker failed, 130 interrupted (run again to resume)."""
-        from search.run import run
+        from search.runtime.run import run
 
         self._optuna = None
         count = _local_workers(workers, tuple(gpus), workers_per_gpu)
@@ -139,7 +139,7 @@ class Study:
         """Train the ``[refit]`` of a searched study (``run`` does it when the search ends) with
         local workers, as ``flexunet search refit``; a refit begun before is resumed. Returns
         the exit status (0 done, 1 a worker failed, 130 interrupted)."""
-        from search.run import refit
+        from search.runtime.run import refit
 
         self._optuna = None
         count = _local_workers(workers, tuple(gpus), workers_per_gpu)
@@ -158,14 +158,14 @@ class Study:
     def status(self) -> list[str]:
         """What ``flexunet search status`` prints: trials by state, the best, the baseline, the
         running trials."""
-        from search.status import summary_lines
+        from search.results.status import summary_lines
 
         return summary_lines(self.optuna_study, st.mask(self.url))
 
     @property
     def best_trial(self) -> FrozenTrial:
         """The best trial (of the first objective on a two-objective study)."""
-        from search.status import best_trials
+        from search.results.status import best_trials
 
         best = best_trials(self.optuna_study)
         if not best:
@@ -173,13 +173,13 @@ class Study:
         return best[0]
 
     def files(self, data: str | Path | None = None, artifacts: str | None = None) -> tuple[Any, Any]:
-        """The study's dataset config (loaded) and artifact store (``search.artifacts.Store``):
+        """The study's dataset config (loaded) and artifact store (``search.store.artifacts.Store``):
         given, from the run folder, or as the study recorded them. Only a store named here (or
         in ``Study(artifacts=)``) must be reachable: without one, a report draws what it can and
         an export names the store it looked in."""
         from flexunet import config as cfg
-        from search import artifacts as af
-        from search.context import dataset_config_path
+        from search.store import artifacts as af
+        from search.runtime.context import dataset_config_path
 
         study = self.optuna_study
         if data:
@@ -217,7 +217,7 @@ class Study:
         check_target(Path(out), replace=force)  # before the study's files and TensorFlow's import
         base, folder = self.files(data, artifacts)
         quiet_import()
-        from search.export import export
+        from search.results.export import export
 
         study = self.optuna_study
         return export(study, _internals.study_storage(study), Path(out), base=base, artifacts=folder,
@@ -235,7 +235,7 @@ class Study:
         check_target(Path(out), replace=force)  # before the whole report is drawn
         base, folder = self.files(data, artifacts)
         quiet_import()
-        from search.report import write_report
+        from search.results.report import write_report
 
         study = self.optuna_study
         return write_report(study, _internals.study_storage(study), Path(out), base=base, artifacts=folder,

@@ -45,7 +45,7 @@ def _cmd_refit(args: argparse.Namespace) -> int:
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from search.api import Study
-    from search.status import summary_lines
+    from search.results.status import summary_lines
 
     study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts,
                             image_size=args.image_size)
@@ -92,9 +92,9 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from search import dashboard as db
-    from search import proxy
-    from search import storage as st
+    from search.results import dashboard as db
+    from search.store import proxy
+    from search.store import storage as st
 
     url = args.storage or os.environ.get(st.ENV_VAR)
     if not url:
@@ -117,7 +117,7 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
 
 
 def _dashboard_needs_a_database(url: str) -> None:
-    from search import storage as st
+    from search.store import storage as st
 
     if st.kind(url) == "grpc":  # optuna-dashboard reads Optuna's tables, not the proxy's protocol
         raise FlexUNetError(f"--storage {url}: the dashboard needs the database itself, not the proxy: pass the "
@@ -129,11 +129,11 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from search import _internals
-    from search import artifacts as af
-    from search import dashboard as db
+    from search.store import _internals
+    from search.store import artifacts as af
+    from search.results import dashboard as db
     from search.keys import STUDY_DATASET
-    from search import storage as st
+    from search.store import storage as st
 
     warning = db.exposure_warning(args.host)
     if warning:
@@ -173,7 +173,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from search.report import REPORT_FILE
+    from search.results.report import REPORT_FILE
 
     study = _study(args)
     result = study.report(args.out, slices=args.slices, force=args.force, data=args.data, artifacts=args.artifacts)
@@ -184,7 +184,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
     if result.missing:
         import sys
 
-        from search.artifacts import HINT
+        from search.store.artifacts import HINT
 
         print(f"warning: the page lacks {len(result.missing)} trial file(s) the "
               f"{result.missing[0].location.describe()} does not give: "
@@ -196,7 +196,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from search.planner import plan
+    from search.spec.planner import plan
 
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
     print(f"planning a study of {args.data} for {args.minutes:g} minutes"

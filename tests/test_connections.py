@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from conftest import run_cli, tiny_study
 from search import keys as k
-from search import storage as st
+from search.store import storage as st
 
 pytestmark = pytest.mark.db
 
@@ -37,7 +37,7 @@ def test_a_worker_holds_one_connection_with_its_heartbeat_beating(postgres_url: 
     both go through the process's one connection (SQLAlchemy's default pool opened two)."""
     import sqlalchemy as sa
 
-    from search import _internals
+    from search.store import _internals
 
     monkeypatch.setenv("FLEXUNET_HEARTBEAT_INTERVAL", "1")
     url = st.normalize(postgres_url)
@@ -77,9 +77,9 @@ def _held(url: str, count: int) -> Iterator[list]:
 
 
 def _no_op_worker(url: str, name: str, n_trials: int, log: str, joined, go) -> None:  # type: ignore[no-untyped-def]
-    """A worker's start-up (``search.worker.open_worker_storage``), then no-op trials."""
+    """A worker's start-up (``search.runtime.worker.open_worker_storage``), then no-op trials."""
     os.environ[st.ENV_VAR] = url
-    from search import worker
+    from search.runtime import worker
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:

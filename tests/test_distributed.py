@@ -15,8 +15,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import POSTGRES_URL, _fresh_database, assert_user_error, run_cli_here, shared_storage, start_cli, tiny_study
-from search import artifacts as af
-# search.paths, not flexunet.train or search.objective: the eight spawned no-op workers import
+from search.store import artifacts as af
+# search.paths, not flexunet.train or search.trial.objective: the eight spawned no-op workers import
 # this module, and those two load TensorFlow (~4 CPU seconds each).
 from search.paths import LOG_FILE, MODEL_FILE
 
@@ -30,7 +30,7 @@ def _two_launchers(tmp_path: Path, url: str, baseline: bool = False, workers: in
                  for i in range(2)]
     for i, launcher in enumerate(launchers):
         assert launcher.wait(timeout=900) == 0, (tmp_path / f"launcher-{i}.log").read_text()
-    from search import storage as st
+    from search.store import storage as st
 
     study = optuna.load_study(study_name="distributed", storage=st.open_storage(st.normalize(url), heartbeat=False))
     trials = study.get_trials()
@@ -62,8 +62,8 @@ def postgres_machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
 
 
 def _no_op_worker(url: str, name: str, n_trials: int, barrier) -> None:  # type: ignore[no-untyped-def]
-    from search import storage as st
-    from search.worker import run_trials
+    from search.store import storage as st
+    from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = st.load_study(st.open_storage(url), name)
@@ -77,7 +77,7 @@ def test_n_trials_is_met_exactly_by_eight_workers(postgres_url: str) -> None:
     import multiprocessing as mp
 
     from search import keys as k
-    from search import storage as st
+    from search.store import storage as st
 
     url = st.normalize(postgres_url)
     study, _ = st.create_once(st.open_storage(url), "exact", ["minimize"])
@@ -137,7 +137,7 @@ def test_slurm_array_script_runs_as_written(tmp_path: Path, postgres_url: str) -
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [task.communicate(timeout=900)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs
-    from search import storage as st
+    from search.store import storage as st
 
     study = optuna.load_study(study_name="slurm", storage=st.open_storage(postgres_url, heartbeat=False))
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

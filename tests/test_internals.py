@@ -1,4 +1,4 @@
-"""search._internals against the installed Optuna and TensorFlow: each private thing flexunet
+"""search.store._internals against the installed Optuna and TensorFlow: each private thing flexunet
 relies on is still there and still means what flexunet takes it to mean. A failure here names
 what a new release changed."""
 
@@ -16,7 +16,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search import _internals
+from search.store import _internals
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_the_calls_optunas_cache_makes_on_its_backend() -> None:
     called = set(re.findall(r"self\._backend\.(_\w+)\(", inspect.getsource(_internals.CachedStorage)))
     assert called == _internals.CACHED_BACKEND_CALLS, (
         "Optuna's _CachedStorage now calls other private methods of its backend: update "
-        "CACHED_BACKEND_CALLS and search.storage.RETRIED_METHODS")
+        "CACHED_BACKEND_CALLS and search.store.storage.RETRIED_METHODS")
 
 
 def test_stale_trial_ids_and_heartbeat_rows(study: optuna.Study) -> None:

@@ -20,8 +20,8 @@ from optuna.trial import TrialState
 
 from conftest import assert_user_error, run_cli, run_cli_here, shared_storage, start_cli, tiny_study
 from search import keys as k
-from search import proxy as px
-from search import storage as st
+from search.store import proxy as px
+from search.store import storage as st
 
 pytestmark = pytest.mark.db
 FAST_HEARTBEAT = {"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "3"}
@@ -63,7 +63,7 @@ def test_the_dashboard_says_it_needs_the_database(proxy) -> None:  # type: ignor
 
 
 def _no_op_worker(url: str, name: str, n_trials: int, barrier) -> None:  # type: ignore[no-untyped-def]
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     study = st.load_study(st.open_storage(url), name)
@@ -116,7 +116,7 @@ def test_eight_workers_through_one_proxy_meet_n_trials_on_a_few_connections(prox
 def _victim(url: str, name: str, started) -> None:  # type: ignore[no-untyped-def]
     """A worker whose trial writes its resume checkpoint's attributes, then hangs until killed."""
     os.environ.update(FAST_HEARTBEAT)
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     def objective(trial: optuna.Trial) -> float:
         trial.suggest_float("x", 0.0, 1.0)
@@ -132,7 +132,7 @@ def _victim(url: str, name: str, started) -> None:  # type: ignore[no-untyped-de
 def _survivor(url: str, name: str) -> None:  # type: ignore[no-untyped-def]
     """A worker elsewhere: each trial records the checkpoint it would resume from."""
     os.environ.update(FAST_HEARTBEAT)
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("resumes_from", trial.user_attrs.get(k.RESUME_EPOCH))

@@ -68,7 +68,7 @@ def refitted(tmp_path_factory: pytest.TempPathFactory) -> Refitted:
     out = root / "run"
     search = Study.from_file(study_file, out=out)
     search.spec = dataclasses.replace(search.spec, refit=None)  # the search alone; the refit below
-    assert search.run(workers=2) == 0
+    assert search.runtime.run(workers=2) == 0
     url = f"sqlite:///{out / 'study.db'}"
     log = root / "refit.log"
     launcher = start_cli("search", "refit", study_file, "--out", out, "--workers", "1", log=log)
@@ -153,8 +153,8 @@ def test_export_delivers_the_refit_ensemble_and_no_refit_the_search_trial(refitt
 
     from flexunet.data.dataset import load_split
     from flexunet import config as cfg
-    from search import artifacts as af
-    from search import storage as st
+    from search.store import artifacts as af
+    from search.store import storage as st
 
     refit_dir, search_dir = exports
     metrics = json.loads((refit_dir / "metrics.json").read_text())
@@ -219,7 +219,7 @@ def test_averaged_weights_are_what_validation_sees_and_they_resume(tmp_path: Pat
     from flexunet.data.dataset import load_split
     from flexunet.model import build
     from flexunet.train import TrainOutputs, compile_model, fit
-    from search import _internals
+    from search.store import _internals
 
     ct_ich.prepare(SAMPLE, tmp_path / "data", size=32, seed=0)
     config = cfg.load(tmp_path / "data" / "train_eval_infer.config")

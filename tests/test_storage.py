@@ -1,4 +1,4 @@
-"""search.storage: calls that wait out a lost database, and studies created by many processes at once."""
+"""search.store.storage: calls that wait out a lost database, and studies created by many processes at once."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ThrowawayPostgres
-from search import _internals
-from search import storage as st
+from search.store import _internals
+from search.store import storage as st
 
 
 def _opens_a_session(function: object) -> bool:
@@ -42,7 +42,7 @@ def test_a_call_made_while_the_database_is_down_waits_for_it(postgres_server: Th
     postgres_server.stop()
     restarter = threading.Timer(2.0, postgres_server.start)  # the call below is made before it fires
     restarter.start()
-    with caplog.at_level(logging.WARNING, logger="search.storage"):
+    with caplog.at_level(logging.WARNING, logger="search.store.storage"):
         study.tell(trial, 0.5)  # a write, through Optuna's cache, on a connection that was closed
     restarter.join()
     assert "unreachable" in caplog.text and "retrying" in caplog.text
@@ -55,7 +55,7 @@ def test_a_database_that_stays_down_fails_the_call_after_max_wait(postgres_serve
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     storage = st.RetryingStorage(postgres_server.url, max_wait=1.0)
     postgres_server.stop()
-    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+    with caplog.at_level(logging.WARNING, logger="search.store.storage"), \
             pytest.raises(optuna.exceptions.StorageInternalError):
         storage.get_all_studies()
     assert caplog.text.count("unreachable") >= 2  # waited 0.5 s, then 1 s, then gave up
@@ -64,7 +64,7 @@ def test_a_database_that_stays_down_fails_the_call_after_max_wait(postgres_serve
 @pytest.mark.db
 def test_a_bad_write_is_not_retried(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
     storage = st.open_storage(postgres_url, heartbeat=False)
-    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+    with caplog.at_level(logging.WARNING, logger="search.store.storage"), \
             pytest.raises(optuna.exceptions.StorageInternalError):
         storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], study_name="x" * 1000)  # over 512
     assert "unreachable" not in caplog.text

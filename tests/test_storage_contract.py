@@ -1,7 +1,7 @@
 """Optuna's own storage test cases, run against the storage flexunet uses, on SQLite and PostgreSQL.
 
 ``StorageTestCase`` (shipped by the installed Optuna, ``optuna.testing.pytest_storages``) is
-parametrized here with what ``search.storage.open_storage`` returns, both as opened and as a
+parametrized here with what ``search.store.storage.open_storage`` returns, both as opened and as a
 study sees it (wrapped in Optuna's read cache). The cases that Optuna keeps in its repository
 (``tests/storages_tests/test_storages.py`` and ``test_heartbeat.py``) are restated below in our
 own words for the same contracts. Each database (one SQLite file, one new PostgreSQL database)
@@ -25,8 +25,8 @@ from optuna.testing.pytest_storages import StorageTestCase
 from optuna.trial import FrozenTrial, TrialState
 
 from conftest import POSTGRES_URL, _fresh_database
-from search import _internals
-from search import storage as st
+from search.store import _internals
+from search.store import storage as st
 
 HEARTBEAT = {"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "1"}
 BEAT_GONE = 2.5  # seconds after its last heartbeat a trial is surely stale (grace period 1 s)

@@ -25,7 +25,7 @@ wrap the sampler it names::
 Example::
 
     >>> import optuna
-    >>> from search.window import WindowedSampler
+    >>> from search.spec.window import WindowedSampler
     >>> sampler = WindowedSampler(optuna.samplers.TPESampler(seed=0, n_startup_trials=5), last=20, best=5)
     >>> study = optuna.create_study(sampler=sampler)
     >>> study.optimize(lambda t: (t.suggest_float("x", -3, 3) - 1) ** 2, n_trials=40)
@@ -44,7 +44,7 @@ from optuna.distributions import BaseDistribution
 from optuna.study import StudyDirection
 from optuna.trial import FrozenTrial, TrialState
 
-from search import _internals
+from search.store import _internals
 
 __all__ = ["WindowedSampler"]
 _FINISHED = frozenset((TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL))

@@ -31,7 +31,7 @@ def fold_of(names: list[str], masks: np.ndarray, config: cfg.Config, folds: int,
 def missing_classes(config: cfg.Config, folds: int, folds_file: Path, seed: int) -> dict[int, list[int]]:
     """Fold (0-based) -> the foreground classes of the development slices that none of its
     validation slices holds; only folds that lack one. Reads the masks only, at ``config``'s
-    size, and splits them as :func:`search.cv.load_fold_data` does.
+    size, and splits them as :func:`search.trial.cv.load_fold_data` does.
 
     The folds are stratified (:mod:`flexunet.data.split`), so a class is missing from a fold
     only where fewer patients hold it than there are folds: that fold cannot score it, and its

@@ -17,15 +17,15 @@ Why each is needed:
   killed before its retry callback would lose the trial, or race another process's check).
 - ``optuna.storages._heartbeat.is_heartbeat_enabled`` and ``_CachedStorage``: whether the storage
   sends heartbeats, and the RDB storage behind Optuna's read cache.
-- Optuna's RDB heartbeat table: trials RUNNING that never sent a heartbeat (see search.storage).
+- Optuna's RDB heartbeat table: trials RUNNING that never sent a heartbeat (see search.store.storage).
 - Optuna's RDB trial tables: :func:`bulk_add_trials` writes finished trials straight into them,
   in one transaction (``study.add_trials`` takes 0.1-0.5 s a trial, a statement per parameter and
   attribute and a query for each parameter's earlier distribution: filling a 10,000-trial study
   for ``bench/coordination.py`` would take an hour).
 - ``Study._get_trials``: what samplers read the study's trials through; :class:`TrialsView`
-  shows a sampler only some of them (``search.window``).
+  shows a sampler only some of them (``search.spec.window``).
 - TensorFlow's ``ops._gradient_registry``: each trial's ``tf.custom_gradient`` entries keep that
-  trial's whole training graph alive until they are removed (see ``search.objective``).
+  trial's whole training graph alive until they are removed (see ``search.trial.objective``).
 
 Sections: Optuna studies and trials (and what samplers see of them); Optuna storages; Optuna's RDB
 schema; TensorFlow.

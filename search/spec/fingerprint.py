@@ -57,7 +57,7 @@ class ClassFingerprint:
 
 @dataclass(frozen=True)
 class Fingerprint:
-    """What :mod:`search.planner` sizes a study from."""
+    """What :mod:`search.spec.planner` sizes a study from."""
 
     images: int
     patients: int

@@ -36,10 +36,10 @@ from flexunet.evaluate import predict_classes, score
 from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.train import MODEL_FILE
 from search import keys
-from search.artifacts import MissingArtifact, Store, find
-from search.export import choose_trial, fold_count, trial_config, trial_network
+from search.store.artifacts import MissingArtifact, Store, find
+from search.results.export import choose_trial, fold_count, trial_config, trial_network
 from search import paths
-from search.status import baseline_trial
+from search.results.status import baseline_trial
 
 REPORT_FILE = "report.html"
 DICE = "validation foreground Dice"
@@ -123,7 +123,8 @@ def _summary(study: optuna.Study, public_storage: str) -> str:
     budget = {k: v for k, v in (attrs.get(keys.STUDY_BUDGET) or {}).items() if v is not None}
     if budget:
         rows.append(("budget", ", ".join(f"{k} {v}" for k, v in budget.items())))
-    from search import _internals, refit
+    from search.store import _internals
+    from search.trial import refit
 
     found = refit.status_lines(study, _internals.study_storage(study))
     if found:  # the refit's progress and its models' validation Dice (search/refit.py)

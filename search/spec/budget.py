@@ -17,7 +17,7 @@ sizes studies with the same model.
 
 Example::
 
-    >>> from search.study_file import RefitSpec
+    >>> from search.spec.study_file import RefitSpec
     >>> refit = RefitSpec(seeds=2, epochs=30, steps_per_epoch=16, patience=8)
     >>> round(refit_seconds([1.5], search_steps=8, search_size=96, refit=refit, folds=3))
     630
@@ -32,7 +32,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-from search.study_file import RefitSpec
+from search.spec.study_file import RefitSpec
 
 MAX_REFIT_SHARE = 1 / 3  # of the study's timeout, at most, kept for the refit
 # Per refit model, on top of its epochs: loading the data, building and tracing the model,

@@ -1,7 +1,7 @@
 """One worker process: load the study and run trials until the study's budget is spent.
 
-Started by ``flexunet search run`` (``python -m search.worker PLAN.json``), one per local
-worker. The plan (:class:`search.context.WorkerPlan`) holds the resolved spec the launcher
+Started by ``flexunet search run`` (``python -m search.runtime.worker PLAN.json``), one per local
+worker. The plan (:class:`search.runtime.context.WorkerPlan`) holds the resolved spec the launcher
 runs and its artifact store; the storage URL comes in ``$FLEXUNET_STORAGE`` so that its password
 never shows in a process list. Workers share nothing but the storage and the artifact store (a
 shared folder or a bucket): any number of them, on any number of machines, can join one study.
@@ -27,16 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130  # and search.storage.EXIT_SERVER_FULL
+EXIT_OK, EXIT_ERROR, EXIT_INTERRUPTED = 0, 2, 130  # and search.store.storage.EXIT_SERVER_FULL
 _PR_SET_PDEATHSIG = 1
-_logger = logging.getLogger("search.worker")
+_logger = logging.getLogger("search.runtime.worker")
 
 
 def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, deadline: float | None = None,
                catch: tuple[type[Exception], ...] = (), moving_deadline: bool = False) -> None:
     """Run trials until the budget is spent and no other trial is still running.
 
-    Every trial goes through :func:`search.lifecycle.start` first, so ``n_trials`` is met
+    Every trial goes through :func:`search.trial.lifecycle.start` first, so ``n_trials`` is met
     exactly. A worker whose budget is spent stays while other workers' trials run: if one of
     those workers died, its trial goes back to the queue (heartbeat) and someone must be there
     to run it. With ``moving_deadline``, a deadline the launcher recorded on the study
@@ -45,7 +45,8 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, de
     """
     from optuna.trial import TrialState
 
-    from search import keys, lifecycle
+    from search import keys
+    from search.trial import lifecycle
 
     guarded = lifecycle.guarded(objective, n_trials)
     while True:
@@ -66,20 +67,20 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, de
 
 
 def _poll_seconds(study: Any) -> float:
-    from search import _internals
+    from search.store import _internals
 
     return float(min(_internals.heartbeat_interval(study) or 5, 5))
 
 
 def _raise_interrupted(signum: int, frame: Any) -> None:
-    from search.lifecycle import Interrupted
+    from search.trial.lifecycle import Interrupted
 
     # Ignore further signals: the first one already stops the trial; a second must not
     # interrupt the bookkeeping that marks it FAIL and puts it back in the queue.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     interrupted = Interrupted(signal.Signals(signum).name)
-    storage = sys.modules.get("search.storage")  # not imported yet: no database call to wait for
+    storage = sys.modules.get("search.store.storage")  # not imported yet: no database call to wait for
     if storage is None:
         raise interrupted
     # Not in the middle of a database call: that would leave its SQLite lock behind.
@@ -106,7 +107,7 @@ def end_with_launcher(launcher: int, poll: float = 1.0) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="search.worker")
+    parser = argparse.ArgumentParser(prog="search.runtime.worker")
     parser.add_argument("plan", help="the worker plan (JSON) its launcher wrote")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s worker %(process)d %(levelname)s %(message)s",
@@ -116,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from flexunet._tf import quiet_import
     from flexunet.errors import FlexUNetError
-    from search.context import LAUNCHER_ENV
-    from search.lifecycle import Interrupted
-    from search.storage import EXIT_SERVER_FULL, ServerFull
+    from search.runtime.context import LAUNCHER_ENV
+    from search.trial.lifecycle import Interrupted
+    from search.store.storage import EXIT_SERVER_FULL, ServerFull
 
     try:
         launcher = os.environ.get(LAUNCHER_ENV)
@@ -155,9 +156,9 @@ def _limit_threads() -> None:
 
 def open_worker_storage() -> Any:
     """The storage ``$FLEXUNET_STORAGE`` names, as a worker opens it (heartbeat, one
-    connection). Raises :class:`search.storage.ServerFull` when the database has no free slot."""
+    connection). Raises :class:`search.store.storage.ServerFull` when the database has no free slot."""
     from flexunet.errors import ConfigError
-    from search import storage as st
+    from search.store import storage as st
 
     url = os.environ.get(st.ENV_VAR)
     if not url:
@@ -168,11 +169,11 @@ def open_worker_storage() -> Any:
 def _run(plan_path: Path, storage: Any) -> int:
     import optuna
 
-    from search import algorithms
-    from search import artifacts as af
-    from search import storage as st
-    from search.context import REFIT, SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
-    from search.objective import Objective, TrialFailure
+    from search.spec import algorithms
+    from search.store import artifacts as af
+    from search.store import storage as st
+    from search.runtime.context import REFIT, SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
+    from search.trial.objective import Objective, TrialFailure
 
     url = os.environ[st.ENV_VAR]
     plan = WorkerPlan.read(plan_path)
@@ -203,9 +204,9 @@ def _run_refit(spec: Any, plan: Any, base: Any, study: Any, storage: Any, artifa
     import optuna
 
     from flexunet.errors import FlexUNetError
-    from search import refit
-    from search.context import dataset_config_path
-    from search.objective import TrialFailure
+    from search.trial import refit
+    from search.runtime.context import dataset_config_path
+    from search.trial.objective import TrialFailure
 
     refit_study = refit.load(study, storage)
     if refit_study is None:

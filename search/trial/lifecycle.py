@@ -11,7 +11,7 @@
   ``previous_fail_reason``. A trial created after the budget is full ends at once (FAIL,
   ``over budget``) without training and without counting, so ``n_trials`` is met exactly
   however many workers ask at the same moment (:func:`over_budget`).
-- **report / prune**: ``PruningReporter`` in :mod:`search.objective` reports each epoch's
+- **report / prune**: ``PruningReporter`` in :mod:`search.trial.objective` reports each epoch's
   validation Dice; Optuna's ``TrialPruned`` ends the trial.
 - **infeasible**: a configuration the config checks, the model builder or the budget reject is
   PRUNED with its reason (:func:`infeasible`); the worker goes on.
@@ -57,7 +57,7 @@ import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 
-from search import _internals
+from search.store import _internals
 from search import keys as k
 
 _logger = logging.getLogger(__name__)

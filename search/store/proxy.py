@@ -13,7 +13,7 @@ its heartbeat as a trial system attr (:data:`HEARTBEAT_KEY`, the worker's clock 
 since the epoch) every ``heartbeat_interval`` seconds, and counts as stale a RUNNING trial whose
 last heartbeat (or, before the first one, its start) is older than ``grace_period``. Optuna's
 own machinery does the rest, as on a database: the stale-trial check at the start of every
-``optimize``, ``search.lifecycle.sweep`` in every worker and launcher, and the retry callback
+``optimize``, ``search.trial.lifecycle.sweep`` in every worker and launcher, and the retry callback
 that queues the trial again to resume from its checkpoint. The hosts' clocks must agree to well
 within the grace period (60 s; NTP keeps them within milliseconds).
 
@@ -21,7 +21,7 @@ Example (a proxy in a thread of this process, over a SQLite file)::
 
     import threading
     import optuna
-    from search import proxy
+    from search.store import proxy
 
     threading.Thread(target=proxy.serve, args=("sqlite:///proxied.db",), kwargs={"port": 13099},
                      daemon=True).start()
@@ -44,8 +44,8 @@ from optuna.storages import GrpcStorageProxy
 from optuna.trial import FrozenTrial, TrialState
 
 from flexunet.errors import ConfigError
-from search import _internals
-from search import storage as st
+from search.store import _internals
+from search.store import storage as st
 
 _logger = logging.getLogger(__name__)
 DEFAULT_PORT = 13000  # Optuna's
@@ -67,7 +67,7 @@ def parse(url: str) -> tuple[str, int]:
 
 class ProxyStorage(GrpcStorageProxy, _internals.BaseHeartbeat):
     """A client of ``flexunet search proxy``: Optuna's ``GrpcStorageProxy`` whose calls wait for
-    a proxy that went away (up to ``max_wait`` seconds, as :class:`search.storage.RetryingStorage`
+    a proxy that went away (up to ``max_wait`` seconds, as :class:`search.store.storage.RetryingStorage`
     waits for a database), with a heartbeat through trial system attrs (see the module's doc).
 
     Without ``heartbeat_interval`` it records no heartbeat and finds no trial stale (what

@@ -22,8 +22,8 @@ from optuna.trial import TrialState
 
 from flexunet.errors import FlexUNetError
 from search import keys
-from search.artifacts import Location, Store, open_store, recorded
-from search.status import baseline_trial, best_trials
+from search.store.artifacts import Location, Store, open_store, recorded
+from search.results.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
 DEFAULT_HOST = "127.0.0.1"
@@ -167,7 +167,8 @@ def _baseline_section(study: optuna.Study) -> list[str]:
 
 def _refit_section(study: optuna.Study) -> list[str]:
     """The refit's progress and models (search/refit.py), once it is planned."""
-    from search import _internals, refit
+    from search.store import _internals
+    from search.trial import refit
 
     found = refit.status_lines(study, _internals.study_storage(study))
     return ["### Refit", "", *[f"- {line.strip()}" for line in found], ""] if found else []
@@ -258,7 +259,7 @@ class _QuietHandler(WSGIRequestHandler):
 def serve(storage: optuna.storages.BaseStorage, stores: Sequence[Store], *, host: str = DEFAULT_HOST,
           port: int = DEFAULT_PORT, ready: Any = None) -> None:
     """Serve optuna-dashboard until interrupted, with the trials' files from ``stores`` (any
-    of search.artifacts' stores: folders, S3 buckets); ``ready(url)`` is called once it listens."""
+    of search.store.artifacts' stores: folders, S3 buckets); ``ready(url)`` is called once it listens."""
     app = optuna_dashboard.wsgi(storage, artifact_store=artifact_store(stores))
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)

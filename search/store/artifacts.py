@@ -10,7 +10,7 @@ URL is recorded in the study and printed, so it must hold no secret.
 
 Example::
 
-    from search import artifacts
+    from search.store import artifacts
 
     location = artifacts.parse("s3://my-bucket/studies/ct-ich", where="--artifacts")
     assert location.url == "s3://my-bucket/studies/ct-ich"

@@ -3,7 +3,7 @@
 Accepted URLs: any SQLAlchemy URL (``sqlite:///file.db``, ``postgresql+psycopg://...``,
 ``mysql+pymysql://...``), ``journal:PATH`` for a journal file (one host), and ``redis://...`` for
 a journal in Redis (many hosts), and ``grpc://HOST:PORT`` for a study served by ``flexunet search
-proxy`` (:mod:`search.proxy`). ``postgresql://`` and ``mysql://`` get the drivers this project
+proxy`` (:mod:`search.store.proxy`). ``postgresql://`` and ``mysql://`` get the drivers this project
 installs.
 
 The connection budget: a process holds at most one connection to a database server (its
@@ -29,7 +29,8 @@ from typing import Any
 import optuna
 
 from flexunet.errors import ConfigError
-from search import _internals, lifecycle
+from search.store import _internals
+from search.trial import lifecycle
 from search.paths import RunFolder
 
 _logger = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ RECONNECT_SECONDS = 300.0  # how long a call waits for a lost database to come b
 # SQLite call tries again within a second.
 MAX_PAUSE_SECONDS = 15.0
 SQLITE_MAX_PAUSE_SECONDS = 1.0
-CONNECTIONS = 1  # database connections per process (the proxy takes more: search.proxy)
+CONNECTIONS = 1  # database connections per process (the proxy takes more: search.store.proxy)
 FULL_ATTEMPTS = 3  # tries to connect to a full server, a few seconds apart, before giving up
 # What PostgreSQL and MySQL/MariaDB say when every connection slot is taken (MySQL's error 1040).
 _FULL_SERVER = ("too many clients", "remaining connection slots are reserved", "too many connections")
@@ -144,7 +145,7 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True,
 
             return optuna.storages.JournalStorage(JournalRedisBackend(url))
         if what == "grpc":
-            from search import proxy
+            from search.store import proxy
 
             return proxy.connect(url, **(heartbeat_settings() if heartbeat else {}))
         # One connection, never more: SQLAlchemy's default pool lets the heartbeat thread open a
@@ -305,7 +306,7 @@ class RetryingStorage(optuna.storages.RDBStorage):
     Example::
 
         import optuna
-        from search.storage import RetryingStorage
+        from search.store.storage import RetryingStorage
 
         storage = RetryingStorage("sqlite:///:memory:", max_wait=30)
         study = optuna.create_study(storage=storage)

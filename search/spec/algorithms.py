@@ -8,16 +8,16 @@ from typing import Any
 import optuna
 
 from flexunet.errors import ConfigError
-from search.study_file import StudySpec
+from search.spec.study_file import StudySpec
 
 
-WINDOW_KEYS = ("window", "window_best")  # [sampler] keys of search.window.WindowedSampler, not Optuna's
+WINDOW_KEYS = ("window", "window_best")  # [sampler] keys of search.spec.window.WindowedSampler, not Optuna's
 
 
 def make_sampler(spec: StudySpec, worker: str = "") -> optuna.samplers.BaseSampler:
     """The study's sampler. ``worker`` names this worker process: every worker but the first
     gets its own seed, or all of them would draw the same "random" trials. ``window`` (and
-    ``window_best``) in ``[sampler]`` wrap it in :class:`search.window.WindowedSampler`."""
+    ``window_best``) in ``[sampler]`` wrap it in :class:`search.spec.window.WindowedSampler`."""
     kwargs: dict[str, Any] = {key: v for key, v in spec.sampler.kwargs.items() if key not in WINDOW_KEYS}
     if worker and isinstance(kwargs.get("seed"), int):
         kwargs["seed"] = (kwargs["seed"] + zlib.crc32(worker.encode())) % 2**31
@@ -30,7 +30,7 @@ def make_sampler(spec: StudySpec, worker: str = "") -> optuna.samplers.BaseSampl
 
 
 def _windowed(sampler: optuna.samplers.BaseSampler, spec: StudySpec) -> optuna.samplers.BaseSampler:
-    from search.window import WindowedSampler
+    from search.spec.window import WindowedSampler
 
     settings = spec.sampler.kwargs
     if "window" not in settings:

@@ -45,9 +45,9 @@ from flexunet.callbacks import MONITOR
 from flexunet.data.dataset import SliceSet, load_split
 from flexunet.model import build
 from flexunet.train import MODEL_FILE, TrainOutputs, compile_model, fit
-from search.artifacts import Store
+from search.store.artifacts import Store
 from search import keys, paths
-from search.folds import fold_of
+from search.spec.folds import fold_of
 
 _logger = logging.getLogger(__name__)
 _LOG_FILE = "train_log.csv"
@@ -180,7 +180,7 @@ class CrossValidation:
     trial: optuna.Trial
     config: cfg.Config
     data: FoldData
-    artifacts: Store  # a folder or a bucket (search.artifacts)
+    artifacts: Store  # a folder or a bucket (search.store.artifacts)
     prune: bool = True
     _finished: dict[int, _Fold] = field(default_factory=dict)
     _network: Any = None
@@ -317,7 +317,7 @@ class CrossValidation:
     def _save(self, work: Path, fold: int | None, best: float, epoch: int | None) -> None:
         """Write the resume archive: every finished fold, and fold ``fold``'s checkpoint after
         ``epoch`` (0-based) if a fold is in progress."""
-        from search.objective import RESUME_ATTR
+        from search.trial.objective import RESUME_ATTR
 
         state = {"folds": self.data.folds, "finished": [f.meta() for f in self._sorted()],
                  "in_progress": fold, "best": best if math.isfinite(best) else None}
@@ -345,7 +345,7 @@ class CrossValidation:
     def _restore(self, work: Path) -> tuple[int | None, float]:
         """Load the finished folds and the fold in progress from the trial's resume archive
         (a retry carries the attribute naming it); (fold to resume, its best Dice so far)."""
-        from search.objective import RESUME_ATTR
+        from search.trial.objective import RESUME_ATTR
 
         artifact_id = self.trial.user_attrs.get(RESUME_ATTR)
         if not artifact_id:

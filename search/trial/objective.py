@@ -28,13 +28,15 @@ from flexunet.data.dataset import SliceSet, load_split
 from flexunet.model import estimate_cost
 from flexunet.errors import ConfigError
 from flexunet.train import TrainOutputs, TrainResult, fit
-from search.artifacts import Store
-from search import _internals, cv, lifecycle, paths
+from search.store.artifacts import Store
+from search.store import _internals
+from search.trial import cv, lifecycle
+from search import paths
 from search import keys as k
-from search import space as sp
-from search.lifecycle import Interrupted, TrialFailure
+from search.spec import space as sp
+from search.trial.lifecycle import Interrupted, TrialFailure
 from search.paths import CURVES_FILE, LOG_FILE, MODEL_FILE, OVERLAYS_FILE
-from search.study_file import StudySpec
+from search.spec.study_file import StudySpec
 
 _logger = logging.getLogger(__name__)
 __all__ = ["Interrupted", "Objective", "PruningReporter", "TrialFailure"]
@@ -89,7 +91,7 @@ class Objective:
     spec: StudySpec
     base: cfg.Config
     image_size: int
-    artifacts: Store  # a folder or a bucket (search.artifacts)
+    artifacts: Store  # a folder or a bucket (search.store.artifacts)
     space: tuple = field(default_factory=tuple)
     dataset_dir: Path | None = None  # the folder of the dataset's config, where folds.csv may be
     _data: dict[int, tuple[SliceSet, SliceSet]] = field(default_factory=dict)
@@ -102,7 +104,7 @@ class Objective:
         return self._data[key]
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
-        """Train one trial; its life (start, infeasible, fail, interrupt) is search.lifecycle's."""
+        """Train one trial; its life (start, infeasible, fail, interrupt) is search.trial.lifecycle's."""
         lifecycle.start(trial)
         baseline = bool(trial.user_attrs.get(k.BASELINE))
         values = sp.suggest(trial, self.space, sp.baseline_unsampled(self.space, self.image_size) if baseline else None)

@@ -20,7 +20,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from search import keys as k
-from search.status import describe, summary_lines
+from search.results.status import describe, summary_lines
 
 _FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
 _PLAIN_STATUS_EVERY = 60.0

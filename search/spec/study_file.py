@@ -21,8 +21,8 @@ from typing import Any
 from flexunet.config import searchable
 from flexunet.errors import ConfigError
 from flexunet.textfiles import read_text
-from search.artifacts import Location
-from search.artifacts import parse as parse_artifacts
+from search.store.artifacts import Location
+from search.store.artifacts import parse as parse_artifacts
 
 # name -> the train_eval_infer.config section it sets: every model and training setting the
 # config defines, less those the dataset or the budget decide (flexunet.config.searchable).

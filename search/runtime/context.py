@@ -1,7 +1,7 @@
 """What every process of a study shares: its run folder, its dataset, its search space, the
 study in the storage, and the plan a launcher hands its workers.
 
-A launcher (``search.run``) and its workers (``search.worker``) both build on this module and
+A launcher (``search.runtime.run``) and its workers (``search.runtime.worker``) both build on this module and
 never on each other.
 """
 
@@ -18,13 +18,13 @@ import optuna
 from flexunet import config as cfg
 from flexunet.data import ct_ich
 from flexunet.errors import ConfigError, FlexUNetError
-from search import algorithms, space as sp
-from search import artifacts as af
+from search.spec import algorithms, space as sp
+from search.store import artifacts as af
 from search import keys as k
-from search import storage as st
-from search import study_file
+from search.store import storage as st
+from search.spec import study_file
 from search.paths import SPLIT_FILE, RunFolder
-from search.study_file import ParamSpec, StudySpec
+from search.spec.study_file import ParamSpec, StudySpec
 
 _logger = logging.getLogger(__name__)
 LAUNCHER_ENV = "FLEXUNET_LAUNCHER_PID"  # a local worker's launcher: the worker ends with it

@@ -13,7 +13,7 @@ import optuna
 from flexunet import config as cfg
 from flexunet.errors import ConfigError
 from flexunet.model import estimate_cost
-from search.study_file import SETTABLE, Budget, ParamSpec, StudySpec
+from search.spec.study_file import SETTABLE, Budget, ParamSpec, StudySpec
 
 # The seed project's hand-tuned ICH settings (train_eval_infer.config of 2026/01/20). Its 8
 # levels at 512 px leave a 4 px bridge; scaled to another size, the levels change so that the
@@ -161,7 +161,7 @@ def baseline_unsampled(space: tuple[ParamSpec, ...], image_size: int) -> dict[st
     ``settings`` user attribute; samplers see a trial without that parameter, as for a
     conditional one.
 
-    >>> from search.study_file import ParamSpec
+    >>> from search.spec.study_file import ParamSpec
     >>> baseline_unsampled((ParamSpec("base_kernels", "categorical", choices=(3, 5, 7)),), 96)
     {'base_kernels': 11}
     """

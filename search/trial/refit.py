@@ -12,7 +12,7 @@ read every trial of their own study (``Study._get_trials``), and there is no sup
 hide some from them; a separate study needs none.
 
 How it runs. The launcher's workers run the refit study's trials exactly as they run search
-trials (``search.worker`` with the plan's ``stage = "refit"``), through the same lifecycle:
+trials (``search.runtime.worker`` with the plan's ``stage = "refit"``), through the same lifecycle:
 heartbeats, the retry of a killed worker's trial, and the resume from its last epoch checkpoint
 in the artifact store. Its trials have no parameters to sample (the refit study's sampler is
 never asked for one), and are never pruned.
@@ -44,10 +44,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from flexunet import config as cfg
 from flexunet.errors import FlexUNetError
-from search import budget, lifecycle, paths
+from search.spec import budget
+from search.trial import lifecycle
+from search import paths
 from search import keys as k
-from search import storage as st
-from search.study_file import RefitSpec, StudySpec
+from search.store import storage as st
+from search.spec.study_file import RefitSpec, StudySpec
 
 _logger = logging.getLogger(__name__)
 SUFFIX = ":refit"
@@ -72,7 +74,7 @@ def configurations(study: optuna.Study, top_k: int) -> list[FrozenTrial]:
 
 
 def estimate(study: optuna.Study, spec: StudySpec, workers: int = 1) -> float | None:
-    """The refit's estimated seconds (search.budget) for the configurations it would refit now;
+    """The refit's estimated seconds (search.spec.budget) for the configurations it would refit now;
     None before any of them has measured its epochs."""
     assert spec.refit is not None
     configs = configurations(study, spec.refit.top_k)
@@ -183,7 +185,7 @@ def status_lines(study: optuna.Study, storage: optuna.storages.BaseStorage) -> l
 
 def refit_config(base: cfg.Config, source: FrozenTrial, refit: RefitSpec, seed: int, out: Path) -> cfg.Config:
     """The configuration of search trial ``source`` at the refit's fidelity, for seed ``seed``."""
-    from search.export import trial_config
+    from search.results.export import trial_config
 
     config = trial_config(base, source, out)
     size = refit.image_size or config.model.image_width
@@ -202,12 +204,12 @@ class RefitObjective:
     spec: StudySpec
     base: cfg.Config
     search: optuna.Study
-    artifacts: Any  # search.artifacts.Store
+    artifacts: Any  # search.store.artifacts.Store
     dataset_dir: Path | None = None
     _folds: dict = field(default_factory=dict)
 
     def __call__(self, trial: optuna.Trial) -> float:
-        from search import objective as obj
+        from search.trial import objective as obj
 
         lifecycle.start(trial)
         attrs = trial.user_attrs
@@ -227,8 +229,8 @@ class RefitObjective:
 
         from flexunet.model import build
         from flexunet.train import TrainOutputs, compile_model, fit
-        from search import cv
-        from search import objective as obj
+        from search.trial import cv
+        from search.trial import objective as obj
 
         config = refit_config(self.base, source, refit, seed, work)
         folds_file = (self.dataset_dir or Path(".")) / paths.FOLDS_FILE

@@ -22,18 +22,22 @@ import optuna
 
 from flexunet import devices
 from flexunet.errors import ConfigError
-from search import _internals
-from search import artifacts as af
-from search import dashboard, folds, lifecycle, paths, progress
+from search.store import _internals
+from search.store import artifacts as af
+from search.results import dashboard
+from search.spec import folds
+from search.trial import lifecycle
+from search import paths
+from search.runtime import progress
 from search import keys as k
-from search import space as sp
-from search import storage as st
-from search import budget
-from search import refit as rf
-from search.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, WorkerPlan, create_study, dataset_config_path,
+from search.spec import space as sp
+from search.store import storage as st
+from search.spec import budget
+from search.trial import refit as rf
+from search.runtime.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, WorkerPlan, create_study, dataset_config_path,
                             ensure_dataset, open_dataset, out_dir)
 from search.paths import RunFolder
-from search.study_file import StudySpec
+from search.spec.study_file import StudySpec
 
 _logger = logging.getLogger(__name__)
 _FULL_SETTLE_SECONDS = 10.0  # a full server turns a worker away within ~6 s of its start (three tries)
@@ -80,7 +84,7 @@ class _Workers:
         self.stamp = time.strftime("%Y%m%d-%H%M%S") + ("" if plan.stage == SEARCH else f"-{plan.stage}")
         # Written once: every worker of this launcher (restarts too) runs exactly this spec.
         self.plan_path = plan.write(self.logs / f"plan-{os.uname().nodename}-{self.stamp}-{os.getpid()}.json")
-        self.command = [sys.executable, "-m", "search.worker", str(self.plan_path)]
+        self.command = [sys.executable, "-m", "search.runtime.worker", str(self.plan_path)]
         self.procs: list[subprocess.Popen | None] = [None] * options.workers
         self.log_paths: list[Path] = [self.logs / f"worker-{os.uname().nodename}-{self.stamp}-{i}.log"
                                       for i in range(options.workers)]
@@ -236,7 +240,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     file has a ``[refit]`` section; returns the exit status.
 
     One timeout covers both: the search stops starting trials early enough to leave the refit
-    the time search.budget estimates for it (at most a third of the timeout), an estimate
+    the time search.spec.budget estimates for it (at most a third of the timeout), an estimate
     updated as the search measures the configurations it will refit."""
     if options.workers < 1:
         raise ConfigError(f"--workers {options.workers}: need at least 1")

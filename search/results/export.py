@@ -39,9 +39,9 @@ from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.postprocess import PostProcessing
 from flexunet.train import MODEL_FILE
 from search import keys, paths
-from search.artifacts import Store
-from search.objective import latency_ms
-from search.status import baseline_trial, best_trials
+from search.store.artifacts import Store
+from search.trial.objective import latency_ms
+from search.results.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
 
@@ -103,7 +103,7 @@ def choose_trial(study: optuna.Study, number: int | None) -> FrozenTrial:
 def _download_artifact(trial: FrozenTrial, storage: Any, artifacts: Store, filename: str, into: Path) -> Path:
     """The trial's file called ``filename``, fetched into ``into`` (the one reader of artifacts
     here); a file that is not in the store stops the export in one line naming the store
-    (search.artifacts.MissingArtifact)."""
+    (search.store.artifacts.MissingArtifact)."""
     return artifacts.download(storage, trial, filename, into)
 
 
@@ -185,8 +185,8 @@ def _refit_package(study: optuna.Study, storage: Any, artifacts: Store, into: Pa
     selection over the configurations on their pooled Dice; the candidate with the best
     selected ensemble (the cheapest within the post-processing's tolerance); then the
     post-processing chosen on that ensemble's out-of-fold predictions."""
-    from search import cv
-    from search import refit as rf
+    from search.trial import cv
+    from search.trial import refit as rf
 
     refit_study = rf.load(study, storage)
     spec = rf.recorded_spec(study)

@@ -9,7 +9,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from search import artifacts, keys
+from search.store import artifacts
+from search import keys
 
 
 def _value(trial: FrozenTrial) -> str:
@@ -96,7 +97,8 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         if best and base.values is not None and best[0].number != base.number:
             delta = best[0].values[0] - base.values[0]
             lines.append(f"  the search {'beats' if delta > 0 else 'does not beat'} the baseline by {delta:+.4f}")
-    from search import _internals, refit
+    from search.store import _internals
+    from search.trial import refit
 
     lines += refit.status_lines(study, _internals.study_storage(study))
     running = [t for t in trials if t.state == TrialState.RUNNING]

@@ -2,7 +2,7 @@
 
 Three steps, each a plain function, so that a plan can be checked figure by figure:
 
-1. :func:`choose_size` reads the dataset's fingerprint (:mod:`search.fingerprint`) and picks the
+1. :func:`choose_size` reads the dataset's fingerprint (:mod:`search.spec.fingerprint`) and picks the
    image side from the lesions: the smallest side at which the 10th-percentile lesion of every
    class covers at least :data:`MIN_LESION_PIXELS` pixels (a 3x3 kernel's footprint), never
    above the native side. What it costs is stated: how many lesions fall under that threshold.
@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from flexunet.errors import ConfigError, DataError
-from search import budget
-from search.fingerprint import Fingerprint
-from search.study_file import RefitSpec
+from search.spec import budget
+from search.spec.fingerprint import Fingerprint
+from search.spec.study_file import RefitSpec
 
 MIN_LESION_PIXELS = 9.0  # a 3x3 kernel's footprint: smaller lesions are a few pixels of noise
 LESION_PERCENTILE = "p10"
@@ -181,7 +181,7 @@ def measure_device(side: int, channels: int, num_classes: int, *, epochs: int = 
     from flexunet.data.dataset import SliceSet
     from flexunet.model import estimate_cost
     from flexunet.train import fit
-    from search.space import max_layers
+    from search.spec.space import max_layers
 
     rng = np.random.default_rng(0)
     n = 16
@@ -266,7 +266,7 @@ def space_bounds(side: int, channels: int, num_classes: int, max_gflops: float,
     picks a side where it fits."""
     import numpy as np
 
-    from search.space import max_layers
+    from search.spec.space import max_layers
 
     layers_hi = min(5, max_layers(side))
     layers_lo = min(3, layers_hi)
@@ -332,7 +332,7 @@ MIN_REFIT_EPOCHS = 10
 def _refit_for(t: Throughput, gflops: float, folds: int, side: int, timeout: float,
                refit: RefitSpec) -> tuple[RefitSpec, float]:
     """``refit`` cut (epochs down to :data:`MIN_REFIT_EPOCHS`, then one configuration) until
-    its estimate (:func:`search.budget.refit_seconds`, from a search epoch at ``gflops``) fits
+    its estimate (:func:`search.spec.budget.refit_seconds`, from a search epoch at ``gflops``) fits
     the share of the timeout a refit may take."""
     epoch = STEPS_PER_EPOCH * 4 * t.seconds(gflops) * (1 + VALIDATION_SHARE)
     while True:
@@ -353,7 +353,7 @@ def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name:
     """The study for ``fp`` in ``minutes`` on the measured device (see the module's rules).
 
     With ``refit`` (the default: the main command refits), the study's timeout covers the search
-    and the refit, whose estimate (:mod:`search.budget`, the model the launcher moves the
+    and the refit, whose estimate (:mod:`search.spec.budget`, the model the launcher moves the
     search's deadline by) is kept within a third of it by cutting its epochs, then its
     configurations; the search gets the rest."""
     if minutes <= 0:
@@ -425,7 +425,7 @@ def seed_gflops(side: int, fp: Fingerprint) -> float:
     """GFLOPs of the seed's settings at ``side`` (the baseline, exempt from ``max_gflops``)."""
     from flexunet import config as cfg
     from flexunet.model import estimate_cost
-    from search.space import SEED_BASELINE, seed_layers
+    from search.spec.space import SEED_BASELINE, seed_layers
 
     return estimate_cost(cfg.ModelConfig(
         image_width=side, image_height=side, image_channels=fp.channels, num_classes=max(2, fp.num_classes),
@@ -439,7 +439,7 @@ REFERENCE_ROOM = 1.5  # max_gflops at least this many times the reference's cost
 
 def reference_gflops(side: int, fp: Fingerprint) -> float:
     """GFLOPs of :data:`REFERENCE` at ``side`` (fewer levels where the side allows fewer)."""
-    from search.space import max_layers
+    from search.spec.space import max_layers
 
     base, layers, kernel = REFERENCE
     return _cost(_model(side, fp.channels, fp.num_classes, base, min(layers, max_layers(side)), kernel))[0] / 1e9
@@ -472,7 +472,7 @@ class Source:
 
 
 def fingerprint_of(source: Source) -> Fingerprint:
-    from search import fingerprint
+    from search.spec import fingerprint
 
     if source.prepare:
         return fingerprint.of_ct_ich(source.path, hemorrhage_types=source.hemorrhage_types)
