@@ -34,8 +34,8 @@ Four arms, on the same outer folds, each scored on the outer-test patients with
   ``max_epochs``.
 
 - (e) ``refit``: the pipeline as the README's main command ships it: the sample study with its
-  ``[refit]`` (search/refit.py), run with ``Study.run()`` in the same timeout as (a) (the search
-  stops early enough to leave the refit its share, search/budget.py), then ``Study.export()``:
+  ``[refit]`` (search/trial/refit.py), run with ``Study.run()`` in the same timeout as (a) (the search
+  stops early enough to leave the refit its share, search/spec/budget.py), then ``Study.export()``:
   the refit ensemble, chosen by Caruana's selection over the top configurations, with the TTA
   and post-processing chosen on the refit's out-of-fold predictions. Also reported: the spread
   of the single fold x seed models the ensemble holds (their out-of-fold Dice, each alone).

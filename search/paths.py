@@ -40,7 +40,7 @@ TRIAL_FILES = (MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE)
 # name,fold). Without it, folds are made by patient from the train and valid slices.
 FOLDS_FILE = "folds.csv"
 
-# Artifacts of a cross-validated trial (search/cv.py); k is the 0-based fold.
+# Artifacts of a cross-validated trial (search/trial/cv.py); k is the 0-based fold.
 OOF_PREDICTIONS = "oof_predictions.npz"
 
 

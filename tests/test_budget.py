@@ -1,4 +1,4 @@
-"""search/budget.py: the time model that sizes the refit and the search's deadline."""
+"""search/spec/budget.py: the time model that sizes the refit and the search's deadline."""
 
 from __future__ import annotations
 

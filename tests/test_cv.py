@@ -1,4 +1,4 @@
-"""Cross-validated trials (search/cv.py) on the bundled sample at 32 px: per-fold attributes and
+"""Cross-validated trials (search/trial/cv.py) on the bundled sample at 32 px: per-fold attributes and
 artifacts, the value recomputed from the stored out-of-fold predictions, pruning inside the
 first fold, folds given by a file, and a killed worker's trial resumed with its finished folds."""
 

@@ -1,4 +1,4 @@
-"""The refit (search/refit.py): the best configurations trained again as fold x seed models in a
+"""The refit (search/trial/refit.py): the best configurations trained again as fold x seed models in a
 study of their own, run by real worker processes, resumed after a SIGKILL, and exported as one
 ensemble chosen on out-of-fold predictions.
 

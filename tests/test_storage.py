@@ -28,7 +28,7 @@ def test_every_rdb_method_that_reaches_the_database_is_retried() -> None:
     reaching = {name for name, function in vars(optuna.storages.RDBStorage).items()
                 if inspect.isfunction(function) and _opens_a_session(function)
                 and not name.endswith("_without_commit")}  # helpers called inside another call's session
-    assert reaching, "RDBStorage no longer opens sessions with _create_scoped_session: check search/storage.py"
+    assert reaching, "RDBStorage no longer opens sessions with _create_scoped_session: check search/store/storage.py"
     assert reaching <= set(st.RETRIED_METHODS), sorted(reaching - set(st.RETRIED_METHODS))
     assert _internals.CACHED_BACKEND_CALLS <= set(st.RETRIED_METHODS)
     assert all(callable(getattr(optuna.storages.RDBStorage, name)) for name in st.RETRIED_METHODS)

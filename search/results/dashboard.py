@@ -166,7 +166,7 @@ def _baseline_section(study: optuna.Study) -> list[str]:
 
 
 def _refit_section(study: optuna.Study) -> list[str]:
-    """The refit's progress and models (search/refit.py), once it is planned."""
+    """The refit's progress and models (search/trial/refit.py), once it is planned."""
     from search.store import _internals
     from search.trial import refit
 

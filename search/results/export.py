@@ -135,7 +135,7 @@ def trial_network(trial: FrozenTrial, storage: Any, artifacts: Store, into: Path
 
 @dataclass(frozen=True)
 class OutOfFold:
-    """A cross-validated trial's stored out-of-fold predictions (search/cv.py writes them)."""
+    """A cross-validated trial's stored out-of-fold predictions (search/trial/cv.py writes them)."""
 
     probabilities: np.ndarray  # (N,H,W,C), each slice by the fold model that did not train on it
     masks: np.ndarray  # (N,H,W)

@@ -127,7 +127,7 @@ def _summary(study: optuna.Study, public_storage: str) -> str:
     from search.trial import refit
 
     found = refit.status_lines(study, _internals.study_storage(study))
-    if found:  # the refit's progress and its models' validation Dice (search/refit.py)
+    if found:  # the refit's progress and its models' validation Dice (search/trial/refit.py)
         rows.append(("refit", "; ".join(line.strip() for line in found)))
     return (f"<h1>FlexUNet study <code>{_e(study.study_name)}</code></h1>\n"
             f"<p class=\"meta\">Report written {time.strftime('%Y-%m-%d %H:%M')} by "

@@ -107,7 +107,7 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int,
             "split": split.get("parts") if split else None,
             "slices": split.get("slices") if split else None,
         },
-        k.STUDY_FOLDS: spec.folds,  # K >= 2: trials are cross-validated (search/cv.py)
+        k.STUDY_FOLDS: spec.folds,  # K >= 2: trials are cross-validated (search/trial/cv.py)
         k.STUDY_BUDGET: vars(spec.budget),
         k.STUDY_SPACE: [
             {key: (list(v) if isinstance(v, tuple) else v) for key, v in vars(p).items() if v not in (None, (), {})}
@@ -153,7 +153,7 @@ class WorkerPlan:
     out: Path
     deadline: float | None = None
     artifacts: af.Location | None = None  # None: the spec's store, or <out>/artifacts
-    stage: str = SEARCH  # SEARCH: the search's trials; REFIT: the refit study's (search/refit.py)
+    stage: str = SEARCH  # SEARCH: the search's trials; REFIT: the refit study's (search/trial/refit.py)
 
     @property
     def store(self) -> af.Location:

@@ -41,7 +41,7 @@ def run_trials(study: Any, objective: Callable[[Any], Any], n_trials: int, *, de
     those workers died, its trial goes back to the queue (heartbeat) and someone must be there
     to run it. With ``moving_deadline``, a deadline the launcher recorded on the study
     (``flexunet_search_deadline``: it moves as the search learns what its refit will cost,
-    search/budget.py) stops it too.
+    search/spec/budget.py) stops it too.
     """
     from optuna.trial import TrialState
 
@@ -200,7 +200,7 @@ def _run(plan_path: Path, storage: Any) -> int:
 
 
 def _run_refit(spec: Any, plan: Any, base: Any, study: Any, storage: Any, artifacts: Any) -> int:
-    """The refit's trials (search/refit.py), run as search trials are: one fold x seed model each."""
+    """The refit's trials (search/trial/refit.py), run as search trials are: one fold x seed model each."""
     import optuna
 
     from flexunet.errors import FlexUNetError

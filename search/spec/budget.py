@@ -1,6 +1,6 @@
 """The time model of a study: how long its refit will take, and when its search must stop.
 
-One budget, the study's ``[budget] timeout``, covers the search and the refit (search/refit.py).
+One budget, the study's ``[budget] timeout``, covers the search and the refit (search/trial/refit.py).
 The refit's cost is estimated from what the search measured: each configuration to refit has a
 ``seconds_per_epoch`` user attr (for a cross-validated trial, its folds' seconds over their
 epochs, building and tracing included). A refit model trains ``[refit] epochs`` epochs of

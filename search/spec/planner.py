@@ -132,7 +132,7 @@ class Plan:
     timeout: float = 0.0  # [budget] timeout: search and refit
     baseline_seconds: float = 0.0  # trial 0, the seed's settings, trained in full
     refit: RefitSpec | None = None
-    refit_seconds: float = 0.0  # the refit's estimate (search/budget.py), inside the timeout
+    refit_seconds: float = 0.0  # the refit's estimate (search/spec/budget.py), inside the timeout
     notes: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
@@ -603,7 +603,7 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
             "[refit]",
             f"# After the search: the {r.top_k} best configuration(s) trained again as {p.folds} fold models x "
             f"{r.seeds} seed(s), estimated {p.refit_seconds:.0f} s",
-            "# (search/budget.py), inside the timeout: the search stops early enough to leave it.",
+            "# (search/spec/budget.py), inside the timeout: the search stops early enough to leave it.",
             f"top_k = {r.top_k}",
             f"seeds = {r.seeds}",
             f"epochs = {r.epochs}",

@@ -84,7 +84,7 @@ TTA_CHOICES = ("none", "horizontal", "all")
 @dataclass(frozen=True)
 class RefitSpec:
     """``[refit]``: after the search, the ``top_k`` best configurations are trained again as
-    ``folds`` x ``seeds`` models at a higher fidelity (search/refit.py).
+    ``folds`` x ``seeds`` models at a higher fidelity (search/trial/refit.py).
 
     ``folds`` None means the study's; ``image_size`` None the study's. ``tta`` lists the
     test-time augmentations the export chooses among on the refit's out-of-fold predictions.
@@ -121,7 +121,7 @@ class StudySpec:
     baseline: bool = True
     storage: str | None = None
     out: Path | None = None
-    folds: int = 1  # K >= 2: every trial is K-fold cross-validated (search/cv.py); 1: one split
+    folds: int = 1  # K >= 2: every trial is K-fold cross-validated (search/trial/cv.py); 1: one split
     artifacts: Location | None = None  # [study] artifacts: a folder or s3://BUCKET/PREFIX
     refit: RefitSpec | None = None  # [refit]: the winners trained again after the search
 
@@ -260,7 +260,7 @@ def loads(text: str, path: Path) -> StudySpec:
     budget = _budget(_table(data, "budget", where), where.sub("budget"))
     sampler = _component(_table(data, "sampler", where), SAMPLERS, "TPESampler", where.sub("sampler"))
     # A CV trial reports at a combined (fold, epoch) step; successive halving cuts weak trials
-    # inside their first fold (search/cv.py explains the choice).
+    # inside their first fold (search/trial/cv.py explains the choice).
     pruner = _component(_table(data, "pruner", where), PRUNERS,
                         "SuccessiveHalvingPruner" if folds >= 2 else "MedianPruner", where.sub("pruner"))
     return StudySpec(

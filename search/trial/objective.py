@@ -133,7 +133,7 @@ class Objective:
         return restore_resume_point(self.artifacts, trial, folder)
 
     def _train_folds(self, trial: optuna.Trial, config: cfg.Config, params: int) -> float | tuple[float, float]:
-        """A cross-validated trial (search/cv.py): its value is the pooled out-of-fold Dice."""
+        """A cross-validated trial (search/trial/cv.py): its value is the pooled out-of-fold Dice."""
         folds_file = (self.dataset_dir or Path(".")) / paths.FOLDS_FILE
         seed = self.spec.prepare.seed if self.spec.prepare else 0
         data = cv.cached_fold_data(self._folds, config, self.spec.folds, folds_file, seed)
