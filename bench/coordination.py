@@ -159,7 +159,9 @@ def open_study(url: str, name: str, create: bool):
 
     from search.store import storage as st
 
-    storage = st.open_storage(url)
+    from search.trial import lifecycle
+
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     from search.spec import algorithms, study_file
 
     sampler = optuna.samplers.RandomSampler()  # the storage's cost, not TPE's
@@ -312,8 +314,10 @@ def get_trials_cost(url: str, name: str, calls: int) -> dict[str, Any]:
 
     from search.store import storage as st
 
+    from search.trial import lifecycle
+
     figures: dict[str, Any] = {}
-    for label, storage in (("flexunet", st.open_storage(url)), ("plain_url", url)):
+    for label, storage in (("flexunet", st.open_storage(url, on_stale=lifecycle.stale_trial_callback)), ("plain_url", url)):
         study = optuna.load_study(study_name=name, storage=storage)
         first = time.perf_counter()
         n = len(study.get_trials(deepcopy=False))

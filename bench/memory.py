@@ -59,6 +59,7 @@ def main() -> None:
     from search.spec import algorithms, study_file
     from search.runtime import context as runner
     from search.store import storage as st
+    from search.trial import lifecycle
     from search.trial.objective import Objective, TrialFailure
     from search.store import artifacts as af
     from search.paths import RunFolder
@@ -83,7 +84,7 @@ def main() -> None:
         base, image_size = runner.open_dataset(spec, out)
         space = runner.study_space(spec, image_size)
         RunFolder(out).artifacts.mkdir(parents=True, exist_ok=True)
-        study = st.load_study(st.open_storage(url), spec.name, algorithms.make_sampler(spec, ""),
+        study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), spec.name, algorithms.make_sampler(spec, ""),
                               algorithms.make_pruner(spec))
         objective = Objective(spec=spec, base=base, image_size=image_size,
                               artifacts=af.open_store(af.resolve(None, spec.artifacts, out), create=True),

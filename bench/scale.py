@@ -71,12 +71,14 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any
     import optuna
 
     from search.store import storage as st
+
+    from search.trial import lifecycle
     from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = co.sample_space()
     try:
-        storage = st.open_storage(url)
+        storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     except st.ServerFull:
         ready.put(-os.getpid())  # turned away: counted, and the run goes on without it
         return

@@ -35,10 +35,12 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, seconds: float) -> 
     import optuna
 
     from search.store import storage as st
+
+    from search.trial import lifecycle
     from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = st.load_study(st.open_storage(url), name)
+    study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), name)
 
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", -1.0, 1.0)
@@ -71,11 +73,12 @@ def main() -> int:
 
     from search.trial import lifecycle
     from search.store import storage as st
+    from search.store import urls
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    url = st.normalize(args.storage)
+    url = urls.normalize(args.storage)
     name = f"soak-{uuid.uuid4().hex[:8]}"
-    storage = st.open_storage(url)
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     study, _ = st.create_once(storage, name, ["minimize"])
     rng = random.Random(args.seed)
     ctx = mp.get_context("spawn")
@@ -122,7 +125,7 @@ def main() -> int:
     dead_ends = sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried_from)
     # A trial is lost when its last attempt failed without a retry, or never finished.
     lost = dead_ends + stuck + max(0, n_trials - completed - dead_ends - stuck)
-    print(f"storage {st.mask(url)}, study {name}: {workers} workers, {n_trials} trials of {epochs} x {seconds}s epochs")
+    print(f"storage {urls.mask(url)}, study {name}: {workers} workers, {n_trials} trials of {epochs} x {seconds}s epochs")
     print(f"elapsed {elapsed:.1f}s, workers killed {kills}, trials in storage {len(trials)}")
     print(f"completed {completed}, retried {retries}, failed attempts {sum(1 for t in trials if t.state == TrialState.FAIL)}, "
           f"lost {lost}, duplicate numbers {duplicates}, trials retried twice (extra work, nothing lost) {double_retries}")

@@ -33,6 +33,7 @@ from flexunet.errors import ConfigError, FlexUNetError
 from search.store import _internals
 from search import keys as k
 from search.store import storage as st
+from search.store import urls
 from search.spec import study_file
 from search.spec.study_file import StudySpec
 
@@ -95,11 +96,11 @@ class Study:
     def url(self) -> str:
         """The storage URL, resolved as the command line resolves ``--storage``."""
         if self.spec is not None:
-            return st.resolve_url(self.storage, self.spec.storage, self.run_dir)
-        url = self.storage or os.environ.get(st.ENV_VAR)
+            return urls.resolve_url(self.storage, self.spec.storage, self.run_dir)
+        url = self.storage or os.environ.get(urls.ENV_VAR)
         if not url:
-            raise FlexUNetError(f"--study needs --storage URL (or ${st.ENV_VAR})")
-        return st.normalize(url)
+            raise FlexUNetError(f"--study needs --storage URL (or ${urls.ENV_VAR})")
+        return urls.normalize(url)
 
     def _options(self, workers: int = 1, gpus: tuple[str, ...] = ()):  # -> search.runtime.run.RunOptions
         from search.runtime.run import RunOptions
@@ -160,7 +161,7 @@ class Study:
         running trials."""
         from search.results.status import summary_lines
 
-        return summary_lines(self.optuna_study, st.mask(self.url))
+        return summary_lines(self.optuna_study, urls.mask(self.url))
 
     @property
     def best_trial(self) -> FrozenTrial:
@@ -221,7 +222,7 @@ class Study:
 
         study = self.optuna_study
         return export(study, _internals.study_storage(study), Path(out), base=base, artifacts=folder,
-                      masked_storage=st.public(self.url), trial_number=trial, force=force, tta=tta,
+                      masked_storage=urls.public(self.url), trial_number=trial, force=force, tta=tta,
                       refit=refit and trial is None)
 
     def report(self, out: str | Path, *, slices: int = 4, force: bool = False,
@@ -239,7 +240,7 @@ class Study:
 
         study = self.optuna_study
         return write_report(study, _internals.study_storage(study), Path(out), base=base, artifacts=folder,
-                            public_storage=st.public(self.url), slices=slices, force=force)
+                            public_storage=urls.public(self.url), slices=slices, force=force)
 
 
 def _local_workers(workers: int | None, gpus: tuple[str, ...], workers_per_gpu: int | None) -> int:

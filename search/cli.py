@@ -93,12 +93,12 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     import sys
 
     from search.results import dashboard as db
-    from search.store import proxy
-    from search.store import storage as st
+    from search.store import proxy_server
+    from search.store import urls
 
-    url = args.storage or os.environ.get(st.ENV_VAR)
+    url = args.storage or os.environ.get(urls.ENV_VAR)
     if not url:
-        raise FlexUNetError(f"the proxy needs --storage URL (or ${st.ENV_VAR}): the study's database")
+        raise FlexUNetError(f"the proxy needs --storage URL (or ${urls.ENV_VAR}): the study's database")
     if not db.is_loopback(args.host):
         print(f"warning: the proxy listens on {args.host}, not only on this machine; it has no authentication, "
               "and anyone who reaches it can read and write every study in the database (keep it on a "
@@ -109,17 +109,17 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         if value < (0 if name == "port" else 1) or value > 65535:
             raise FlexUNetError(f"--{name} {value}: out of range")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s proxy %(levelname)s %(message)s")
-    url = st.normalize(url)
-    proxy.serve(url, host=args.host, **given,
-                ready=lambda client: print(f"proxy of {st.mask(url)} listening; workers join with --storage {client} "
+    url = urls.normalize(url)
+    proxy_server.serve(url, host=args.host, **given,
+                ready=lambda client: print(f"proxy of {urls.mask(url)} listening; workers join with --storage {client} "
                                            "(Ctrl-C stops it)", flush=True))
     return 0
 
 
 def _dashboard_needs_a_database(url: str) -> None:
-    from search.store import storage as st
+    from search.store import urls
 
-    if st.kind(url) == "grpc":  # optuna-dashboard reads Optuna's tables, not the proxy's protocol
+    if urls.kind(url) == "grpc":  # optuna-dashboard reads Optuna's tables, not the proxy's protocol
         raise FlexUNetError(f"--storage {url}: the dashboard needs the database itself, not the proxy: pass the "
                             "database URL that `flexunet search proxy` serves (postgresql://..., mysql://...)")
 
@@ -134,6 +134,7 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
     from search.results import dashboard as db
     from search.keys import STUDY_DATASET
     from search.store import storage as st
+    from search.store import urls
 
     warning = db.exposure_warning(args.host)
     if warning:
@@ -144,10 +145,10 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         study = target.optuna_study
         storage, url, studies, first = _internals.study_storage(study), target.url, [study], study
     else:
-        url = args.storage or os.environ.get(st.ENV_VAR)
+        url = args.storage or os.environ.get(urls.ENV_VAR)
         if not url:
             raise FlexUNetError("name the study: give STUDY.toml, --study NAME or --storage URL")
-        url = st.normalize(url)
+        url = urls.normalize(url)
         _dashboard_needs_a_database(url)
         storage = st.open_storage(url, heartbeat=False, create=False)
         studies = [st.load_study(storage, name) for name in optuna.study.get_all_study_names(storage)]
@@ -163,9 +164,9 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         print(f"{line}: its artifacts are not shown ({af.HINT})", file=sys.stderr)
     for study in studies:
         if STUDY_DATASET in study.user_attrs:  # a flexunet study: refresh its note
-            db.write_study_note(study, st.mask(url))
+            db.write_study_note(study, urls.mask(url))
     page = f"/dashboard/studies/{storage.get_study_id_from_name(first.study_name)}" if first else "/dashboard"
-    print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {st.mask(url)}, "
+    print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {urls.mask(url)}, "
           f"artifacts from {', '.join(str(s.location) for s in stores) or 'nowhere'}")
     db.serve(storage, stores, host=args.host, port=args.port,
              ready=lambda base: print(f"open {base}{page} (Ctrl-C stops it)", flush=True))

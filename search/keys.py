@@ -47,6 +47,7 @@ INFEASIBLE_REASON = "infeasible_reason"  # why a configuration was PRUNED before
 # --- trial user attrs: resuming -----------------------------------------------------------------
 RESUME_ARTIFACT = "resume_artifact"  # artifact id of the trial's last epoch checkpoint
 RESUME_EPOCH = "resume_epoch"  # epochs that checkpoint holds
+RESUME_FOLD = "resume_fold"  # a cross-validated trial: the fold that checkpoint is of
 RESUMED_FROM_EPOCH = "resumed_from_epoch"  # set on a retry that started from a checkpoint
 
 # --- trial system attrs (Optuna's, from RetryHeartbeatStaleTrialCallback) -----------------------
@@ -71,6 +72,8 @@ POOLED_DICE = "val_foreground_dice_pooled"  # the trial's value: one Dice over e
 # class is absent there (no reference, no prediction: it left the mean)
 CLASS_DICE = "val_class_dice"
 FOLD = "fold"  # 0-based fold in progress
+FOLD_EPOCHS_RUN = "fold_epochs_run"  # list: epochs each finished fold trained
+FOLD_BEST_EPOCH = "fold_best_epoch"  # list: each finished fold's best epoch
 RESUMED_FROM_FOLD = "resumed_from_fold"  # a retry: the fold it resumed in (earlier ones were kept)
 
 # --- the refit (search/trial/refit.py) ----------------------------------------------------------------

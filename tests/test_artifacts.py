@@ -20,7 +20,8 @@ from flexunet.errors import ConfigError
 from flexunet.train import MODEL_FILE
 from search.store import artifacts as af
 from search.spec import study_file
-from search.trial.objective import LOG_FILE, OVERLAYS_FILE, RESUME_ATTR
+from search.keys import RESUME_ARTIFACT as RESUME_ATTR
+from search.paths import LOG_FILE, OVERLAYS_FILE
 from servers import Dashboard
 
 BUCKET = "flexunet-test"

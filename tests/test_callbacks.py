@@ -22,7 +22,8 @@ from flexunet.data.dataset import load_split
 from flexunet.train import TrainOutputs, fit
 from search import keys as k
 from search.spec import study_file
-from search.trial.objective import Objective, PruningReporter
+from search.trial.objective import Objective
+from search.trial.training import PruningReporter
 from search.paths import CURVES_FILE, LOG_FILE, MODEL_FILE, OVERLAYS_FILE
 
 pytestmark = pytest.mark.slow

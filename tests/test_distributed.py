@@ -16,6 +16,7 @@ from optuna.trial import TrialState
 
 from conftest import POSTGRES_URL, _fresh_database, assert_user_error, run_cli_here, shared_storage, start_cli, tiny_study
 from search.store import artifacts as af
+from search.trial import lifecycle
 # search.paths, not flexunet.train or search.trial.objective: the eight spawned no-op workers import
 # this module, and those two load TensorFlow (~4 CPU seconds each).
 from search.paths import LOG_FILE, MODEL_FILE
@@ -31,8 +32,9 @@ def _two_launchers(tmp_path: Path, url: str, baseline: bool = False, workers: in
     for i, launcher in enumerate(launchers):
         assert launcher.wait(timeout=900) == 0, (tmp_path / f"launcher-{i}.log").read_text()
     from search.store import storage as st
+    from search.store import urls
 
-    study = optuna.load_study(study_name="distributed", storage=st.open_storage(st.normalize(url), heartbeat=False))
+    study = optuna.load_study(study_name="distributed", storage=st.open_storage(urls.normalize(url), heartbeat=False))
     trials = study.get_trials()
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # unique, no gaps
@@ -66,7 +68,7 @@ def _no_op_worker(url: str, name: str, n_trials: int, barrier) -> None:  # type:
     from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = st.load_study(st.open_storage(url), name)
+    study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), name)
     barrier.wait()  # every worker asks for its first trial at the same moment
     run_trials(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials)
 
@@ -78,9 +80,10 @@ def test_n_trials_is_met_exactly_by_eight_workers(postgres_url: str) -> None:
 
     from search import keys as k
     from search.store import storage as st
+    from search.store import urls
 
-    url = st.normalize(postgres_url)
-    study, _ = st.create_once(st.open_storage(url), "exact", ["minimize"])
+    url = urls.normalize(postgres_url)
+    study, _ = st.create_once(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), "exact", ["minimize"])
     study.enqueue_trial({"x": 0.5})  # an enqueued trial (the baseline) takes the first slot
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(8)

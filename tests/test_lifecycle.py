@@ -28,7 +28,7 @@ def _heartbeat_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> optuna.
 
     monkeypatch.setenv("FLEXUNET_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("FLEXUNET_GRACE_PERIOD", "1")
-    study, _ = st.create_once(st.open_storage(f"sqlite:///{tmp_path / 'study.db'}"), "life", ["minimize"])
+    study, _ = st.create_once(st.open_storage(f"sqlite:///{tmp_path / 'study.db'}", on_stale=lifecycle.stale_trial_callback), "life", ["minimize"])
     return study
 
 

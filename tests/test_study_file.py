@@ -12,6 +12,7 @@ from flexunet import config as cfg
 from flexunet.errors import ConfigError
 from search.spec import space as sp
 from search.store import storage as st
+from search.store import urls
 from search.spec import study_file
 
 MINIMAL = """
@@ -143,16 +144,16 @@ def test_infeasible_configs_are_named_and_the_baseline_is_exempt_from_size_caps(
 
 
 def test_storage_urls_are_resolved_and_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(st.ENV_VAR, raising=False)
-    assert st.resolve_url(None, None, tmp_path) == f"sqlite:///{tmp_path / 'study.db'}"
-    assert st.resolve_url(None, "mysql://root@h/db", tmp_path) == "mysql+pymysql://root@h/db"
-    monkeypatch.setenv(st.ENV_VAR, "postgresql://u:secret@h:5432/db")
-    assert st.resolve_url(None, None, tmp_path) == "postgresql+psycopg://u:secret@h:5432/db"
-    assert st.resolve_url("journal:x.log", None, tmp_path) == "journal:x.log"
-    assert st.mask("postgresql+psycopg://u:secret@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
-    assert st.mask("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
-    assert st.public(f"sqlite:///{tmp_path}/study.db") == "sqlite:///study.db"
-    assert [st.kind(u) for u in ("sqlite:///a", "journal:a", "redis://h", "mysql+pymysql://h")] == [
+    monkeypatch.delenv(urls.ENV_VAR, raising=False)
+    assert urls.resolve_url(None, None, tmp_path) == f"sqlite:///{tmp_path / 'study.db'}"
+    assert urls.resolve_url(None, "mysql://root@h/db", tmp_path) == "mysql+pymysql://root@h/db"
+    monkeypatch.setenv(urls.ENV_VAR, "postgresql://u:secret@h:5432/db")
+    assert urls.resolve_url(None, None, tmp_path) == "postgresql+psycopg://u:secret@h:5432/db"
+    assert urls.resolve_url("journal:x.log", None, tmp_path) == "journal:x.log"
+    assert urls.mask("postgresql+psycopg://u:secret@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
+    assert urls.mask("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert urls.public(f"sqlite:///{tmp_path}/study.db") == "sqlite:///study.db"
+    assert [urls.kind(u) for u in ("sqlite:///a", "journal:a", "redis://h", "mysql+pymysql://h")] == [
         "sqlite", "journal-file", "journal-redis", "mysql"]
 
 

@@ -38,9 +38,10 @@ from flexunet.model import estimate_cost
 from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.postprocess import PostProcessing
 from flexunet.train import MODEL_FILE
+from flexunet.infer import latency_ms
 from search import keys, paths
 from search.store.artifacts import Store
-from search.trial.objective import latency_ms
+from search.spec.space import recorded_config
 from search.results.status import baseline_trial, best_trials
 
 _logger = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def _refit_package(study: optuna.Study, storage: Any, artifacts: Store, into: Pa
     numbers = [int(n) for n in record["configurations"]]
     by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
     sources = [by_number[n] for n in numbers]
-    config = trial_config(base, sources[0], into)
+    config = recorded_config(base, sources[0], into)
     size = int(spec.image_size or config.model.image_width)
     config = cfg.override(config, "model", {"image_width": size, "image_height": size}, "[refit] image_size")
     members: dict[tuple[int, int], list[Any]] = {}
@@ -308,25 +309,8 @@ def _read_oof(path: Path) -> OutOfFold:
     return OutOfFold(probabilities, masks, names, folds)
 
 
-def trial_config(base: cfg.Config, trial: FrozenTrial, out: Path) -> cfg.Config:
-    """The dataset's config with the trial's settings, writing into ``out``."""
-    settings = dict(trial.user_attrs.get("settings") or {})
-    if not settings:
-        raise FlexUNetError(f"trial {trial.number} has no 'settings' user attribute")
-    model_keys = {k: v for k, v in settings.items() if k in vars(base.model)}
-    train_keys = {k: v for k, v in settings.items() if k in vars(base.train)}
-    config = cfg.override(base, "model", model_keys, f"trial {trial.number}")
-    config = cfg.override(config, "train", train_keys, f"trial {trial.number}")
-    return config.replace(
-        train=_replace(config.train, model_dir=out, eval_dir=out / "eval", epoch_change_infer=False,
-                       epoch_change_infer_dir=out / "epoch_change_infer"),
-        eval=cfg.EvalConfig(out),
-        infer=cfg.InferConfig(config.test.images_dir, out / "infer_output"),
-    )
 
 
-def _replace(obj: Any, **changes: Any) -> Any:
-    return dataclasses.replace(obj, **changes)
 
 
 def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, artifacts: Store, masked_storage: str,
@@ -348,7 +332,7 @@ def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, ar
             package = _package(trial, storage, artifacts, Path(tmp), tta)
             if package.members > 1:
                 oof = _read_oof(_download_artifact(trial, storage, artifacts, paths.OOF_PREDICTIONS, Path(tmp)))
-                package = _with_postprocessing(package, oof, trial_config(base, trial, Path(tmp)))
+                package = _with_postprocessing(package, oof, recorded_config(base, trial, Path(tmp)))
     network = package.network
     with staged_dir(out, replace=force) as stage, _quiet_exporters():
         # Saved again uncompiled: no training objects, so plain Keras loads it with no imports.
@@ -361,7 +345,7 @@ def export(study: optuna.Study, storage: Any, out: Path, *, base: cfg.Config, ar
             files.append("model.onnx")
         else:
             _logger.info("ONNX skipped: install the 'export' extra (tf2onnx, onnxruntime)")
-        config = trial_config(base, trial, stage)
+        config = recorded_config(base, trial, stage)
         if refitted:
             config = config.replace(model=refit_config.model)
         config = config.replace(postprocess=package.postprocessing)

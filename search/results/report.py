@@ -37,7 +37,8 @@ from flexunet.outputs import staged_dir, write_text_atomic
 from flexunet.train import MODEL_FILE
 from search import keys
 from search.store.artifacts import MissingArtifact, Store, find
-from search.results.export import choose_trial, fold_count, trial_config, trial_network
+from search.results.export import choose_trial, fold_count, trial_network
+from search.spec.space import recorded_config
 from search import paths
 from search.results.status import baseline_trial
 
@@ -256,7 +257,7 @@ def _test_predictions(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], b
     import keras
 
     with tempfile.TemporaryDirectory(prefix="report-") as tmp:  # the config's outputs: never written
-        config = trial_config(base, trials[0][1], Path(tmp))
+        config = recorded_config(base, trials[0][1], Path(tmp))
         data = load_split(config, "test")
     runs: dict[int, _TestRun] = {}
     for _, trial in trials:

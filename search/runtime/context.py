@@ -25,6 +25,7 @@ from search.store import storage as st
 from search.spec import study_file
 from search.paths import SPLIT_FILE, RunFolder
 from search.spec.study_file import ParamSpec, StudySpec
+from search.trial import lifecycle
 
 _logger = logging.getLogger(__name__)
 LAUNCHER_ENV = "FLEXUNET_LAUNCHER_PID"  # a local worker's launcher: the worker ends with it
@@ -124,7 +125,7 @@ def create_study(spec: StudySpec, url: str, out: Path, storage: optuna.storages.
     artifacts = artifacts or af.resolve(None, spec.artifacts, out)
     base, size = open_dataset(spec, out)
     space = study_space(spec, size)
-    storage = storage or st.open_storage(url)
+    storage = storage or st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     study, created = st.create_once(storage, spec.name, spec.directions, algorithms.make_sampler(spec),
                                     algorithms.make_pruner(spec))
     existing = study.user_attrs.get(k.STUDY_IMAGE_SIZE)

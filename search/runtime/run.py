@@ -32,6 +32,8 @@ from search.runtime import progress
 from search import keys as k
 from search.spec import space as sp
 from search.store import storage as st
+from search.store import retry
+from search.store import urls
 from search.spec import budget
 from search.trial import refit as rf
 from search.runtime.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, WorkerPlan, create_study, dataset_config_path,
@@ -98,7 +100,7 @@ class _Workers:
 
     def start(self, index: int) -> None:
         env = worker_env(index, self.options.workers, self.options.gpus, self.gpu_memory)
-        env[st.ENV_VAR] = self.url  # not on the command line, where `ps` would show a password
+        env[urls.ENV_VAR] = self.url  # not on the command line, where `ps` would show a password
         env[SLOT_ENV] = f"{index}.{self.started[index]}"
         env[LAUNCHER_ENV] = str(os.getpid())
         self.started[index] += 1
@@ -193,7 +195,7 @@ def _on_signal(signum: int, frame: object) -> None:
     # Raised when the storage call in progress (the progress line reads the study every second)
     # has returned: raised inside it, it left a SQLite cursor half read, whose lock kept the
     # workers from booking their interrupted trials while this process waited for them.
-    st.interrupt_outside_calls(KeyboardInterrupt(signal.Signals(signum).name))
+    retry.interrupt_outside_calls(KeyboardInterrupt(signal.Signals(signum).name))
 
 
 def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path]:
@@ -201,12 +203,12 @@ def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path
     baseline) and its dashboard note. ``flexunet search create`` stops here."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     out = out_dir(spec, options.out)
-    url = st.resolve_url(options.storage, spec.storage, out)
+    url = urls.resolve_url(options.storage, spec.storage, out)
     # The stores are opened first: a wrong URL must not leave a study folder behind, and a wrong
     # bucket fails here, once, not in every worker (they make an artifact folder themselves).
     artifacts = af.resolve(options.artifacts, spec.artifacts, out)
     af.open_store(artifacts, check=artifacts.folder is None)
-    storage = st.open_storage(url)
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     out.mkdir(parents=True, exist_ok=True)
     ensure_dataset(spec, out)
     for line in _fold_class_warnings(spec, out):
@@ -215,8 +217,8 @@ def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path
     warning = af.mismatch_warning(study, artifacts)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    dashboard.write_study_note(study, st.mask(url))
-    print(f"study {spec.name!r} on {st.mask(url)}; output in {out}; trial files in {artifacts}", flush=True)
+    dashboard.write_study_note(study, urls.mask(url))
+    print(f"study {spec.name!r} on {urls.mask(url)}; output in {out}; trial files in {artifacts}", flush=True)
     return study, url, out
 
 
@@ -257,7 +259,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
     clock = _SearchClock(study, spec, options.workers, started) if spec.refit is not None and timeout else None
     code = _follow(study, workers, watcher, spec.budget.n_trials, deadline, clock)
-    dashboard.write_study_note(study, st.mask(url))  # now with the baseline's final value
+    dashboard.write_study_note(study, urls.mask(url))  # now with the baseline's final value
     if code != 0 or spec.refit is None:
         return code
     return _run_refit(spec, options, study, url, out, artifacts, deadline=started + timeout if timeout else None)
@@ -276,7 +278,7 @@ def refit(spec: StudySpec, options: RunOptions) -> int:
 
 def _run_refit(spec: StudySpec, options: RunOptions, study: optuna.Study, url: str, out: Path,
                artifacts: af.Location, deadline: float | None = None) -> int:
-    refit_study = rf.plan(study, st.open_storage(url), spec)
+    refit_study = rf.plan(study, st.open_storage(url, on_stale=lifecycle.stale_trial_callback), spec)
     total = rf.models(refit_study)
     done = len(rf.finished(refit_study))
     record = study.user_attrs[k.STUDY_REFIT]
@@ -295,7 +297,7 @@ def _run_refit(spec: StudySpec, options: RunOptions, study: optuna.Study, url: s
                                    "training resumes from its last epoch)")
         if code != 0:
             return code
-    dashboard.write_study_note(study, st.mask(url))
+    dashboard.write_study_note(study, urls.mask(url))
     for line in rf.status_lines(study, st.open_storage(url, heartbeat=False, create=False)):
         print(line)
     return 0

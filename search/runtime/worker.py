@@ -80,11 +80,11 @@ def _raise_interrupted(signum: int, frame: Any) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     interrupted = Interrupted(signal.Signals(signum).name)
-    storage = sys.modules.get("search.store.storage")  # not imported yet: no database call to wait for
-    if storage is None:
+    retry = sys.modules.get("search.store.retry")  # not imported yet: no database call to wait for
+    if retry is None:
         raise interrupted
     # Not in the middle of a database call: that would leave its SQLite lock behind.
-    storage.interrupt_outside_calls(interrupted)
+    retry.interrupt_outside_calls(interrupted)
 
 
 def end_with_launcher(launcher: int, poll: float = 1.0) -> None:
@@ -159,11 +159,13 @@ def open_worker_storage() -> Any:
     connection). Raises :class:`search.store.storage.ServerFull` when the database has no free slot."""
     from flexunet.errors import ConfigError
     from search.store import storage as st
+    from search.store import urls
+    from search.trial import lifecycle
 
-    url = os.environ.get(st.ENV_VAR)
+    url = os.environ.get(urls.ENV_VAR)
     if not url:
-        raise ConfigError(f"the worker needs ${st.ENV_VAR}")
-    return st.open_storage(st.normalize(url))
+        raise ConfigError(f"the worker needs ${urls.ENV_VAR}")
+    return st.open_storage(urls.normalize(url), on_stale=lifecycle.stale_trial_callback)
 
 
 def _run(plan_path: Path, storage: Any) -> int:
@@ -172,10 +174,11 @@ def _run(plan_path: Path, storage: Any) -> int:
     from search.spec import algorithms
     from search.store import artifacts as af
     from search.store import storage as st
+    from search.store import urls
     from search.runtime.context import REFIT, SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
     from search.trial.objective import Objective, TrialFailure
 
-    url = os.environ[st.ENV_VAR]
+    url = os.environ[urls.ENV_VAR]
     plan = WorkerPlan.read(plan_path)
     spec = plan.spec
     base, image_size = open_dataset(spec, plan.out)
@@ -193,7 +196,7 @@ def _run(plan_path: Path, storage: Any) -> int:
                           dataset_dir=dataset_config_path(spec, plan.out).parent)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _logger.info("worker pid %d on %s joined study %r (%s), trial files in %s", os.getpid(), socket.gethostname(),
-                 spec.name, st.mask(url), artifacts.location)
+                 spec.name, urls.mask(url), artifacts.location)
     run_trials(study, objective, spec.budget.n_trials, deadline=plan.deadline, catch=(TrialFailure,),
                moving_deadline=spec.refit is not None)
     return EXIT_OK

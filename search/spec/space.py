@@ -6,13 +6,16 @@ import dataclasses
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import optuna
+from optuna.trial import FrozenTrial
 
 from flexunet import config as cfg
-from flexunet.errors import ConfigError
+from flexunet.errors import ConfigError, FlexUNetError
 from flexunet.model import estimate_cost
+from search import keys as k
 from search.spec.study_file import SETTABLE, Budget, ParamSpec, StudySpec
 
 # The seed project's hand-tuned ICH settings (train_eval_infer.config of 2026/01/20). Its 8
@@ -204,3 +207,21 @@ def _worker_share_gb() -> float | None:
         return float(value) if value else None
     except ValueError:
         return None
+
+
+def recorded_config(base: cfg.Config, trial: FrozenTrial, out: Path) -> cfg.Config:
+    """The dataset's config with the settings a trial recorded (its ``settings`` user
+    attribute), writing into ``out``: what the export, the report and the refit rebuild."""
+    settings = dict(trial.user_attrs.get(k.SETTINGS) or {})
+    if not settings:
+        raise FlexUNetError(f"trial {trial.number} has no 'settings' user attribute")
+    model_keys = {k: v for k, v in settings.items() if k in vars(base.model)}
+    train_keys = {k: v for k, v in settings.items() if k in vars(base.train)}
+    config = cfg.override(base, "model", model_keys, f"trial {trial.number}")
+    config = cfg.override(config, "train", train_keys, f"trial {trial.number}")
+    return config.replace(
+        train=dataclasses.replace(config.train, model_dir=out, eval_dir=out / "eval", epoch_change_infer=False,
+                       epoch_change_infer_dir=out / "epoch_change_infer"),
+        eval=cfg.EvalConfig(out),
+        infer=cfg.InferConfig(config.test.images_dir, out / "infer_output"),
+    )

@@ -39,14 +39,15 @@ from collections.abc import Callable, Container, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import optuna
-from optuna.storages import BaseStorage, RDBStorage
+from optuna.storages import BaseStorage, GrpcStorageProxy, RDBStorage
 from optuna.storages import _CachedStorage as CachedStorage
 from optuna.storages._heartbeat import BaseHeartbeat, is_heartbeat_enabled
 
 if TYPE_CHECKING:
     from optuna.trial import FrozenTrial, Trial
 
-__all__ = ["BaseHeartbeat", "CACHED_BACKEND_CALLS", "CachedStorage", "TrialsView", "backend", "bulk_add_trials",
+__all__ = ["BaseHeartbeat", "CACHED_BACKEND_CALLS", "CachedStorage", "HEARTBEAT_PRIVATE_CALLS", "HeartbeatProxy",
+           "RDBStaleTrials", "TrialsView", "backend", "bulk_add_trials",
            "grace_period", "gradient_registry", "heartbeat_interval", "is_heartbeat_enabled", "set_trial_system_attr",
            "set_trial_user_attr", "stale_trial_ids", "study_id", "study_storage", "trial_id",
            "trial_ids_with_heartbeat"]
@@ -122,6 +123,38 @@ class TrialsView:
 # changes how RDBStorage talks to the database (flexunet's retries) must cover these too.
 CACHED_BACKEND_CALLS = frozenset({"_create_new_trial", "_set_trial_param", "_get_best_trial_id", "_get_trials",
                                   "_get_stale_trial_ids"})
+
+
+# Private methods flexunet's storages wrap with their retries: RDBStorage's that the read cache
+# calls (above), and the heartbeat's stale-trial query of any heartbeat storage.
+HEARTBEAT_PRIVATE_CALLS = ("_get_stale_trial_ids",)
+
+
+class RDBStaleTrials(RDBStorage):
+    """An RDBStorage whose stale-trial query also names :meth:`extra_stale_trial_ids`.
+
+    Optuna's ``fail_stale_trials`` asks a heartbeat storage through the private
+    ``_get_stale_trial_ids``; this class overrides it here so that no other module does.
+    """
+
+    def extra_stale_trial_ids(self, study_id: int) -> list[int]:
+        """Trials to count as stale beyond those whose heartbeat stopped (none here)."""
+        return []
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        stale = super()._get_stale_trial_ids(study_id)
+        return stale + [i for i in self.extra_stale_trial_ids(study_id) if i not in stale]
+
+
+class HeartbeatProxy(GrpcStorageProxy, BaseHeartbeat):
+    """Optuna's gRPC proxy client with a heartbeat of its own: Optuna asks it for stale trials
+    through the private ``_get_stale_trial_ids``, answered by :meth:`stale_trial_ids_of`."""
+
+    def stale_trial_ids_of(self, study_id: int) -> list[int]:
+        raise NotImplementedError
+
+    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+        return self.stale_trial_ids_of(study_id)
 
 
 def backend(storage: BaseStorage) -> BaseStorage:

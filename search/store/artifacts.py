@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from flexunet.errors import ConfigError, FlexUNetError
 from search import keys
+from search.store.urls import mask
 
 if TYPE_CHECKING:
     import optuna
@@ -253,7 +254,7 @@ def _s3_client(location: Location) -> Any:
 def _check_bucket(client: Any, location: Location) -> None:
     from botocore.exceptions import ClientError, NoCredentialsError
 
-    endpoint = _mask(getattr(client.meta, "endpoint_url", "") or "")
+    endpoint = mask(getattr(client.meta, "endpoint_url", "") or "")
     try:
         client.head_bucket(Bucket=location.bucket)
     except NoCredentialsError:
@@ -273,9 +274,5 @@ def _check_bucket(client: Any, location: Location) -> None:
                             "AWS_ENDPOINT_URL)") from None
 
 
-def _mask(url: str) -> str:
-    return re.sub(r"//[^/@]*@", "//***@", url)
-
-
 def _first_line(exc: BaseException) -> str:
-    return _mask((str(exc).strip().splitlines() or [type(exc).__name__])[0])
+    return mask((str(exc).strip().splitlines() or [type(exc).__name__])[0])

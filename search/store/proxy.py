@@ -21,9 +21,9 @@ Example (a proxy in a thread of this process, over a SQLite file)::
 
     import threading
     import optuna
-    from search.store import proxy
+    from search.store import proxy, proxy_server
 
-    threading.Thread(target=proxy.serve, args=("sqlite:///proxied.db",), kwargs={"port": 13099},
+    threading.Thread(target=proxy_server.serve, args=("sqlite:///proxied.db",), kwargs={"port": 13099},
                      daemon=True).start()
     storage = proxy.connect("grpc://127.0.0.1:13099")
     study = optuna.create_study(storage=storage)
@@ -36,21 +36,17 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 import optuna
-from optuna.storages import GrpcStorageProxy
 from optuna.trial import FrozenTrial, TrialState
 
 from flexunet.errors import ConfigError
 from search.store import _internals
-from search.store import storage as st
+from search.store.retry import RECONNECT_SECONDS, retried
 
 _logger = logging.getLogger(__name__)
 DEFAULT_PORT = 13000  # Optuna's
-THREADS = 16  # the proxy's request threads
-CONNECTIONS = 4  # the proxy's database connections (requests wait for a free one)
 READY_SECONDS = 30.0  # how long a client waits for the proxy at start-up
 HEARTBEAT_KEY = "flexunet_heartbeat"  # trial system attr: the worker's last heartbeat (epoch seconds)
 
@@ -65,7 +61,7 @@ def parse(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class ProxyStorage(GrpcStorageProxy, _internals.BaseHeartbeat):
+class ProxyStorage(_internals.HeartbeatProxy):
     """A client of ``flexunet search proxy``: Optuna's ``GrpcStorageProxy`` whose calls wait for
     a proxy that went away (up to ``max_wait`` seconds, as :class:`search.store.storage.RetryingStorage`
     waits for a database), with a heartbeat through trial system attrs (see the module's doc).
@@ -76,7 +72,7 @@ class ProxyStorage(GrpcStorageProxy, _internals.BaseHeartbeat):
     def __init__(self, *, host: str, port: int, heartbeat_interval: int | None = None,
                  grace_period: int | None = None,
                  heartbeat_stale_trial_callback: Callable[[optuna.Study, FrozenTrial], None] | None = None,
-                 max_wait: float = st.RECONNECT_SECONDS) -> None:
+                 max_wait: float = RECONNECT_SECONDS) -> None:
         super().__init__(host=host, port=port)
         self.url = f"grpc://{host}:{port}"
         self.max_wait = max_wait
@@ -91,7 +87,7 @@ class ProxyStorage(GrpcStorageProxy, _internals.BaseHeartbeat):
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # the trial ended (or another process failed it) between two beats
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
+    def stale_trial_ids_of(self, study_id: int) -> list[int]:
         if self.heartbeat_interval is None:
             return []
         grace = self.grace_period or 2 * self.heartbeat_interval
@@ -125,10 +121,10 @@ RETRIED_METHODS = (
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
     "get_all_studies", "create_new_trial", "set_trial_param", "get_trial_id_from_study_id_trial_number",
     "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr",
-    "get_trial", "get_all_trials", "record_heartbeat", "_get_stale_trial_ids",
+    "get_trial", "get_all_trials", "record_heartbeat", *_internals.HEARTBEAT_PRIVATE_CALLS,
 )
 for _name in RETRIED_METHODS:
-    setattr(ProxyStorage, _name, st.retried(getattr(ProxyStorage, _name)))
+    setattr(ProxyStorage, _name, retried(getattr(ProxyStorage, _name)))
 
 
 def connect(url: str, *, heartbeat_interval: int | None = None, grace_period: int | None = None,
@@ -148,37 +144,7 @@ def connect(url: str, *, heartbeat_interval: int | None = None, grace_period: in
     return storage
 
 
-def backend_storage(url: str, connections: int = CONNECTIONS) -> optuna.storages.BaseStorage:
-    """What the proxy serves: flexunet's retrying storage on ``url`` (``connections`` database
-    connections, no heartbeat of its own: its clients beat) behind Optuna's read cache."""
-    if st.kind(url) not in ("postgresql", "mysql", "sqlite"):
-        raise ConfigError(f"--storage {st.mask(url)}: the proxy serves a relational database (PostgreSQL, "
-                          "MySQL, SQLite), not a journal or another proxy (Optuna's proxy has no journal support)")
-    return optuna.storages.get_storage(st.open_storage(url, heartbeat=False, connections=connections))
 
 
-def serve(url: str, *, host: str = "127.0.0.1", port: int = DEFAULT_PORT, threads: int = THREADS,
-          connections: int = CONNECTIONS, ready: Callable[[str], None] | None = None) -> None:
-    """Serve the study database ``url`` on ``host:port`` with Optuna's ``run_grpc_proxy_server``
-    until the process is interrupted; ``ready`` gets the clients' URL once the port is free."""
-    storage = backend_storage(url, connections)
-    _check_port_free(host, port)
-    if ready is not None:
-        ready(f"grpc://{host}:{port}")
-    try:
-        optuna.storages.run_grpc_proxy_server(storage, host=host, port=port,
-                                              thread_pool=ThreadPoolExecutor(max_workers=threads))
-    except RuntimeError as exc:  # grpc: "Failed to bind to address"
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc})") from None
-    except KeyboardInterrupt:
-        pass
 
 
-def _check_port_free(host: str, port: int) -> None:
-    import socket
-
-    try:
-        with socket.create_server((host, port), reuse_port=False):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({exc.strerror or exc})") from None

@@ -14,42 +14,31 @@ full refuses a worker at start-up with :class:`ServerFull`, whose message says b
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 import random
-import re
-import threading
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import optuna
 
 from flexunet.errors import ConfigError
 from search.store import _internals
-from search.trial import lifecycle
-from search.paths import RunFolder
+from search.store.retry import RECONNECT_SECONDS, first_line, retried
+from search.store.urls import journal_path, kind, mask, sqlite_path
 
 _logger = logging.getLogger(__name__)
-ENV_VAR = "FLEXUNET_STORAGE"
 HEARTBEAT_INTERVAL = 20  # seconds between a running trial's heartbeats
 GRACE_PERIOD = 60  # a trial silent this long is failed (and retried) by the next worker
-RECONNECT_SECONDS = 300.0  # how long a call waits for a lost database to come back
-# The longest pause between two attempts of a call. A server that went away comes back in
-# seconds to minutes, so waits grow to 15 s; SQLite's "database is locked" has already waited
-# out the driver's busy timeout (5 s) and the lock goes with the writer's next commit, so a
-# SQLite call tries again within a second.
-MAX_PAUSE_SECONDS = 15.0
-SQLITE_MAX_PAUSE_SECONDS = 1.0
 CONNECTIONS = 1  # database connections per process (the proxy takes more: search.store.proxy)
 FULL_ATTEMPTS = 3  # tries to connect to a full server, a few seconds apart, before giving up
 # What PostgreSQL and MySQL/MariaDB say when every connection slot is taken (MySQL's error 1040).
 _FULL_SERVER = ("too many clients", "remaining connection slots are reserved", "too many connections")
 
 
+StaleCallback = Callable[[optuna.Study, "optuna.trial.FrozenTrial"], None]
 EXIT_SERVER_FULL = 3  # the exit status of a worker that a full server turned away
 
 
@@ -59,77 +48,33 @@ class ServerFull(ConfigError):
     connection adds the server's figures (:func:`full_server_line`)."""
 
 
-def resolve_url(cli_value: str | None, study_value: str | None, out_dir: Path) -> str:
-    """``--storage``, then ``$FLEXUNET_STORAGE``, then the study file, then SQLite in ``out_dir``."""
-    url = cli_value or os.environ.get(ENV_VAR) or study_value
-    if not url:
-        return RunFolder(out_dir).sqlite_url()
-    return normalize(url)
 
 
-def normalize(url: str) -> str:
-    url = url.strip()
-    if not url or any(c in url for c in "\x00\n\r"):
-        raise ConfigError("storage URL: empty or holds control characters")
-    for plain, driver in (("postgresql://", "postgresql+psycopg://"), ("postgres://", "postgresql+psycopg://"),
-                          ("mysql://", "mysql+pymysql://"), ("mariadb://", "mysql+pymysql://")):
-        if url.startswith(plain):
-            return driver + url[len(plain):]
-    return url
 
 
-def kind(url: str) -> str:
-    """'sqlite', 'postgresql', 'mysql', 'journal-file', 'journal-redis' (or the URL's scheme)."""
-    if url.startswith("journal:"):
-        return "journal-file"
-    if url.startswith(("redis://", "rediss://", "unix://")):
-        return "journal-redis"
-    if url.startswith("grpc://"):
-        return "grpc"
-    scheme = url.split(":", 1)[0]
-    return scheme.split("+", 1)[0]
 
 
-def mask(url: str) -> str:
-    """The URL with its password replaced by ***, safe for logs, notes and reports."""
-    return re.sub(r"(//[^/@:]*:)[^@/]*@", r"\1***@", url) if "@" in url else url
 
 
-def public(url: str) -> str:
-    """The URL as exported files may show it: masked, and a local file reduced to its name (an
-    absolute path of the machine that made the file says nothing useful elsewhere)."""
-    what = kind(url)
-    if what == "sqlite":
-        return "sqlite:///" + _sqlite_path(url).name
-    if what == "journal-file":
-        return "journal:" + _journal_path(url).name
-    return mask(url)
 
 
-def _sqlite_path(url: str) -> Path:
-    return Path(url.split("///", 1)[-1])
 
 
-def _journal_path(url: str) -> Path:
-    path = url[len("journal:"):]
-    if path.startswith("///"):
-        path = path[2:]
-    if not path:
-        raise ConfigError("storage URL journal:PATH: the path is missing")
-    return Path(path)
 
 
-def open_storage(url: str, *, heartbeat: bool = True, create: bool = True,
+def open_storage(url: str, *, heartbeat: bool = True, on_stale: StaleCallback | None = None, create: bool = True,
                  connections: int = CONNECTIONS) -> optuna.storages.BaseStorage:
-    """An Optuna storage for ``url``; RDB storages (and the proxy's clients) get heartbeats and
-    the retry of stale trials. A database server gets at most ``connections`` connections from
-    this storage (one: a worker's heartbeat shares its connection).
+    """An Optuna storage for ``url``; RDB storages (and the proxy's clients) get heartbeats, and
+    ``on_stale`` is called for a trial whose heartbeat stopped (the trial layer's retry:
+    ``search.trial.lifecycle.stale_trial_callback``; the storage knows nothing of trials' lives).
+    A database server gets at most ``connections`` connections from this storage (one: a
+    worker's heartbeat shares its connection).
 
     With ``create=False`` (commands that only read a study) a SQLite or journal file that does
     not exist is an error, rather than an empty database left behind.
     """
     what = kind(url)
-    path = _sqlite_path(url) if what == "sqlite" else _journal_path(url) if what == "journal-file" else None
+    path = sqlite_path(url) if what == "sqlite" else journal_path(url) if what == "journal-file" else None
     if path is not None and not create and not path.is_file():
         raise ConfigError(f"{path}: no study database there (has the study run? its folder may be "
                           "elsewhere: pass --run-dir DIR or --storage URL)")
@@ -147,20 +92,20 @@ def open_storage(url: str, *, heartbeat: bool = True, create: bool = True,
         if what == "grpc":
             from search.store import proxy
 
-            return proxy.connect(url, **(heartbeat_settings() if heartbeat else {}))
+            return proxy.connect(url, **(heartbeat_settings(on_stale) if heartbeat else {}))
         # One connection, never more: SQLAlchemy's default pool lets the heartbeat thread open a
         # second one beside the main thread's (2 per worker, measured in pg_stat_activity).
         kwargs: dict[str, Any] = ({"engine_kwargs": {"pool_pre_ping": True, "pool_size": connections,
                                                      "max_overflow": 0}} if what != "sqlite" else {})
         if heartbeat:
-            kwargs.update(heartbeat_settings())
+            kwargs.update(heartbeat_settings(on_stale))
         return _create_rdb(url, kwargs)
     except ConfigError:  # already names what is wrong (journal: without a path)
         raise
     except (ImportError, ValueError, TypeError) as exc:
-        raise ConfigError(f"storage {mask(url)}: {_first_line(exc)}") from None
+        raise ConfigError(f"storage {mask(url)}: {first_line(exc)}") from None
     except Exception as exc:  # sqlalchemy.exc.*, redis errors: the server is not reachable
-        raise ConfigError(f"storage {mask(url)}: cannot connect ({_first_line(_root_cause(exc))})") from None
+        raise ConfigError(f"storage {mask(url)}: cannot connect ({first_line(_root_cause(exc))})") from None
 
 
 def _create_schema_once(url: str) -> None:
@@ -186,12 +131,12 @@ def _check_schema(storage: RetryingStorage) -> None:
                           "the Optuna that made them")
 
 
-def heartbeat_settings() -> dict[str, Any]:
+def heartbeat_settings(on_stale: StaleCallback | None = None) -> dict[str, Any]:
     """A worker's heartbeat: interval, grace period ($FLEXUNET_HEARTBEAT_INTERVAL,
-    $FLEXUNET_GRACE_PERIOD) and the retry of a trial whose heartbeat stopped."""
+    $FLEXUNET_GRACE_PERIOD) and what is done with a trial whose heartbeat stopped."""
     return {"heartbeat_interval": _env_seconds("FLEXUNET_HEARTBEAT_INTERVAL", HEARTBEAT_INTERVAL),
             "grace_period": _env_seconds("FLEXUNET_GRACE_PERIOD", GRACE_PERIOD),
-            "heartbeat_stale_trial_callback": lifecycle.stale_trial_callback}
+            "heartbeat_stale_trial_callback": on_stale}
 
 
 def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> RetryingStorage:
@@ -232,7 +177,7 @@ def _create_rdb(url: str, kwargs: dict[str, Any], attempts: int = 6) -> Retrying
                 "access denied"))
             if refused or attempt == attempts - 1:
                 raise
-            _logger.info("opening storage %s failed (%s); retrying", mask(url), _first_line(cause))
+            _logger.info("opening storage %s failed (%s); retrying", mask(url), first_line(cause))
             time.sleep(0.2 + random.random() * (attempt + 1))
     raise AssertionError("unreachable")
 
@@ -262,7 +207,7 @@ def full_server_line(url: str, cause: BaseException | str, figures: tuple[int, i
     """The one line that says a server is full, its figures where known, and both ways out."""
     numbers = (f"max_connections = {figures[0]}, {figures[1]} in use" if figures else
                "its max_connections and the count in use cannot be read without a free connection")
-    reason = cause if isinstance(cause, str) else _first_line(cause)
+    reason = cause if isinstance(cause, str) else first_line(cause)
     return (f"storage {mask(url)}: the database server is full ({numbers}; {reason}); each worker holds one "
             "connection: raise the server's max_connections (less what other clients use is how many workers "
             "it holds), or serve the study through one proxy (flexunet search proxy --storage URL, then every "
@@ -289,7 +234,7 @@ def _env_seconds(name: str, default: int) -> int:
     return int(value)
 
 
-class RetryingStorage(optuna.storages.RDBStorage):
+class RetryingStorage(_internals.RDBStaleTrials):
     """An RDBStorage whose calls wait for a lost database connection to come back.
 
     A study runs for days; a database restart or a network blip must not kill the trials in
@@ -320,11 +265,7 @@ class RetryingStorage(optuna.storages.RDBStorage):
         self.max_wait = max_wait
         super().__init__(url, engine_kwargs, skip_compatibility_check, **kwargs)
 
-    def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        stale = super()._get_stale_trial_ids(study_id)
-        return stale + [i for i in self._stale_without_heartbeat(study_id) if i not in stale]
-
-    def _stale_without_heartbeat(self, study_id: int) -> list[int]:
+    def extra_stale_trial_ids(self, study_id: int) -> list[int]:
         interval = self.heartbeat_interval or 0
         limit = timedelta(seconds=(self.grace_period or 2 * interval) + 2 * interval)
         now = datetime.now()  # Optuna stamps datetime_start with the creating host's local time
@@ -339,151 +280,36 @@ class RetryingStorage(optuna.storages.RDBStorage):
 RETRIED_METHODS = (
     "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr", "get_study_id_from_name",
     "get_study_name_from_id", "get_study_directions", "get_study_user_attrs", "get_study_system_attrs",
-    "get_all_studies", "create_new_trial", "_create_new_trial", "set_trial_param", "_set_trial_param",
+    "get_all_studies", "create_new_trial", "set_trial_param",
     "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value", "set_trial_user_attr",
     "set_trial_system_attr", "get_trial_id_from_study_id_trial_number", "get_trial_number_from_id",
-    "get_trial", "get_all_trials", "_get_trials", "get_best_trial", "_get_best_trial_id", "get_n_trials",
+    "get_trial", "get_all_trials", "get_best_trial", "get_n_trials",
     "get_trial_params", "get_trial_user_attrs", "get_trial_system_attrs", "check_trial_is_updatable",
-    "record_heartbeat", "_get_stale_trial_ids", "get_current_version", "upgrade",
+    "record_heartbeat", "get_current_version", "upgrade",
+    *sorted(_internals.CACHED_BACKEND_CALLS | set(_internals.HEARTBEAT_PRIVATE_CALLS)),
 )
-_calls = threading.local()  # per thread: whether a retried call is already running
 
 
-def interrupt_outside_calls(exc: BaseException) -> None:
-    """Raise ``exc`` (a signal handler's interrupt) now, or, if this thread is inside a call of
-    :class:`RetryingStorage`, as soon as that call returns or waits to retry.
-
-    A worker's SIGTERM handler raises where the main thread happens to be. Raised inside
-    SQLAlchemy, it left a SQLite cursor half read, whose shared lock outlived the call while the
-    exception was handled: every writer of the study, the worker's own bookkeeping of the
-    interrupted trial included, then failed with "database is locked" for minutes (a `.ci/run`:
-    two workers still alive ~3 minutes after their launcher was killed)."""
-    if getattr(_calls, "active", False):
-        _calls.interrupt = exc
-        return
-    raise exc
 
 
-def _raise_deferred_interrupt() -> None:
-    pending = getattr(_calls, "interrupt", None)
-    if pending is not None:
-        _calls.interrupt = None
-        raise pending
 
 
-def retried(method: Callable[..., Any]) -> Callable[..., Any]:
-    """``method`` of a storage (with ``url`` and ``max_wait``) retried while its server is
-    unreachable; a retried method that calls another retries as one call."""
-    @functools.wraps(method)
-    def call(self: RetryingStorage, *args: Any, **kwargs: Any) -> Any:
-        if getattr(_calls, "active", False):  # a method called by a retried one: the outer call retries
-            return method(self, *args, **kwargs)
-        _calls.active = True
-        try:
-            result = _with_retries(method, self, args, kwargs)
-        finally:
-            _calls.active = False
-            _raise_deferred_interrupt()
-        return result
-
-    return call
 
 
-def _with_retries(method: Callable[..., Any], storage: RetryingStorage, args: tuple, kwargs: dict[str, Any]) -> Any:
-    from sqlalchemy import exc as sa_exc
-
-    waited, delay, attempt = 0.0, 0.5, 0
-    while True:
-        try:
-            return method(storage, *args, **kwargs)
-        except optuna.exceptions.UpdateFinishedTrialError:
-            if attempt and method.__name__ == "set_trial_state_values" and _first_attempt_committed(storage, args, kwargs):
-                return True
-            raise
-        except (sa_exc.SQLAlchemyError, optuna.exceptions.StorageInternalError, ConnectionError,
-                _grpc_error()) as exc:
-            # Optuna wraps SQLAlchemy's errors in StorageInternalError; only a lost
-            # connection (to the database, or to the proxy) is worth waiting for, not a bad write.
-            if not _connection_lost(exc) or waited >= storage.max_wait:
-                raise
-            _logger.warning("storage %s unreachable (%s); retrying in %.1fs", mask(storage.url),
-                            _first_line(exc), delay)
-            storage.unreachable_at = time.time()
-            _raise_deferred_interrupt()  # between attempts no cursor is open: a waiting worker stops now
-            time.sleep(delay)
-            waited += delay
-            delay = min(delay * 2, SQLITE_MAX_PAUSE_SECONDS if kind(storage.url) == "sqlite" else MAX_PAUSE_SECONDS)
-            attempt += 1
 
 
 for _name in RETRIED_METHODS:
     setattr(RetryingStorage, _name, retried(getattr(RetryingStorage, _name)))
 
 
-def _first_attempt_committed(storage: RetryingStorage, args: tuple, kwargs: dict[str, Any]) -> bool:
-    """Whether a ``set_trial_state_values`` retried after a lost connection finds the trial
-    finished because its own first attempt committed that very state.
-
-    Only a finishing write can be recognised as ours. A worker that lost the connection while
-    popping a WAITING trial (state RUNNING) and finds it finished on the retry must not be told
-    it popped it: another worker popped it and finished it meanwhile (under a long SQLite lock,
-    in CI), and running it again ends in Optuna's "Cannot tell a COMPLETE trial"."""
-    names = ("trial_id", "state", "values")
-    given = {**dict(zip(names, args)), **kwargs}
-    state, values = given.get("state"), given.get("values")
-    if state is None or not state.is_finished():
-        return False
-    stored = storage.get_trial(given["trial_id"])
-    return stored.state == state and (values is None or stored.values == [float(v) for v in values])
 
 
-def _grpc_error() -> type[BaseException]:
-    """grpc's error type once grpc is loaded (a client of the proxy loaded it), else a stand-in
-    that nothing raises: the other storages never load grpc."""
-    import sys
-
-    grpc = sys.modules.get("grpc")
-    return grpc.RpcError if grpc is not None else _NoError
 
 
-class _NoError(Exception):
-    pass
 
 
-def _connection_lost(exc: BaseException) -> bool:
-    """Whether an error (or what caused it: Optuna wraps SQLAlchemy's errors, which wrap the
-    driver's) means the database went away, rather than that a statement was wrong."""
-    from sqlalchemy import exc as sa_exc
-
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        if isinstance(current, sa_exc.DBAPIError) and current.connection_invalidated:
-            return True
-        if isinstance(current, sa_exc.OperationalError | sa_exc.InterfaceError | sa_exc.DisconnectionError
-                      | sa_exc.PendingRollbackError | ConnectionError | TimeoutError):
-            return True
-        if isinstance(current, sa_exc.TimeoutError):
-            # The process's one connection stayed busy past the pool's 30 s (the other thread's
-            # call on an overloaded server): wait for it, as for a lost one. Raised, it killed
-            # the heartbeat thread of 53 of 128 workers on two overloaded cores.
-            return True
-        if type(current).__name__ in ("OperationalError", "InterfaceError"):  # psycopg, pymysql
-            return True
-        code = getattr(current, "code", None)  # a grpc.RpcError: the proxy is down or restarting
-        if callable(code) and getattr(code(), "name", "") in ("UNAVAILABLE", "DEADLINE_EXCEEDED"):
-            return True
-        current = getattr(current, "orig", None) or current.__cause__ or current.__context__
-    return False
 
 
-def _first_line(exc: BaseException) -> str:
-    code, details = getattr(exc, "code", None), getattr(exc, "details", None)
-    if callable(code) and callable(details):  # a grpc.RpcError: its repr spans many lines
-        return f"gRPC {getattr(code(), 'name', code())}: {details()}"
-    text = mask(str(exc)).strip().splitlines()
-    return f"{type(exc).__name__}: {text[0]}" if text else type(exc).__name__
 
 
 def create_once(storage: optuna.storages.BaseStorage, name: str, directions: list[str],
@@ -508,7 +334,7 @@ def create_once(storage: optuna.storages.BaseStorage, name: str, directions: lis
             raise
         except Exception as exc:  # IntegrityError, ProgrammingError, OperationalError: the schema race
             if attempt == attempts - 1:
-                raise ConfigError(f"cannot create study {name!r}: {_first_line(exc)}") from None
+                raise ConfigError(f"cannot create study {name!r}: {first_line(exc)}") from None
             _logger.debug("creating study %s lost a race (%s); retrying", name, exc)
             time.sleep(0.2 + random.random() * (attempt + 1))
             continue

@@ -21,8 +21,6 @@ nor between epochs. Successive halving stops a weak trial at a rung within its f
 
 from __future__ import annotations
 
-import hashlib
-import io
 import json
 import logging
 import math
@@ -41,20 +39,19 @@ from optuna.artifacts import upload_artifact
 
 from flexunet import config as cfg
 from flexunet import metrics as m
-from flexunet.callbacks import MONITOR
 from flexunet.data.dataset import SliceSet, load_split
 from flexunet.model import build
-from flexunet.train import MODEL_FILE, TrainOutputs, compile_model, fit
+from flexunet.train import TrainOutputs, compile_model, fit
 from search.store.artifacts import Store
 from search import keys, paths
 from search.spec.folds import fold_of
+from search.trial import training
+from search.trial.training import CHECKPOINT_FILES, PruningReporter, TrainingRecord, record_training
 
 _logger = logging.getLogger(__name__)
-_LOG_FILE = "train_log.csv"
 _STATE = "cv_state.json"  # in a resume archive: the finished folds and the fold in progress
 _CURRENT = "current/"  # in a resume archive: the checkpoint of the fold in progress
 _FINISHED = "finished/"  # in a resume archive: finished folds' models, logs and predictions
-_CHECKPOINT_FILES = (MODEL_FILE, _LOG_FILE, "last.keras", "state.json")
 
 
 @dataclass(frozen=True)
@@ -107,43 +104,6 @@ def class_dice(probabilities: np.ndarray, masks: np.ndarray, num_classes: int) -
     return [None if math.isnan(d) else float(d) for d in m.dice_score(tp, fp, fn)[1:]]
 
 
-class FoldPruningReporter(keras.callbacks.Callback):
-    """Report the trial's running cross-validated Dice at step ``fold * max_epochs + epoch``
-    and stop the fold when the pruner says so (the trial then ends PRUNED)."""
-
-    def __init__(self, trial: optuna.Trial, fold: int, max_epochs: int, finished: list[float],
-                 best: float = -math.inf, prune: bool = True) -> None:
-        super().__init__()
-        self.trial, self.fold, self.max_epochs, self.finished = trial, fold, max_epochs, finished
-        self.best, self.prune = best, prune
-        self.stop_reason: str | None = None
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        logs = logs or {}
-        if MONITOR not in logs:
-            raise KeyError(f"{MONITOR!r} is not among the logged metrics {sorted(logs)}")
-        value = float(logs[MONITOR])
-        self.trial.set_user_attr("epoch", epoch + 1)
-        self.trial.set_user_attr("last_val_foreground_dice", value if math.isfinite(value) else None)
-        if math.isfinite(value):
-            self.best = max(self.best, value)
-        if not self.prune or not math.isfinite(self.best):
-            return
-        self.trial.report(float(np.mean(self.finished + [self.best])), step=self.fold * self.max_epochs + epoch)
-        if self.trial.should_prune():
-            self.model.stop_training = True
-            self.stop_reason = f"pruned at fold {self.fold + 1}, epoch {epoch + 1}"
-
-    def hold(self, epochs_run: int) -> None:
-        """A fold that stopped early keeps its best Dice for the steps it did not train, so
-        that every trial has a value at every step of a fold it finished (a rung inside the
-        fold compares like with like); the pruner may still stop the trial here."""
-        if not self.prune or self.stop_reason or not math.isfinite(self.best) or epochs_run >= self.max_epochs:
-            return
-        for epoch in range(epochs_run, self.max_epochs):
-            self.trial.report(float(np.mean(self.finished + [self.best])), step=self.fold * self.max_epochs + epoch)
-        if self.trial.should_prune():
-            self.stop_reason = f"pruned at fold {self.fold + 1}, epoch {epochs_run}"
 
 
 @dataclass
@@ -159,8 +119,8 @@ class _Fold:
     probabilities: np.ndarray = field(repr=False)  # (n, H, W, C) float16 on the fold's valid slices
 
     def meta(self) -> dict[str, Any]:
-        return {"fold": self.fold, "dice": self.dice, "epochs_run": self.epochs_run,
-                "best_epoch": self.best_epoch, "stop_reason": self.stop_reason, "seconds": self.seconds}
+        return {"fold": self.fold, "dice": self.dice, keys.EPOCHS_RUN: self.epochs_run,
+                keys.BEST_EPOCH: self.best_epoch, keys.STOP_REASON: self.stop_reason, "seconds": self.seconds}
 
 
 @dataclass
@@ -204,12 +164,14 @@ class CrossValidation:
                 folder.mkdir(exist_ok=True)
                 resume = k == resume_fold
                 if not resume:
-                    for name in _CHECKPOINT_FILES:
+                    for name in CHECKPOINT_FILES:
                         (folder / name).unlink(missing_ok=True)
                 train_data, valid_data = self.data.split(k)
-                reporter = FoldPruningReporter(trial, k, max_epochs, [f.dice for f in self._sorted()],
-                                               best=resume_best if resume else -math.inf, prune=self.prune)
-                outputs = TrainOutputs(model_path=folder / MODEL_FILE, log_csv=folder / _LOG_FILE)
+                # Progress every epoch (progress_seconds 0), as a fold's epochs are few.
+                reporter = PruningReporter(trial, prune=self.prune, progress_seconds=0, fold=k, max_epochs=max_epochs,
+                                           finished=[f.dice for f in self._sorted()],
+                                           best=resume_best if resume else -math.inf)
+                outputs = TrainOutputs(model_path=folder / paths.MODEL_FILE, log_csv=folder / paths.LOG_FILE)
                 fold_started = time.perf_counter()
                 result = fit(self.config.model, self.config.train, train_data, valid_data, outputs=outputs,
                              extra_callbacks=[reporter], verbose=0, checkpoint_dir=folder, resume=resume,
@@ -263,10 +225,10 @@ class CrossValidation:
         self._finished[fold.fold] = fold
         done = work / "done"
         done.mkdir(exist_ok=True)
-        for source, name in ((MODEL_FILE, paths.fold_model(fold.fold)), (_LOG_FILE, paths.fold_log(fold.fold))):
+        for source, name in ((paths.MODEL_FILE, paths.fold_model(fold.fold)), (paths.LOG_FILE, paths.fold_log(fold.fold))):
             if (folder / source).exists():
                 shutil.copyfile(folder / source, done / name)
-        np.save(done / f"oof_fold{fold.fold}.npy", fold.probabilities)
+        np.save(done / paths.fold_predictions(fold.fold), fold.probabilities)
         self._upload_fold(done, fold.fold)
         self.trial.set_user_attr(keys.FOLD_DICE, [f.dice for f in self._sorted()])
         self._save(work, None, -math.inf, None)
@@ -278,17 +240,14 @@ class CrossValidation:
 
     def _summarise(self, started: float) -> None:
         folds = self._sorted()
-        trial = self.trial
-        trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 1))
-        trial.set_user_attr("epochs_run", sum(f.epochs_run for f in folds))
-        trial.set_user_attr("fold_epochs_run", [f.epochs_run for f in folds])
-        trial.set_user_attr("fold_best_epoch", [f.best_epoch for f in folds])
-        trial.set_user_attr("best_epoch", folds[-1].best_epoch if folds else 0)
         last = folds[-1].stop_reason if folds else "max_epochs"
-        trial.set_user_attr(keys.STOP_REASON, last if last.startswith("pruned") else
-                            ("folds_done" if len(folds) == self.data.folds else last))
         epochs = sum(f.epochs_run for f in folds)
-        trial.set_user_attr("seconds_per_epoch", round(sum(f.seconds for f in folds) / epochs, 2) if epochs else None)
+        record_training(self.trial, TrainingRecord(
+            seconds=time.perf_counter() - started, epochs_run=epochs,
+            best_epoch=folds[-1].best_epoch if folds else 0,
+            stop_reason=last if last.startswith("pruned") else ("folds_done" if len(folds) == self.data.folds else last),
+            seconds_per_epoch=round(sum(f.seconds for f in folds) / epochs, 2) if epochs else None,
+            fold_epochs_run=[f.epochs_run for f in folds], fold_best_epoch=[f.best_epoch for f in folds]))
 
     def _pooled(self, work: Path, model: Any) -> CVResult:
         folds = self._sorted()
@@ -310,90 +269,68 @@ class CrossValidation:
 
     # --- resume point: one archive per trial, with the finished folds --------------------
 
-    def _artifact_id(self) -> str:
-        study_key = hashlib.sha1(self.trial.study.study_name.encode()).hexdigest()[:12]
-        return f"resume-{study_key}-{self.trial.number}"
-
     def _save(self, work: Path, fold: int | None, best: float, epoch: int | None) -> None:
         """Write the resume archive: every finished fold, and fold ``fold``'s checkpoint after
         ``epoch`` (0-based) if a fold is in progress."""
-        from search.trial.objective import RESUME_ATTR
-
         state = {"folds": self.data.folds, "finished": [f.meta() for f in self._sorted()],
                  "in_progress": fold, "best": best if math.isfinite(best) else None}
-        buffer = io.BytesIO()
-        with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-            archive.writestr(_STATE, json.dumps(state))
-            done = work / "done"
-            for f in self._sorted():
-                for name in (paths.fold_model(f.fold), paths.fold_log(f.fold), f"oof_fold{f.fold}.npy"):
-                    if (done / name).exists():
-                        archive.write(done / name, _FINISHED + name)
-            if fold is not None:
-                for name in _CHECKPOINT_FILES:
-                    if (work / f"fold{fold}" / name).exists():
-                        archive.write(work / f"fold{fold}" / name, _CURRENT + name)
-        buffer.seek(0)
-        artifact_id = self._artifact_id()
-        self.artifacts.write(artifact_id, buffer)
-        if self.trial.user_attrs.get(RESUME_ATTR) != artifact_id:
-            self.trial.set_user_attr(RESUME_ATTR, artifact_id)
-        if epoch is not None:
-            self.trial.set_user_attr("resume_fold", fold)
-            self.trial.set_user_attr("resume_epoch", epoch + 1)
+        done = work / "done"
+        members = [(done / name, _FINISHED + name) for f in self._sorted() for name in _fold_files(f.fold)]
+        if fold is not None:
+            members += [(work / f"fold{fold}" / name, _CURRENT + name) for name in CHECKPOINT_FILES]
+        training.write_archive(self.artifacts, self.trial, members, texts={_STATE: json.dumps(state)},
+                               epoch=epoch, fold=fold)
 
     def _restore(self, work: Path) -> tuple[int | None, float]:
         """Load the finished folds and the fold in progress from the trial's resume archive
         (a retry carries the attribute naming it); (fold to resume, its best Dice so far)."""
-        from search.trial.objective import RESUME_ATTR
+        def unpack(archive: zipfile.ZipFile) -> dict[str, Any]:
+            state = json.loads(archive.read(_STATE))
+            if state.get("folds") != self.data.folds:
+                raise ValueError(f"it has {state.get('folds')} folds, the study {self.data.folds}")
+            allowed = ({_STATE} | {_CURRENT + n for n in CHECKPOINT_FILES}
+                       | {_FINISHED + n for f in state["finished"] for n in _fold_files(f["fold"])})
+            names = set(archive.namelist())
+            if names - allowed:
+                raise ValueError(f"unexpected members {sorted(names - allowed)}")
+            archive.extractall(work / "archive")
+            return state
 
-        artifact_id = self.trial.user_attrs.get(RESUME_ATTR)
-        if not artifact_id:
-            return None, -math.inf
-        try:
-            with self.artifacts.open_reader(artifact_id) as reader:
-                data = reader.read()
-            with zipfile.ZipFile(io.BytesIO(data)) as archive:
-                state = json.loads(archive.read(_STATE))
-                if state.get("folds") != self.data.folds:
-                    raise ValueError(f"it has {state.get('folds')} folds, the study {self.data.folds}")
-                allowed = ({_STATE} | {_CURRENT + n for n in _CHECKPOINT_FILES}
-                           | {_FINISHED + n for f in state["finished"] for n in
-                              (paths.fold_model(f["fold"]), paths.fold_log(f["fold"]), f"oof_fold{f['fold']}.npy")})
-                names = set(archive.namelist())
-                if names - allowed:
-                    raise ValueError(f"unexpected members {sorted(names - allowed)}")
-                archive.extractall(work / "archive")
-        except Exception as exc:  # a missing or damaged archive: start again from scratch
-            _logger.warning("trial %d: cannot resume from %s (%s); starting afresh", self.trial.number, artifact_id, exc)
+        state = training.read_archive(self.artifacts, self.trial, unpack)
+        if state is None:
             return None, -math.inf
         done = work / "done"
         done.mkdir(exist_ok=True)
         for meta in state["finished"]:
             k = int(meta["fold"])
-            for name in (paths.fold_model(k), paths.fold_log(k), f"oof_fold{k}.npy"):
+            for name in _fold_files(k):
                 source = work / "archive" / _FINISHED / name
                 if source.exists():
                     shutil.move(source, done / name)
-            probabilities = np.load(done / f"oof_fold{k}.npy", allow_pickle=False)
-            self._finished[k] = _Fold(k, float(meta["dice"]), int(meta["epochs_run"]), int(meta["best_epoch"]),
-                                      str(meta["stop_reason"]), float(meta["seconds"]), probabilities)
+            probabilities = np.load(done / paths.fold_predictions(k), allow_pickle=False)
+            self._finished[k] = _Fold(k, float(meta["dice"]), int(meta[keys.EPOCHS_RUN]), int(meta[keys.BEST_EPOCH]),
+                                      str(meta[keys.STOP_REASON]), float(meta["seconds"]), probabilities)
             self._upload_fold(done, k)  # a retry is a new trial: it carries the kept folds' artifacts
         self.trial.set_user_attr(keys.FOLD_DICE, [f.dice for f in self._sorted()])
         fold = state.get("in_progress")
         current = work / "archive" / _CURRENT
         resume_fold = None
-        if fold is not None and (current / "last.keras").exists() and (current / "state.json").exists():
+        if fold is not None and (current / paths.LAST_CHECKPOINT).exists() and (current / paths.TRAIN_STATE).exists():
             resume_fold = int(fold)
             (work / f"fold{resume_fold}").mkdir(exist_ok=True)
-            for name in _CHECKPOINT_FILES:
+            for name in CHECKPOINT_FILES:
                 if (current / name).exists():
                     shutil.move(current / name, work / f"fold{resume_fold}" / name)
-            self.trial.set_user_attr("resumed_from_epoch", self.trial.user_attrs.get("resume_epoch"))
+            training.mark_resumed(self.trial)
         first_open = next((k for k in range(self.data.folds) if k not in self._finished), None)
         self.trial.set_user_attr(keys.RESUMED_FROM_FOLD, resume_fold if resume_fold is not None else first_open)
         best = state.get("best")
         return resume_fold, float(best) if best is not None else -math.inf
+
+
+def _fold_files(k: int) -> tuple[str, str, str]:
+    """What a finished fold keeps in the resume archive: its model, its log, its predictions."""
+    return paths.fold_model(k), paths.fold_log(k), paths.fold_predictions(k)
 
 
 def train_folds(trial: optuna.Trial, config: cfg.Config, data: FoldData, artifacts: Store,

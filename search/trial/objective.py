@@ -4,13 +4,10 @@ artifacts, and return validation foreground Dice (plus the second objective, if 
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import io
 import logging
 import math
 import tempfile
 import time
-import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,14 +20,16 @@ from optuna.artifacts import upload_artifact
 
 from flexunet import config as cfg
 from flexunet import plots, postprocess
-from flexunet.callbacks import MONITOR
 from flexunet.data.dataset import SliceSet, load_split
 from flexunet.model import estimate_cost
 from flexunet.errors import ConfigError
+from flexunet.infer import latency_ms
 from flexunet.train import TrainOutputs, TrainResult, fit
 from search.store.artifacts import Store
 from search.store import _internals
 from search.trial import cv, lifecycle
+from search.trial.training import (PruningReporter, TrainingRecord, record_training, restore_resume_point,
+                                    save_resume_point)
 from search import paths
 from search import keys as k
 from search.spec import space as sp
@@ -39,49 +38,11 @@ from search.paths import CURVES_FILE, LOG_FILE, MODEL_FILE, OVERLAYS_FILE
 from search.spec.study_file import StudySpec
 
 _logger = logging.getLogger(__name__)
-__all__ = ["Interrupted", "Objective", "PruningReporter", "TrialFailure"]
-RESUME_ATTR = k.RESUME_ARTIFACT
-_RESUME_FILES = (MODEL_FILE, LOG_FILE, "last.keras", "state.json")
+__all__ = ["Interrupted", "Objective", "TrialFailure"]
 
 
-PROGRESS_SECONDS = 2.0  # the most often a trial's progress attrs are written (they are for people)
 
 
-class PruningReporter(keras.callbacks.Callback):
-    """Report validation foreground Dice to Optuna every epoch and stop when the pruner says so.
-
-    Unlike ``optuna_integration.KerasPruningCallback``, a missing metric is an error, not a
-    warning (a misspelt monitor there silently never prunes), and the model stops cleanly so
-    that the trial's artifacts can still be saved before it is marked PRUNED. The progress that
-    ``flexunet search status`` shows (epoch, last validation Dice) is written after the first
-    epoch and then at most every ``progress_seconds``: each is a storage write, and on a GPU an
-    epoch of a small data set takes a fraction of a second. The report and the pruner's
-    question are asked every epoch.
-    """
-
-    def __init__(self, trial: optuna.Trial, monitor: str = MONITOR, prune: bool = True,
-                 progress_seconds: float = PROGRESS_SECONDS) -> None:
-        super().__init__()
-        self.trial, self.monitor, self.prune = trial, monitor, prune
-        self.stop_reason: str | None = None
-        self._progress_seconds, self._progress_at = progress_seconds, -math.inf
-
-    def on_epoch_end(self, epoch: int, logs: dict[str, Any] | None = None) -> None:
-        logs = logs or {}
-        if self.monitor not in logs:
-            raise KeyError(f"{self.monitor!r} is not among the logged metrics {sorted(logs)}")
-        value = float(logs[self.monitor])
-        now = time.monotonic()
-        if now - self._progress_at >= self._progress_seconds:
-            self._progress_at = now
-            self.trial.set_user_attr(k.EPOCH, epoch + 1)
-            self.trial.set_user_attr(k.LAST_VAL_DICE, value if math.isfinite(value) else None)
-        if not self.prune or not math.isfinite(value):
-            return
-        self.trial.report(value, step=epoch)
-        if self.trial.should_prune():
-            self.model.stop_training = True
-            self.stop_reason = "pruned"
 
 
 @dataclass
@@ -163,14 +124,11 @@ class Objective:
             result = fit(config.model, config.train, train_data, valid_data, outputs=outputs,
                          extra_callbacks=[reporter], verbose=0, checkpoint_dir=work, resume=resume,
                          on_checkpoint=lambda folder, epoch: self._save_resume_point(trial, folder, epoch))
-            trial.set_user_attr("train_seconds", round(time.perf_counter() - started, 1))
-            trial.set_user_attr("epochs_run", result.epochs_run)
-            trial.set_user_attr("best_epoch", result.best_epoch)
-            trial.set_user_attr("stop_reason", result.stop_reason)
-            trial.set_user_attr("seconds_per_epoch", round(float(np.mean(result.seconds_per_epoch)), 2)
-                                if result.seconds_per_epoch else None)
+            record_training(trial, TrainingRecord.of_fit(
+                seconds=time.perf_counter() - started, epochs_run=result.epochs_run, best_epoch=result.best_epoch,
+                stop_reason=result.stop_reason, seconds_per_epoch=result.seconds_per_epoch,
+                best_val_dice=result.best_val_dice))
             best = result.best_val_dice
-            trial.set_user_attr("best_val_foreground_dice", best if math.isfinite(best) else None)
             if result.epochs_run and result.best_epoch:
                 self._keep_artifacts(trial, result, valid_data, config, work)
             if result.stop_reason == "pruned":
@@ -216,42 +174,8 @@ class Objective:
         write_png(path, strip)
 
 
-def save_resume_point(artifacts: Store, trial: optuna.Trial, folder: Path, epoch: int) -> None:
-    """Keep the epoch's checkpoint in the artifact store under one id per trial, so that a
-    retry of this trial (another worker, after this one died) starts from here."""
-    study_key = hashlib.sha1(trial.study.study_name.encode()).hexdigest()[:12]
-    artifact_id = f"resume-{study_key}-{trial.number}"
-    buffer = io.BytesIO()
-    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
-        for name in _RESUME_FILES:
-            if (folder / name).exists():
-                archive.write(folder / name, name)
-    buffer.seek(0)
-    artifacts.write(artifact_id, buffer)
-    if trial.user_attrs.get(RESUME_ATTR) != artifact_id:
-        trial.set_user_attr(RESUME_ATTR, artifact_id)
-    trial.set_user_attr("resume_epoch", epoch + 1)
 
 
-def restore_resume_point(artifacts: Store, trial: optuna.Trial, folder: Path) -> bool:
-    """Unpack the trial's last epoch checkpoint (a retry carries the attribute naming it) into
-    ``folder``; False when there is none, or it cannot be read (the trial starts afresh)."""
-    artifact_id = trial.user_attrs.get(RESUME_ATTR)
-    if not artifact_id:
-        return False
-    try:
-        with artifacts.open_reader(artifact_id) as reader:
-            data = reader.read()
-        with zipfile.ZipFile(io.BytesIO(data)) as archive:
-            names = set(archive.namelist())
-            if not {"last.keras", "state.json"} <= names or names - set(_RESUME_FILES):
-                raise ValueError(f"unexpected members {sorted(names)}")
-            archive.extractall(folder)
-    except Exception as exc:  # a missing or damaged checkpoint: start again from scratch
-        _logger.warning("trial %d: cannot resume from %s (%s); starting afresh", trial.number, artifact_id, exc)
-        return False
-    trial.set_user_attr("resumed_from_epoch", trial.user_attrs.get("resume_epoch"))
-    return True
 
 
 @contextlib.contextmanager
@@ -319,15 +243,3 @@ def _settings(config: cfg.Config) -> dict[str, Any]:
                 continue
             out[key] = list(value) if isinstance(value, tuple) else value
     return out
-
-
-def latency_ms(network: Any, config: cfg.Config, repeats: int = 10) -> float:
-    """Median CPU milliseconds to segment one image."""
-    image = np.zeros((1, *config.model.input_shape), np.float32)
-    network.predict_on_batch(image)
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        network.predict_on_batch(image)
-        times.append((time.perf_counter() - started) * 1000)
-    return round(float(np.median(times)), 3)

@@ -185,9 +185,9 @@ def status_lines(study: optuna.Study, storage: optuna.storages.BaseStorage) -> l
 
 def refit_config(base: cfg.Config, source: FrozenTrial, refit: RefitSpec, seed: int, out: Path) -> cfg.Config:
     """The configuration of search trial ``source`` at the refit's fidelity, for seed ``seed``."""
-    from search.results.export import trial_config
+    from search.spec.space import recorded_config
 
-    config = trial_config(base, source, out)
+    config = recorded_config(base, source, out)
     size = refit.image_size or config.model.image_width
     config = cfg.override(config, "model", {"image_width": size, "image_height": size}, "[refit] image_size")
     return cfg.override(config, "train", {
@@ -229,15 +229,14 @@ class RefitObjective:
 
         from flexunet.model import build
         from flexunet.train import TrainOutputs, compile_model, fit
-        from search.trial import cv
-        from search.trial import objective as obj
+        from search.trial import cv, training
 
         config = refit_config(self.base, source, refit, seed, work)
         folds_file = (self.dataset_dir or Path(".")) / paths.FOLDS_FILE
         data = cv.cached_fold_data(self._folds, config, int(refit.folds or 2), folds_file,
                                    self.spec.prepare.seed if self.spec.prepare else 0)
         train_data, valid_data = data.split(fold)
-        resume = obj.restore_resume_point(self.artifacts, trial, work)
+        resume = training.restore_resume_point(self.artifacts, trial, work)
         network = None
         if not resume:
             network = build(config.model, seed=config.train.seed)
@@ -247,19 +246,15 @@ class RefitObjective:
         outputs = TrainOutputs(model_path=work / paths.MODEL_FILE, log_csv=work / paths.LOG_FILE, model_at_end=False)
         started = time.perf_counter()
         result = fit(config.model, config.train, train_data, valid_data, outputs=outputs,
-                     extra_callbacks=[obj.PruningReporter(trial, prune=False)], verbose=0, checkpoint_dir=work,
+                     extra_callbacks=[training.PruningReporter(trial, prune=False)], verbose=0, checkpoint_dir=work,
                      resume=resume, network=network,
-                     on_checkpoint=lambda folder, epoch: obj.save_resume_point(self.artifacts, trial, folder, epoch))
-        trial.set_user_attr(k.TRAIN_SECONDS, round(time.perf_counter() - started, 1))
-        trial.set_user_attr(k.EPOCHS_RUN, result.epochs_run)
-        trial.set_user_attr(k.BEST_EPOCH, result.best_epoch)
-        trial.set_user_attr(k.STOP_REASON, result.stop_reason)
-        trial.set_user_attr(k.SECONDS_PER_EPOCH, round(float(np.mean(result.seconds_per_epoch)), 2)
-                            if result.seconds_per_epoch else None)
+                     on_checkpoint=lambda folder, epoch: training.save_resume_point(self.artifacts, trial, folder, epoch))
         best = result.best_val_dice
+        training.record_training(trial, training.TrainingRecord.of_fit(
+            seconds=time.perf_counter() - started, epochs_run=result.epochs_run, best_epoch=result.best_epoch,
+            stop_reason=result.stop_reason, seconds_per_epoch=result.seconds_per_epoch, best_val_dice=best))
         if result.stop_reason.startswith("non-finite") or not math.isfinite(best):
             raise lifecycle.failure(trial, result.stop_reason)
-        trial.set_user_attr(k.BEST_VAL_DICE, best)
         result.model.save(work / paths.MODEL_FILE)
         probabilities = result.model.predict(valid_data.images.astype(np.float32), batch_size=4, verbose=0)
         assert valid_data.masks is not None
