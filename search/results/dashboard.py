@@ -78,9 +78,9 @@ def study_note(study: optuna.Study, masked_storage: str) -> str:
     lines = [f"## FlexUNet study `{study.study_name}`", ""]
     head = [f"Storage `{masked_storage}`"]
     if attrs.get(keys.STUDY_FILE):
-        head.append(f"study file `{attrs['flexunet_study_file']}`")
+        head.append(f"study file `{attrs[keys.STUDY_FILE]}`")
     if attrs.get(keys.STUDY_IMAGE_SIZE):
-        head.append(f"images {attrs['flexunet_image_size']} px")
+        head.append(f"images {attrs[keys.STUDY_IMAGE_SIZE]} px")
     lines += [", ".join(head) + ".", f"Objectives: {goals}.", ""]
     lines += _dataset_section(attrs.get(keys.STUDY_DATASET) or {})
     lines += _space_section(attrs.get(keys.STUDY_SPACE) or [])

@@ -216,8 +216,8 @@ def _refit_package(study: optuna.Study, storage: Any, artifacts: Store, into: Pa
         oofs.setdefault((rank, fold), oof)
         rows_of_model.append({"refit_trial": t.number, "configuration": numbers[rank], "fold": fold,
                               "seed": int(t.user_attrs[keys.REFIT_SEED]), "val_foreground_dice": t.values[0],
-                              "epochs_run": t.user_attrs.get(keys.EPOCHS_RUN),
-                              "stop_reason": t.user_attrs.get(keys.STOP_REASON),
+                              keys.EPOCHS_RUN: t.user_attrs.get(keys.EPOCHS_RUN),
+                              keys.STOP_REASON: t.user_attrs.get(keys.STOP_REASON),
                               "oof_foreground_dice": postprocess.pooled_dice(oof.probabilities, oof.masks,
                                                                              PostProcessing())})
     folds = sorted({fold for _, fold in members})
@@ -390,7 +390,7 @@ def _package_metrics(package: Package, trial: FrozenTrial, config: cfg.Config) -
         },
         "cross_validation": None if sel is None else {
             "folds": len(sel.fold_dice),
-            "fold_val_foreground_dice": trial.user_attrs.get(keys.FOLD_DICE),
+            keys.FOLD_DICE: trial.user_attrs.get(keys.FOLD_DICE),
             # The trial's value: each fold model alone on its validation slices, no flip.
             "oof_foreground_dice_pooled_stored": package.stored_oof_dice,
             # Re-predicted as the export predicts (with the flip when it has it): the choice's basis.
@@ -463,13 +463,13 @@ def _metrics(study: optuna.Study, trial: FrozenTrial, test: dict[str, Any], mask
         "storage": masked_storage,
         "trial": trial.number,
         "params": trial.params,
-        "parameters": attrs.get("params"),
-        "gflops_per_image": attrs.get("gflops"),
-        "settings": attrs.get("settings"),
+        "parameters": attrs.get(keys.PARAMS),
+        "gflops_per_image": attrs.get(keys.GFLOPS),
+        keys.SETTINGS: attrs.get(keys.SETTINGS),
         "validation": {
             "foreground_dice": trial.values[0] if trial.values else None,
-            "best_epoch": attrs.get("best_epoch"), "epochs_run": attrs.get("epochs_run"),
-            "stop_reason": attrs.get("stop_reason"), "seconds_per_epoch": attrs.get("seconds_per_epoch"),
+            keys.BEST_EPOCH: attrs.get(keys.BEST_EPOCH), keys.EPOCHS_RUN: attrs.get(keys.EPOCHS_RUN),
+            keys.STOP_REASON: attrs.get(keys.STOP_REASON), keys.SECONDS_PER_EPOCH: attrs.get(keys.SECONDS_PER_EPOCH),
             "class_dice": attrs.get(keys.CLASS_DICE),
         },
         "test": {
@@ -520,7 +520,7 @@ def _package_lines(metrics: dict[str, Any], f: Any) -> list[str]:
                      + ", ".join(f"{m} {f(v)}" for m, v in refit["tta_candidates_oof_foreground_dice"].items())
                      + f"; the cheapest within {postprocess.TOLERANCE:g} of the best).")
     elif cv:
-        folds = ", ".join(f(d) for d in cv.get("fold_val_foreground_dice") or [])
+        folds = ", ".join(f(d) for d in cv.get(keys.FOLD_DICE) or [])
         lines.append(f"- Ensemble: the mean of the {cv['folds']} fold models' outputs"
                      + (", each also on the horizontally flipped image (flipped back)" if run["flip_tta"] else "")
                      + f"; fold validation foreground Dice {folds or 'n/a'}.")

@@ -112,9 +112,9 @@ def _summary(study: optuna.Study, public_storage: str) -> str:
         ("storage", public_storage),
         ("trials", f"{len(trials)}: " + ", ".join(f"{n} {s}" for s, n in sorted(states.items()))),
         ("objectives", ", ".join(f"{o} ({d.name.lower()})" for o, d in zip(objectives, study.directions))),
-        ("sampler, pruner", f"{attrs.get('flexunet_sampler', 'not recorded')}, "
-                            f"{attrs.get('flexunet_pruner', 'not recorded')}"),
-        ("image size", f"{attrs['flexunet_image_size']} px" if attrs.get(keys.STUDY_IMAGE_SIZE) else "not recorded"),
+        ("sampler, pruner", f"{attrs.get(keys.STUDY_SAMPLER, 'not recorded')}, "
+                            f"{attrs.get(keys.STUDY_PRUNER, 'not recorded')}"),
+        ("image size", f"{attrs[keys.STUDY_IMAGE_SIZE]} px" if attrs.get(keys.STUDY_IMAGE_SIZE) else "not recorded"),
     ]
     dataset = attrs.get(keys.STUDY_DATASET) or {}
     split, counts = dataset.get("split"), (dataset.get("slices") or {}).get("all", {})
@@ -306,7 +306,7 @@ def _metrics_table(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _T
     def value(t: FrozenTrial) -> str:
         if t.values:
             return f"{t.values[0]:.4f}"
-        best = t.user_attrs.get("best_val_foreground_dice")
+        best = t.user_attrs.get(keys.BEST_VAL_DICE)
         return f"{best:.4f} ({t.state.name.lower()})" if isinstance(best, float) else t.state.name.lower()
 
     def attr(t: FrozenTrial, key: str, fmt: Callable[[Any], str] = str) -> str:
@@ -322,9 +322,9 @@ def _metrics_table(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _T
         *_class_rows(trials, test),
         ("parameters", *[attr(t, "params", lambda v: f"{v:,}") for _, t in trials]),
         ("GFLOPs per image", *[attr(t, "gflops") for _, t in trials]),
-        ("epochs run (best epoch)", *[f"{attr(t, 'epochs_run')} ({attr(t, 'best_epoch')})" for _, t in trials]),
-        ("stop reason", *[attr(t, "stop_reason") for _, t in trials]),
-        ("seconds per epoch", *[attr(t, "seconds_per_epoch") for _, t in trials]),
+        ("epochs run (best epoch)", *[f"{attr(t, keys.EPOCHS_RUN)} ({attr(t, keys.BEST_EPOCH)})" for _, t in trials]),
+        ("stop reason", *[attr(t, keys.STOP_REASON) for _, t in trials]),
+        ("seconds per epoch", *[attr(t, keys.SECONDS_PER_EPOCH) for _, t in trials]),
     ]
     for name in dict.fromkeys(p for _, t in trials for p in t.params):
         rows.append((name, *[_fmt(t.params[name]) if name in t.params else "-" for _, t in trials]))
@@ -363,7 +363,7 @@ def _curves(storage: Any, trials: Sequence[tuple[str, FrozenTrial]], artifacts: 
         ax.legend(fontsize=8)
     fig.tight_layout()
     return ("<h3>Learning curves</h3>\n<p>Train (solid) and validation (dashed), per epoch.</p>\n" + note
-            + page.figure("learning_curves.png", _png(fig), "learning curves"))
+            + page.figure(paths.CURVES_FILE, _png(fig), "learning curves"))
 
 
 def _overlays(trials: Sequence[tuple[str, FrozenTrial]], test: dict[int, _TestRun], base: cfg.Config,

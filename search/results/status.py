@@ -53,10 +53,10 @@ def class_text(trial: FrozenTrial) -> str | None:
 def describe(trial: FrozenTrial) -> str:
     attrs = trial.user_attrs
     bits = [f"trial {trial.number}", trial.state.name, f"value {_value(trial)}"]
-    if attrs.get("params"):
-        bits.append(f"{attrs['params']:,} params")
-    if attrs.get("epochs_run") is not None:
-        bits.append(f"{attrs['epochs_run']} epochs ({attrs.get('stop_reason', '?')})")
+    if attrs.get(keys.PARAMS):
+        bits.append(f"{attrs[keys.PARAMS]:,} params")
+    if attrs.get(keys.EPOCHS_RUN) is not None:
+        bits.append(f"{attrs[keys.EPOCHS_RUN]} epochs ({attrs.get(keys.STOP_REASON, '?')})")
     elif attrs.get(keys.STOP_REASON):
         bits.append(str(attrs[keys.STOP_REASON]))
     return ", ".join(bits)
@@ -106,8 +106,8 @@ def summary_lines(study: optuna.Study, masked_storage: str | None = None) -> lis
         lines.append("running:")
         for t in running:
             a = t.user_attrs
-            dice = a.get("last_val_foreground_dice")
+            dice = a.get(keys.LAST_VAL_DICE)
             dice_text = f"{dice:.4f}" if isinstance(dice, float) and math.isfinite(dice) else "-"
-            lines.append(f"  trial {t.number} on {a.get('host', '?')} pid {a.get('pid', '?')}: epoch "
-                         f"{a.get('epoch', 0)}, val Dice {dice_text}, started {t.datetime_start:%H:%M:%S}")
+            lines.append(f"  trial {t.number} on {a.get(keys.HOST, '?')} pid {a.get(keys.PID, '?')}: epoch "
+                         f"{a.get(keys.EPOCH, 0)}, val Dice {dice_text}, started {t.datetime_start:%H:%M:%S}")
     return lines

@@ -34,13 +34,13 @@ def _duration(seconds: float) -> str:
 
 def worker_line(trial: FrozenTrial, max_epochs: int) -> str:
     a = trial.user_attrs
-    dice = a.get("last_val_foreground_dice")
+    dice = a.get(k.LAST_VAL_DICE)
     dice_text = f"{dice:.4f}" if isinstance(dice, float) and math.isfinite(dice) else "-"
-    who = f"{a.get('host', '?')}:{a.get('pid', '?')}"
-    base = " (baseline)" if a.get("baseline") else ""
-    if isinstance(a.get("folds"), int) and isinstance(a.get("fold"), int):  # a cross-validated trial
-        base = f" fold {a['fold'] + 1}/{a['folds']}{base}"
-    return f"  worker {who:<22} trial {trial.number:<4} epoch {a.get('epoch', 0):>3}/{max_epochs:<4} val Dice {dice_text}{base}"
+    who = f"{a.get(k.HOST, '?')}:{a.get(k.PID, '?')}"
+    base = " (baseline)" if a.get(k.BASELINE) else ""
+    if isinstance(a.get(k.FOLDS), int) and isinstance(a.get(k.FOLD), int):  # a cross-validated trial
+        base = f" fold {a[k.FOLD] + 1}/{a[k.FOLDS]}{base}"
+    return f"  worker {who:<22} trial {trial.number:<4} epoch {a.get(k.EPOCH, 0):>3}/{max_epochs:<4} val Dice {dice_text}{base}"
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ def study_line(trials: list[FrozenTrial], n_trials: int, elapsed: float, best: f
     retried = len(trials) - over - len(latest)
     counts = Counter(t.state for t in latest.values())
     finished = sum(counts[s] for s in _FINISHED)
-    others = "".join(f", {n} {what}" for n, what in ((retried, "retried"), (over, "over budget")) if n)
+    others = "".join(f", {n} {what}" for n, what in ((retried, "retried"), (over, k.STOP_OVER_BUDGET)) if n)
     text = (f"  study: {finished}/{n_trials} finished ({counts[TrialState.COMPLETE]} complete, "
             f"{counts[TrialState.PRUNED]} pruned, {counts[TrialState.FAIL]} failed{others}), "
             f"best {'-' if best is None else f'{best:.4f}'}, elapsed {_duration(elapsed)}")

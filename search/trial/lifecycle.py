@@ -31,7 +31,7 @@ leaves a FAIL trial without a reason and without a copy, which :func:`sweep` que
 Example (in memory; a worker's trial is interrupted and queued again to resume)::
 
     >>> import optuna
-    >>> from search import lifecycle
+    >>> from search.trial import lifecycle
     >>> study = optuna.create_study()
     >>> trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 1)})
     >>> lifecycle.retry(study, lifecycle.frozen(study, trial.number))

@@ -21,7 +21,7 @@ Example (an in-memory study and a folder store; a retry of the trial finds its a
     >>> from pathlib import Path
     >>> from search.store.artifacts import Location, open_store
     >>> tmp = Path(tempfile.mkdtemp())
-    >>> store = open_store(Location(str(tmp / "artifacts"), folder=tmp / "artifacts"))
+    >>> store = open_store(Location(folder=tmp / "artifacts"), create=True)
     >>> study = optuna.create_study(study_name="demo")
     >>> trial = study.ask()
     >>> work = tmp / "work"; work.mkdir()
