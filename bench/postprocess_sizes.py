@@ -68,7 +68,7 @@ def main() -> None:
     from search.results.export import _development_images, _package, _read_oof, choose_trial, oof_predictions
     from search.spec.space import recorded_config
 
-    study = Study.from_file(args.study_file, out=args.out)
+    study = Study.from_file(args.study_file, out=args.out).open()
     base, store = study.files()
     optuna_study = study.optuna_study
     trial = choose_trial(optuna_study, args.trial)

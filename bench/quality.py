@@ -193,20 +193,23 @@ def study_file(path: Path, data_config: Path, name: str, cross_validated: bool, 
     return path
 
 
-def run_search(path: Path, out: Path, args: argparse.Namespace) -> Any:  # -> search.Study
-    from search import Study
+def run_search(path: Path, out: Path, args: argparse.Namespace) -> Any:  # -> search.OpenedStudy
+    from search import Study, StudyError
 
     study = Study.from_file(path, out=out, n_trials=args.n_trials, timeout=args.timeout,
                             max_epochs=args.max_epochs, image_size=args.size)
     started = time.perf_counter()
     with _stamped_stdout():
-        status = study.run(workers=1)
-    if status != 0:
-        raise SystemExit(f"{path.name}: search run ended with status {status} (logs in {out / 'logs'})")
-    best = study.best_trial
-    c.log(f"  search done in {time.perf_counter() - started:.0f} s: {_states(study.optuna_study)}; best trial "
+        try:
+            study.run(workers=1)
+        except StudyError as exc:
+            raise SystemExit(f"{path.name}: search run ended with status {exc.exit_code}: {exc} "
+                             f"(logs in {out / 'logs'})") from None
+    opened = study.open()
+    best = opened.best_trial
+    c.log(f"  search done in {time.perf_counter() - started:.0f} s: {_states(opened.optuna_study)}; best trial "
           f"{best.number} (inner validation Dice {best.values[0]:.4f})")
-    return study
+    return opened
 
 
 def _states(study: Any) -> dict[str, int]:

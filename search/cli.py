@@ -5,24 +5,40 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from flexunet.errors import FlexUNetError
 
 # Everything else is imported where used: the command starts without loading TensorFlow.
 
 
-def _study(args: argparse.Namespace):  # -> search.Study
+def _study(args: argparse.Namespace):  # -> search.OpenedStudy
     """The study a command names: a study file (with --study, --storage, --run-dir), or
     --study NAME with --storage URL."""
-    from search.api import Study
+    from search.api import Study, load_study
 
     if args.study_file:
         study = Study.from_file(args.study_file, storage=args.storage, out=args.run_dir or None)
         study.name = args.study
-        return study
+        return study.open()
     if not args.study:
         raise FlexUNetError("name the study: give STUDY.toml or --study NAME")
-    return Study.load(args.study, args.storage)
+    return load_study(args.study, args.storage)
+
+
+def _exit_status(run: Any) -> int:
+    """0 when ``run()`` spent the study's budget; the exit status of the StudyError it raised
+    otherwise (the launcher has said why on the terminal). Bad input goes on to the one-line
+    error of every flexunet command (status 2)."""
+    from search.errors import BadInput, StudyError
+
+    try:
+        run()
+    except BadInput:
+        raise
+    except StudyError as exc:
+        return exc.exit_code
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -32,7 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs,
                             image_size=args.image_size)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
-    return study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
+    return _exit_status(lambda: study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu))
 
 
 def _cmd_refit(args: argparse.Namespace) -> int:
@@ -40,7 +56,7 @@ def _cmd_refit(args: argparse.Namespace) -> int:
 
     study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
-    return study.refit(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
+    return _exit_status(lambda: study.refit(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu))
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
@@ -49,7 +65,7 @@ def _cmd_create(args: argparse.Namespace) -> int:
 
     study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts,
                             image_size=args.image_size)
-    for line in summary_lines(study.create()):
+    for line in summary_lines(study.create().optuna_study):
         print(line)
     print("workers join with: flexunet search run " + str(args.study_file) + " --storage URL")
     return 0
@@ -155,9 +171,8 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         target, first = None, (studies[0] if len(studies) == 1 else None)
     if args.artifacts:
         stores, missing = [af.open_store(af.parse(args.artifacts, where="--artifacts"))], []
-    elif target is not None and target.run_dir is not None:
-        stores, missing = db.artifact_stores(studies, [af.resolve(None, getattr(target.spec, "artifacts", None),
-                                                                  target.run_dir)])
+    elif target is not None and target.store is not None:  # the study file's store, or <out>/artifacts
+        stores, missing = db.artifact_stores(studies, [target.store])
     else:
         stores, missing = db.artifact_stores(studies)
     for line in missing:

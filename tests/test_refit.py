@@ -68,7 +68,7 @@ def refitted(tmp_path_factory: pytest.TempPathFactory) -> Refitted:
     out = root / "run"
     search = Study.from_file(study_file, out=out)
     search.spec = dataclasses.replace(search.spec, refit=None)  # the search alone; the refit below
-    assert search.runtime.run(workers=2) == 0
+    assert search.run(workers=2).states == {"COMPLETE": 2}  # raises unless the budget was spent
     url = f"sqlite:///{out / 'study.db'}"
     log = root / "refit.log"
     launcher = start_cli("search", "refit", study_file, "--out", out, "--workers", "1", log=log)
@@ -104,9 +104,9 @@ def test_a_killed_refit_worker_is_replaced_and_nothing_is_trained_twice_from_scr
     # A model that ran its epochs in two processes still counts them once.
     assert retry.user_attrs["epochs_run"] <= REFIT_EPOCHS
     # `status` shows the refit.
-    from search import Study
+    from search import load_study
 
-    lines = "\n".join(Study.load("refit-test", refitted.url).status())
+    lines = "\n".join(load_study("refit-test", refitted.url).status())
     assert "4 of 4 models trained, 0 running" in lines and "refit ('refit-test:refit')" in lines
 
 
@@ -137,7 +137,7 @@ def exports(refitted: Refitted, tmp_path_factory: pytest.TempPathFactory) -> tup
     from search import Study
 
     root = tmp_path_factory.mktemp("exports")
-    study = Study.from_file(refitted.study_file, out=refitted.out)
+    study = Study.from_file(refitted.study_file, out=refitted.out).open()
     # As an install without the export extra: converting an ensemble to ONNX takes most of a
     # minute, and tests/test_search_export_ensemble.py checks the ONNX file of an ensemble.
     with pytest.MonkeyPatch.context() as patch:

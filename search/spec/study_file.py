@@ -157,6 +157,51 @@ class StudySpec:
         return dataclasses.replace(self, budget=budget, image_size=size, refit=refit)
 
 
+# The space a spec built in Python searches unless it names its own: the sample study's core
+# (studies/ct_ich_sample.toml), whose sizes fit a CPU; num_layers is capped by the image size.
+DEFAULT_SPACE = (
+    ParamSpec("base_filters", "int", 8, 32, step=8),
+    ParamSpec("num_layers", "int", 3, 5),
+    ParamSpec("base_kernels", "categorical", choices=(3, 5, 7)),
+    ParamSpec("dropout_rate", "float", 0.0, 0.1),
+    ParamSpec("learning_rate", "float", 3e-4, 5e-3, log=True),
+    ParamSpec("batch_size", "categorical", choices=(2, 4, 8)),
+)
+
+
+def for_dataset(dataset_config: str | Path, *, name: str | None = None, n_trials: int = 20,
+                max_epochs: int = 30, timeout: float | None = None, folds: int = 1, image_size: int | None = None,
+                space: tuple[ParamSpec, ...] = DEFAULT_SPACE, fixed: Mapping[str, Any] | None = None) -> StudySpec:
+    """A spec built in Python from a prepared dataset (its ``train_eval_infer.config``) and a
+    few choices, with the study file's defaults for the rest (TPE; the median pruner, or
+    successive halving when ``folds >= 2``; the seed baseline as trial 0).
+
+    >>> spec = for_dataset("runs/demo/data/train_eval_infer.config", name="demo", n_trials=8, folds=3)
+    >>> spec.budget.n_trials, spec.folds, spec.sampler.name, spec.pruner.name, spec.cross_validated
+    (8, 3, 'TPESampler', 'SuccessiveHalvingPruner', True)
+    >>> [p.name for p in spec.space][:2], spec.dataset_config.name
+    (['base_filters', 'num_layers'], 'train_eval_infer.config')
+    >>> for_dataset("data.config", n_trials=0)
+    Traceback (most recent call last):
+    ...
+    flexunet.errors.ConfigError: n_trials: expected a positive integer, got 0
+    """
+    config = Path(dataset_config).absolute()
+    study_name = name or config.parent.name or "study"
+    budget = Budget(n_trials=_positive_int(n_trials, "n_trials"), max_epochs=_positive_int(max_epochs, "max_epochs"),
+                    timeout=None if timeout is None else _positive_number(timeout, "timeout"))
+    folds = _positive_int(folds, "folds")
+    fixed = dict(fixed or {})
+    overlap = sorted(set(fixed) & {p.name for p in space})
+    if overlap:
+        raise ConfigError(f"fixed {overlap[0]!r}: is also in the space; keep it in one place")
+    return StudySpec(
+        name=study_name, path=Path(f"{study_name}.toml"), dataset_config=config, prepare=None, fixed=fixed,
+        space=tuple(space), second_objective=None, budget=budget, sampler=Component("TPESampler"),
+        pruner=Component("SuccessiveHalvingPruner" if folds >= 2 else "MedianPruner"),
+        image_size=None if image_size is None else _positive_int(image_size, "image_size"), folds=folds)
+
+
 def to_json(spec: StudySpec) -> str:
     """The spec as JSON, as a launcher hands it to its workers (:func:`from_json` reads it
     back unchanged: a spec built or changed in Python runs as given)."""
