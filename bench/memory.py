@@ -79,10 +79,11 @@ def main() -> None:
         out = tmp / "run"
         url = f"sqlite:///{out / 'study.db'}"
         out.mkdir()
-        runner.ensure_dataset(spec, out)
-        runner.create_study(spec, url, out)
-        base, image_size = runner.open_dataset(spec, out)
-        space = runner.study_space(spec, image_size)
+        ctx = runner.RunContext.resolve(spec, out=out, storage=url, artifacts=None)
+        ctx.prepare_dataset()
+        data = ctx.open_dataset()
+        runner.create_study(ctx, data)
+        base, image_size, space = data.base, data.image_size, data.space
         RunFolder(out).artifacts.mkdir(parents=True, exist_ok=True)
         study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), spec.name, algorithms.make_sampler(spec, ""),
                               algorithms.make_pruner(spec))

@@ -55,6 +55,7 @@ if TYPE_CHECKING:
     from flexunet import config as cfg
     from search.results.export import ExportResult
     from search.results.report import ReportResult
+    from search.runtime.context import RunContext
     from search.runtime.run import RunOptions
     from search.store.artifacts import Location, Store
 
@@ -227,27 +228,30 @@ class Study:
     def study_name(self) -> str:
         return self.name or self.spec.name
 
+    def context(self) -> RunContext:
+        """The run folder, storage URL, artifact store and dataset config this study resolves
+        to, as the launcher resolves them."""
+        from search.runtime.context import RunContext
+
+        return RunContext.resolve(self.spec, out=Path(self.out) if self.out else None, storage=self.storage,
+                                  artifacts=self.artifacts)
+
     @property
     def run_dir(self) -> Path:
         """The run folder."""
-        from search.runtime.context import out_dir
-
-        return out_dir(self.spec, Path(self.out) if self.out else None)
+        return self.context().out
 
     @property
     def url(self) -> str:
         """The storage URL, resolved as the command line resolves ``--storage``."""
-        return urls.resolve_url(self.storage, self.spec.storage, self.run_dir)
+        return self.context().url
 
     def open(self) -> OpenedStudy:
         """The stored study, to read, export and report, with this spec's run folder, dataset
         config and artifact store."""
-        from search.runtime.context import dataset_config_path
-        from search.store import artifacts as af
-
-        named = af.parse(str(self.artifacts), where="--artifacts") if self.artifacts else None
-        return OpenedStudy(self.study_name, self.url, self.run_dir, dataset_config_path(self.spec, self.run_dir),
-                           named or af.resolve(None, self.spec.artifacts, self.run_dir), store_named=named is not None)
+        ctx = self.context()
+        return OpenedStudy(self.study_name, ctx.url, ctx.out, ctx.dataset_config, ctx.artifacts,
+                           store_named=self.artifacts is not None)
 
     def _options(self, workers: int = 1, gpus: tuple[str, ...] = ()) -> RunOptions:
         from search.runtime.run import RunOptions
@@ -262,7 +266,7 @@ class Study:
         (before a batch launch: workers on other machines then join it)."""
         from search.runtime.run import setup
 
-        created, _, _ = _as_bad_input(setup, self.spec, self._options())
+        created, _ = _as_bad_input(setup, self.spec, self._options())
         opened = self.open()
         opened._optuna = created
         return opened

@@ -58,16 +58,15 @@ def _objective(study_path: Path, out: Path) -> tuple[optuna.Study, object]:
     """The study and the objective a worker builds for it (in this process)."""
     from search.spec import study_file
     from search.trial.objective import Objective
-    from search.runtime.context import dataset_config_path, open_dataset, study_space
     from search.runtime.run import RunOptions, setup
 
     spec = study_file.load(study_path)
-    study, _, out = setup(spec, RunOptions(out=out))
-    base, size = open_dataset(spec, out)
+    study, ctx = setup(spec, RunOptions(out=out))
+    data, out = ctx.open_dataset(), ctx.out
     artifacts = optuna.artifacts.FileSystemArtifactStore(str(out / "artifacts"))
     (out / "artifacts").mkdir(exist_ok=True)
-    objective = Objective(spec=spec, base=base, image_size=size, artifacts=artifacts,
-                          space=study_space(spec, size), dataset_dir=dataset_config_path(spec, out).parent)
+    objective = Objective(spec=spec, base=data.base, image_size=data.image_size, artifacts=artifacts,
+                          space=data.space, dataset_dir=ctx.dataset_dir)
     return study, objective
 
 

@@ -186,8 +186,10 @@ def test_out_of_memory_fails_the_trial_and_the_worker_slot_goes_on(tmp_path: Pat
     from search.spec import study_file as sf
 
     spec = sf.load(study_file)
-    runner.ensure_dataset(spec, tmp_path / "run")
-    study = runner.create_study(spec, f"sqlite:///{tmp_path / 'run' / 'study.db'}", tmp_path / "run")
+    ctx = runner.RunContext.resolve(spec, out=tmp_path / "run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}",
+                                    artifacts=None)
+    ctx.prepare_dataset()
+    study = runner.create_study(ctx, ctx.open_dataset())
     study.enqueue_trial({"base_filters": 512, "batch_size": 4096, "num_layers": 3})
     study.enqueue_trial({"base_filters": 4, "batch_size": 2, "num_layers": 2})
     log = tmp_path / "run.log"

@@ -22,6 +22,7 @@ from search.spec import algorithms, space as sp
 from search.store import artifacts as af
 from search import keys as k
 from search.store import storage as st
+from search.store import urls
 from search.spec import study_file
 from search.paths import SPLIT_FILE, RunFolder
 from search.spec.study_file import ParamSpec, StudySpec
@@ -42,54 +43,89 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "-" for c in name).strip(".") or "study"
 
 
-def dataset_config_path(spec: StudySpec, out: Path) -> Path:
-    if spec.dataset_config is not None:
-        return spec.dataset_config
-    return RunFolder(out).dataset_config
+def _dataset_config(spec: StudySpec, out: Path) -> Path:
+    """The study's dataset config: the study file's, or the one prepared into the run folder."""
+    return spec.dataset_config if spec.dataset_config is not None else RunFolder(out).dataset_config
 
 
-def ensure_dataset(spec: StudySpec, out: Path) -> Path:
-    """Prepare the study's dataset into ``out/data`` unless it is there already."""
-    path = dataset_config_path(spec, out)
-    if spec.prepare is None or path.exists():
-        return path
-    p = spec.prepare
-    data = RunFolder(out).data
-    print(f"preparing {p.dataset} from {p.source} into {data}", flush=True)
-    try:
-        report = ct_ich.prepare(p.source, data, size=p.size, fractions=p.split, seed=p.seed,
-                                hemorrhage_types=p.hemorrhage_types)
-    except FlexUNetError:
-        if path.exists():  # another process on this machine prepared it first
-            return path
-        raise
-    for line in report.lines():
-        print(f"  {line}")
-    return path
+@dataclass(frozen=True)
+class Dataset:
+    """A study's dataset as its trials see it: the dataset's config, the (square) image size,
+    and the search space bounded for that size."""
+
+    base: cfg.Config
+    image_size: int
+    space: tuple[ParamSpec, ...]
 
 
-def open_dataset(spec: StudySpec, out: Path) -> tuple[cfg.Config, int]:
-    """The dataset's config and the study's (square) image size."""
-    base = cfg.load(dataset_config_path(spec, out))
-    size = spec.image_size
-    if size is None:
-        if base.model.image_width != base.model.image_height:
-            raise ConfigError(f"{spec.path}: the dataset's images are not square; set [study] image_size")
-        size = base.model.image_width
-    return base, size
+@dataclass(frozen=True)
+class RunContext:
+    """What a launch resolves once and hands down: the spec, the run folder, the storage URL,
+    the artifact store and the dataset's config. A launcher resolves it from the spec and its
+    options (:meth:`resolve`); a worker rebuilds it from its plan (:meth:`WorkerPlan.context`),
+    never from the study file.
 
+    >>> from search.spec.study_file import for_dataset
+    >>> ctx = RunContext.resolve(for_dataset("/data/d.config", name="demo"), out=Path("/runs/demo"),
+    ...                          storage=None, artifacts=None)
+    >>> ctx.url, ctx.artifacts.url, ctx.dataset_dir
+    ('sqlite:////runs/demo/study.db', '/runs/demo/artifacts', PosixPath('/data'))
+    """
 
-def study_space(spec: StudySpec, image_size: int) -> tuple[ParamSpec, ...]:
-    return sp.bounded(spec.space, image_size, str(spec.path))
+    spec: StudySpec
+    out: Path
+    url: str
+    artifacts: af.Location
+    dataset_config: Path
+
+    @classmethod
+    def resolve(cls, spec: StudySpec, *, out: Path | None, storage: str | None, artifacts: str | None) -> RunContext:
+        """``--out``, ``--storage`` and ``--artifacts`` (None: the spec's, then the defaults)."""
+        run_dir = out_dir(spec, out)
+        return cls(spec, run_dir, urls.resolve_url(storage, spec.storage, run_dir),
+                   af.resolve(artifacts, spec.artifacts, run_dir), _dataset_config(spec, run_dir))
+
+    @property
+    def dataset_dir(self) -> Path:
+        """The folder of the dataset's config (where ``split.json`` and ``folds.csv`` are)."""
+        return self.dataset_config.parent
+
+    def prepare_dataset(self) -> None:
+        """Prepare the study's dataset into ``out/data`` unless it is there already."""
+        if self.spec.prepare is None or self.dataset_config.exists():
+            return
+        p = self.spec.prepare
+        data = RunFolder(self.out).data
+        print(f"preparing {p.dataset} from {p.source} into {data}", flush=True)
+        try:
+            report = ct_ich.prepare(p.source, data, size=p.size, fractions=p.split, seed=p.seed,
+                                    hemorrhage_types=p.hemorrhage_types)
+        except FlexUNetError:
+            if self.dataset_config.exists():  # another process on this machine prepared it first
+                return
+            raise
+        for line in report.lines():
+            print(f"  {line}")
+
+    def open_dataset(self) -> Dataset:
+        """The dataset's config, the study's (square) image size and its bounded space."""
+        spec = self.spec
+        base = cfg.load(self.dataset_config)
+        size = spec.image_size
+        if size is None:
+            if base.model.image_width != base.model.image_height:
+                raise ConfigError(f"{spec.path}: the dataset's images are not square; set [study] image_size")
+            size = base.model.image_width
+        return Dataset(base, size, sp.bounded(spec.space, size, str(spec.path)))
 
 
 def objectives(spec: StudySpec) -> list[str]:
     return ["val_foreground_dice"] + ([spec.second_objective] if spec.second_objective else [])
 
 
-def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int,
-                 artifacts: af.Location) -> dict[str, object]:
-    split_file = dataset_config_path(spec, out).parent / SPLIT_FILE
+def _study_attrs(ctx: RunContext, data: Dataset) -> dict[str, object]:
+    spec, base = ctx.spec, data.base
+    split_file = ctx.dataset_dir / SPLIT_FILE
     try:
         split = json.loads(split_file.read_text(encoding="utf-8")) if split_file.exists() else None
     except (ValueError, OSError) as exc:
@@ -97,9 +133,9 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int,
     if split is not None and not isinstance(split, dict):
         raise ConfigError(f"{split_file}: not a split file written by flexunet prepare")
     return {
-        k.STUDY_IMAGE_SIZE: size,
-        k.STUDY_DATASET_CONFIG: str(dataset_config_path(spec, out).absolute()),
-        k.STUDY_ARTIFACTS: artifacts.url,
+        k.STUDY_IMAGE_SIZE: data.image_size,
+        k.STUDY_DATASET_CONFIG: str(ctx.dataset_config.absolute()),
+        k.STUDY_ARTIFACTS: ctx.artifacts.url,
         k.STUDY_FILE: spec.path.name,
         k.STUDY_OBJECTIVES: objectives(spec),
         k.STUDY_DATASET: {
@@ -118,27 +154,24 @@ def _study_attrs(spec: StudySpec, out: Path, base: cfg.Config, size: int,
     }
 
 
-def create_study(spec: StudySpec, url: str, out: Path, storage: optuna.storages.BaseStorage | None = None,
-                 artifacts: af.Location | None = None) -> optuna.Study:
-    """Create (or join) the study, record what it searches and where its trials keep their files
-    (default: the study file's store, or ``out/artifacts``), and enqueue the seed baseline."""
-    artifacts = artifacts or af.resolve(None, spec.artifacts, out)
-    base, size = open_dataset(spec, out)
-    space = study_space(spec, size)
-    storage = storage or st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
+def create_study(ctx: RunContext, data: Dataset, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
+    """Create (or join) the study, record what it searches and where its trials keep their
+    files, and enqueue the seed baseline."""
+    spec, size = ctx.spec, data.image_size
+    storage = storage or st.open_storage(ctx.url, on_stale=lifecycle.stale_trial_callback)
     study, created = st.create_once(storage, spec.name, spec.directions, algorithms.make_sampler(spec),
                                     algorithms.make_pruner(spec))
     existing = study.user_attrs.get(k.STUDY_IMAGE_SIZE)
     if existing is not None and existing != size:
         raise ConfigError(f"study {spec.name!r} searches {existing} px images; this run asks for {size} px")
     if existing is None:
-        for key, value in _study_attrs(spec, out, base, size, artifacts).items():
+        for key, value in _study_attrs(ctx, data).items():
             study.set_user_attr(key, value)
         study.set_metric_names(objectives(spec))
     if spec.baseline and created:
         # Only the process that created the study enqueues: launchers started together on
         # one new study would otherwise each add a baseline.
-        study.enqueue_trial(sp.baseline_params(spec, space, size), user_attrs={k.BASELINE: True})
+        study.enqueue_trial(sp.baseline_params(spec, data.space, size), user_attrs={k.BASELINE: True})
     return study
 
 
@@ -160,6 +193,10 @@ class WorkerPlan:
     def store(self) -> af.Location:
         """Where this plan's trials keep their files."""
         return self.artifacts or af.resolve(None, self.spec.artifacts, self.out)
+
+    def context(self, url: str) -> RunContext:
+        """The launcher's context, as its workers rebuild it (the URL comes from the environment)."""
+        return RunContext(self.spec, self.out, url, self.store, _dataset_config(self.spec, self.out))
 
     def write(self, path: Path) -> Path:
         # Without the study file's storage URL, which may hold a password: workers take theirs

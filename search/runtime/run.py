@@ -36,8 +36,8 @@ from search.store import retry
 from search.store import urls
 from search.spec import budget
 from search.trial import refit as rf
-from search.runtime.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, WorkerPlan, create_study, dataset_config_path,
-                            ensure_dataset, open_dataset, out_dir)
+from search.runtime.context import (LAUNCHER_ENV, REFIT, SEARCH, SLOT_ENV, Dataset, RunContext, WorkerPlan,
+                                    create_study)
 from search.paths import RunFolder
 from search.spec.study_file import StudySpec
 
@@ -198,39 +198,45 @@ def _on_signal(signum: int, frame: object) -> None:
     retry.interrupt_outside_calls(KeyboardInterrupt(signal.Signals(signum).name))
 
 
-def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, str, Path]:
+def context(spec: StudySpec, options: RunOptions) -> RunContext:
+    """The launch's run folder, storage URL, artifact store and dataset config, resolved once
+    from the spec and the options."""
+    return RunContext.resolve(spec, out=options.out, storage=options.storage, artifacts=options.artifacts)
+
+
+def setup(spec: StudySpec, options: RunOptions) -> tuple[optuna.Study, RunContext]:
     """Everything before the workers: the dataset, the study (created once, with its
     baseline) and its dashboard note. ``flexunet search create`` stops here."""
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    out = out_dir(spec, options.out)
-    url = urls.resolve_url(options.storage, spec.storage, out)
+    ctx = context(spec, options)
     # The stores are opened first: a wrong URL must not leave a study folder behind, and a wrong
     # bucket fails here, once, not in every worker (they make an artifact folder themselves).
-    artifacts = af.resolve(options.artifacts, spec.artifacts, out)
-    af.open_store(artifacts, check=artifacts.folder is None)
-    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
-    out.mkdir(parents=True, exist_ok=True)
-    ensure_dataset(spec, out)
-    for line in _fold_class_warnings(spec, out):
+    af.open_store(ctx.artifacts, check=ctx.artifacts.folder is None)
+    storage = st.open_storage(ctx.url, on_stale=lifecycle.stale_trial_callback)
+    ctx.out.mkdir(parents=True, exist_ok=True)
+    ctx.prepare_dataset()
+    data = ctx.open_dataset()
+    for line in _fold_class_warnings(ctx, data):
         print(line, file=sys.stderr, flush=True)
-    study = create_study(spec, url, out, storage, artifacts)
-    warning = af.mismatch_warning(study, artifacts)
+    study = create_study(ctx, data, storage)
+    warning = af.mismatch_warning(study, ctx.artifacts)
     if warning:
         print(warning, file=sys.stderr, flush=True)
-    dashboard.write_study_note(study, urls.mask(url))
-    print(f"study {spec.name!r} on {urls.mask(url)}; output in {out}; trial files in {artifacts}", flush=True)
-    return study, url, out
+    dashboard.write_study_note(study, urls.mask(ctx.url))
+    print(f"study {spec.name!r} on {urls.mask(ctx.url)}; output in {ctx.out}; trial files in {ctx.artifacts}", flush=True)
+    return study, ctx
 
 
-def _fold_class_warnings(spec: StudySpec, out: Path) -> list[str]:
+def _fold_class_warnings(ctx: RunContext, data: Dataset) -> list[str]:
     """One line per fold whose validation patients hold no slice of some class: that fold
     cannot score the class, and its mean leaves it out (the folds are stratified, so this
     happens only where fewer patients hold the class than there are folds)."""
+    spec = ctx.spec
     if not spec.cross_validated:
         return []
-    base, size = open_dataset(spec, out)
+    base, size = data.base, data.image_size
     config = dataclasses.replace(base, model=dataclasses.replace(base.model, image_width=size, image_height=size))
-    folds_file = dataset_config_path(spec, out).parent / paths.FOLDS_FILE
+    folds_file = ctx.dataset_dir / paths.FOLDS_FILE
     missing = folds.missing_classes(config, spec.folds, folds_file, spec.prepare.seed if spec.prepare else 0)
     return [f"warning: fold {k + 1} of {spec.folds}: no validation slice holds class "
             f"{', '.join(map(str, classes))} (too few patients hold it); that fold's Dice leaves it out"
@@ -246,7 +252,7 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     updated as the search measures the configurations it will refit."""
     if options.workers < 1:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
-    study, url, out = setup(spec, options)
+    study, ctx = setup(spec, options)
     started = time.time()
     timeout = spec.budget.timeout
     if spec.refit is None:
@@ -254,15 +260,14 @@ def run(spec: StudySpec, options: RunOptions) -> int:
     else:
         deadline = budget.search_deadline(started, timeout, rf.estimate(study, spec, options.workers))
         study.set_user_attr(k.STUDY_SEARCH_DEADLINE, deadline)
-    artifacts = af.resolve(options.artifacts, spec.artifacts, out)
-    workers = _Workers(WorkerPlan(spec, out, deadline, artifacts), url, options)
+    workers = _Workers(WorkerPlan(spec, ctx.out, deadline, ctx.artifacts), ctx.url, options)
     watcher = progress.Watcher(study, spec.budget.n_trials, spec.budget.max_epochs, deadline=deadline)
     clock = _SearchClock(study, spec, options.workers, started) if spec.refit is not None and timeout else None
     code = _follow(study, workers, watcher, spec.budget.n_trials, deadline, clock)
-    dashboard.write_study_note(study, urls.mask(url))  # now with the baseline's final value
+    dashboard.write_study_note(study, urls.mask(ctx.url))  # now with the baseline's final value
     if code != 0 or spec.refit is None:
         return code
-    return _run_refit(spec, options, study, url, out, artifacts, deadline=started + timeout if timeout else None)
+    return _run_refit(ctx, options, study, deadline=started + timeout if timeout else None)
 
 
 def refit(spec: StudySpec, options: RunOptions) -> int:
@@ -272,12 +277,12 @@ def refit(spec: StudySpec, options: RunOptions) -> int:
         raise ConfigError(f"--workers {options.workers}: need at least 1")
     if spec.refit is None:
         raise ConfigError(f"{spec.path}: the study file has no [refit] section (add one: README, \"The refit\")")
-    study, url, out = setup(spec, options)
-    return _run_refit(spec, options, study, url, out, af.resolve(options.artifacts, spec.artifacts, out))
+    study, ctx = setup(spec, options)
+    return _run_refit(ctx, options, study)
 
 
-def _run_refit(spec: StudySpec, options: RunOptions, study: optuna.Study, url: str, out: Path,
-               artifacts: af.Location, deadline: float | None = None) -> int:
+def _run_refit(ctx: RunContext, options: RunOptions, study: optuna.Study, deadline: float | None = None) -> int:
+    spec, url = ctx.spec, ctx.url
     refit_study = rf.plan(study, st.open_storage(url, on_stale=lifecycle.stale_trial_callback), spec)
     total = rf.models(refit_study)
     done = len(rf.finished(refit_study))
@@ -290,7 +295,7 @@ def _run_refit(spec: StudySpec, options: RunOptions, study: optuna.Study, url: s
         if estimate is not None:
             left = "" if deadline is None else f"; {max(0.0, deadline - time.time()):.0f} s of the timeout left"
             print(f"refit: estimated at most {estimate:.0f} s{left}", flush=True)
-        workers = _Workers(WorkerPlan(spec, out, None, artifacts, stage=REFIT), url, options)
+        workers = _Workers(WorkerPlan(spec, ctx.out, None, ctx.artifacts, stage=REFIT), url, options)
         watcher = progress.Watcher(refit_study, total, int(record["spec"]["epochs"]))
         code = _follow(refit_study, workers, watcher, total, None, None,
                        resume_hint=f"run `flexunet search refit {spec.path}` to finish the refit (a model in "

@@ -175,25 +175,24 @@ def _run(plan_path: Path, storage: Any) -> int:
     from search.store import artifacts as af
     from search.store import storage as st
     from search.store import urls
-    from search.runtime.context import REFIT, SLOT_ENV, WorkerPlan, dataset_config_path, open_dataset, study_space
+    from search.runtime.context import REFIT, SLOT_ENV, WorkerPlan
     from search.trial.objective import Objective, TrialFailure
 
-    url = os.environ[urls.ENV_VAR]
     plan = WorkerPlan.read(plan_path)
-    spec = plan.spec
-    base, image_size = open_dataset(spec, plan.out)
-    space = study_space(spec, image_size)
+    ctx = plan.context(os.environ[urls.ENV_VAR])  # the launcher's, as it resolved it
+    spec, url = ctx.spec, ctx.url
+    data = ctx.open_dataset()
     slot = os.environ.get(SLOT_ENV, "")
     # The first worker of a run keeps the study file's seed (a one-worker run repeats exactly);
     # any other draws from its own stream.
     worker_name = "" if slot in ("", "0.0") else f"{socket.gethostname()}:{slot}:{os.getpid()}"
     study = st.load_study(storage, spec.name, algorithms.make_sampler(spec, worker_name),
                           algorithms.make_pruner(spec))
-    artifacts = af.open_store(plan.store, create=True)
+    artifacts = af.open_store(ctx.artifacts, create=True)
     if plan.stage == REFIT:
-        return _run_refit(spec, plan, base, study, storage, artifacts)
-    objective = Objective(spec=spec, base=base, image_size=image_size, artifacts=artifacts, space=space,
-                          dataset_dir=dataset_config_path(spec, plan.out).parent)
+        return _run_refit(ctx, data.base, study, storage, artifacts)
+    objective = Objective(spec=spec, base=data.base, image_size=data.image_size, artifacts=artifacts,
+                          space=data.space, dataset_dir=ctx.dataset_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _logger.info("worker pid %d on %s joined study %r (%s), trial files in %s", os.getpid(), socket.gethostname(),
                  spec.name, urls.mask(url), artifacts.location)
@@ -202,20 +201,20 @@ def _run(plan_path: Path, storage: Any) -> int:
     return EXIT_OK
 
 
-def _run_refit(spec: Any, plan: Any, base: Any, study: Any, storage: Any, artifacts: Any) -> int:
+def _run_refit(ctx: Any, base: Any, study: Any, storage: Any, artifacts: Any) -> int:
     """The refit's trials (search/trial/refit.py), run as search trials are: one fold x seed model each."""
     import optuna
 
     from flexunet.errors import FlexUNetError
     from search.trial import refit
-    from search.runtime.context import dataset_config_path
     from search.trial.objective import TrialFailure
 
+    spec = ctx.spec
     refit_study = refit.load(study, storage)
     if refit_study is None:
         raise FlexUNetError(f"study {spec.name!r} has no refit planned")
     objective = refit.RefitObjective(spec=spec, base=base, search=study, artifacts=artifacts,
-                                     dataset_dir=dataset_config_path(spec, plan.out).parent)
+                                     dataset_dir=ctx.dataset_dir)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     _logger.info("worker pid %d on %s joined refit %r (%d models)", os.getpid(), socket.gethostname(),
                  refit_study.study_name, refit.models(refit_study))
