@@ -218,9 +218,9 @@ def test_the_names_scan_finds_repeated_keys_and_file_names() -> None:
             attrs = trial.user_attrs
             return attrs.get("folds"), f"best_model_fold{k}.keras", "best_model.keras"
     ''')
-    assert [line.split(": ", 1)[1] for line in name_repeats(source, "x.py")] == [
+    assert sorted(line.split(": ", 1)[1] for line in name_repeats(source, "x.py")) == sorted([
         "'epochs_run' is search.keys.EPOCHS_RUN", "'host' is search.keys.HOST", "'folds' is search.keys.FOLDS",
-        "f-string 'best_model_fold{}.keras' is search.paths.fold_model", "'best_model.keras' is search.paths.MODEL_FILE"]
+        "f-string 'best_model_fold{}.keras' is search.paths.fold_model", "'best_model.keras' is search.paths.MODEL_FILE"])
     assert name_repeats('MODEL_FILE = "best_model.keras"\nLOG = "train_log.csv"\n', "f.py", file_names_only=True) == []
     assert name_repeats('open("train_log.csv")\n', "f.py", file_names_only=True) == [
         "f.py:1: 'train_log.csv' is search.paths.LOG_FILE"]
