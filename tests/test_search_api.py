@@ -84,6 +84,7 @@ def test_a_run_that_does_not_end_raises_and_the_command_maps_it_to_its_exit_stat
             study.run()
         assert raised.value.exit_code == code
         assert cli._exit_status(study.run) == code
+    monkeypatch.undo()  # the launcher itself refuses these, before any process starts
     with pytest.raises(BadInput, match="--workers 0: need at least 1"):
         study.run(workers=0)
     with pytest.raises(BadInput, match="--workers-per-gpu 2: needs --gpus"):
