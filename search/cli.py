@@ -193,7 +193,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
     study = _study(args)
     result = study.report(args.out, slices=args.slices, force=args.force, data=args.data, artifacts=args.artifacts)
-    print(f"report of study {study.study_name!r}: best trial {result.best.number}"
+    print(f"report of study {study.name!r}: best trial {result.best.number}"
           + (f" against the baseline (trial {result.baseline.number})" if result.baseline else ""))
     print(f"open {result.out / REPORT_FILE}")
     print("files: " + ", ".join(result.files))

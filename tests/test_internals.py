@@ -127,6 +127,16 @@ def test_heartbeat_proxy_answers_optunas_stale_query_through_its_hook() -> None:
         def stale_trial_ids_of(self, study_id: int) -> list[int]:
             return [study_id * 10]
 
+        # BaseHeartbeat's abstract methods (search.store.proxy.ProxyStorage implements them)
+        def record_heartbeat(self, trial_id: int) -> None:
+            pass
+
+        def get_heartbeat_interval(self) -> int | None:
+            return 20
+
+        def get_heartbeat_stale_trial_callback(self) -> None:
+            return None
+
     proxy = Proxy()
     assert isinstance(proxy, optuna.storages.GrpcStorageProxy) and isinstance(proxy, _internals.BaseHeartbeat)
     assert proxy._get_stale_trial_ids(4) == [40]
