@@ -1,28 +1,28 @@
 """What coordinating trials through a storage costs, and how many workers one database holds.
 
 A no-op trial does what a worker's trial does to the storage, without training: the worker's
-loop (``search.worker.run_trials``: ``lifecycle.sweep``, ``lifecycle.budget_left``, then
+loop (``search.runtime.worker.run_trials``: ``lifecycle.sweep``, ``lifecycle.budget_left``, then
 ``study.optimize(lifecycle.guarded(...), n_trials=1)`` with its heartbeat thread and stale-trial
 check on relational databases, and ``lifecycle.start``'s host, pid and budget check), the sample
-study's parameters sampled through ``search.space.suggest``, the user attributes the objective
+study's parameters sampled through ``search.spec.space.suggest``, the user attributes the objective
 writes at the start and the end of a trial, and per epoch what ``PruningReporter`` and the
 resume checkpoint write (two user attributes, ``report``, ``should_prune`` with the sample
-study's pruner, the resume epoch). Storages are opened with ``search.storage.open_storage``, as
+study's pruner, the resume epoch). Storages are opened with ``search.store.storage.open_storage``, as
 the product opens them.
 
 1. ``storages``: one process, each storage (SQLite, PostgreSQL, MariaDB, journal file, journal
    on Redis): milliseconds per trial (median, and over the first and last 20 trials), and the
    part spent per epoch.
-2. ``workers``: PostgreSQL, N worker processes (spawn) running ``search.worker.run_trials`` on
+2. ``workers``: PostgreSQL, N worker processes (spawn) running ``search.runtime.worker.run_trials`` on
    one study of ``n_trials`` trials: trials/s, and whether exactly ``n_trials`` trials counted
    (a trial created after the budget was full is FAIL "over budget", never counted).
 3. ``growth``: PostgreSQL; for 100, 1,000 and 10,000 trials and 1, 2, 4 and 8 worker processes,
    a new study filled with that many finished trials like a worker's (made in memory, written in
-   one transaction by ``search._internals.bulk_add_trials``); the workers run no-op trials (the
+   one transaction by ``search.store._internals.bulk_add_trials``); the workers run no-op trials (the
    storage's cost, RandomSampler) and then time ``ask`` plus the space's ``suggest`` calls with
    the study's sampler (TPESampler as in studies/*.toml: multivariate, group) and variants
    (one worker: ``n_ei_candidates=8``, independent TPE, ``constant_liar``; all: the window of
-   ``search.window``). ``study.get_trials(deepcopy=False)`` on 2,000 trials through flexunet's
+   ``search.spec.window``). ``study.get_trials(deepcopy=False)`` on 2,000 trials through flexunet's
    storage against a plain Optuna URL (both cached by Optuna; median of 20 calls).
 4. ``window``: in memory, what the window costs in quality: the study's TPE with and without a
    window on a cheap synthetic objective over the sample study's space (best value, mean of
@@ -118,8 +118,8 @@ def empty_redis_db(url: str) -> Iterator[str]:
 
 
 def sample_space() -> tuple:
-    from search import space as sp
-    from search import study_file
+    from search.spec import space as sp
+    from search.spec import study_file
 
     return sp.bounded(study_file.load(c.SAMPLE_STUDY).space, 128, "bench")
 
@@ -127,7 +127,7 @@ def sample_space() -> tuple:
 def make_objective(space: tuple, epochs: int, loop_seconds: list[float]):
     """What a worker's objective writes to the storage, without training (keys: search.keys)."""
     from search import keys as k
-    from search import space as sp
+    from search.spec import space as sp
 
     def objective(trial: Any) -> float:
         sp.suggest(trial, space)
@@ -157,10 +157,12 @@ def make_objective(space: tuple, epochs: int, loop_seconds: list[float]):
 def open_study(url: str, name: str, create: bool):
     import optuna
 
-    from search import storage as st
+    from search.store import storage as st
 
-    storage = st.open_storage(url)
-    from search import algorithms, study_file
+    from search.trial import lifecycle
+
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
+    from search.spec import algorithms, study_file
 
     sampler = optuna.samplers.RandomSampler()  # the storage's cost, not TPE's
     pruner = algorithms.make_pruner(study_file.load(c.SAMPLE_STUDY))
@@ -171,10 +173,10 @@ def open_study(url: str, name: str, create: bool):
 
 def run_trials(study: Any, space: tuple, n_trials: int, epochs: int,
                limit: int | None = None) -> tuple[list[float], list[float]]:
-    """The worker's loop (``search.worker.run_trials``: the stale-trial sweep, the budget check,
+    """The worker's loop (``search.runtime.worker.run_trials``: the stale-trial sweep, the budget check,
     one ``optimize`` through ``lifecycle.guarded``), timed per trial, until the budget is spent
     or ``limit`` trials ran; returns each trial's seconds and its epoch loop's seconds."""
-    from search import lifecycle
+    from search.trial import lifecycle
 
     objective = make_objective(space, epochs, loops := [])
     guarded = lifecycle.guarded(objective, n_trials)
@@ -213,7 +215,7 @@ def per_storage(name: str, url: str, args: argparse.Namespace, space: tuple) -> 
 def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any, out: Any) -> None:
     import optuna
 
-    from search.worker import run_trials as worker_run_trials
+    from search.runtime.worker import run_trials as worker_run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = sample_space()
@@ -226,7 +228,7 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any
 
 
 def many_workers(url: str, workers: int, args: argparse.Namespace) -> dict[str, Any]:
-    """``workers`` processes run ``search.worker.run_trials`` on one new study of
+    """``workers`` processes run ``search.runtime.worker.run_trials`` on one new study of
     ``parallel_trials`` trials: trials/s (to the last trial's end; a worker whose budget is spent
     then waits for the others' trials) and whether exactly ``parallel_trials`` trials counted."""
     import optuna
@@ -271,7 +273,7 @@ def many_workers(url: str, workers: int, args: argparse.Namespace) -> dict[str, 
 def made_trials(count: int, epochs: int, seed: int = 0, chunk: int = 500) -> list[Any]:
     """``count`` finished trials as a worker leaves them: the sample study's parameters at
     random, the no-op objective's user attributes and intermediate values, the host and pid
-    that ``search.lifecycle.start`` records (made in memory, a scratch study per ``chunk``:
+    that ``search.trial.lifecycle.start`` records (made in memory, a scratch study per ``chunk``:
     the in-memory storage's ask reads every trial)."""
     import optuna
 
@@ -296,8 +298,8 @@ def made_trials(count: int, epochs: int, seed: int = 0, chunk: int = 500) -> lis
 
 def fill(url: str, name: str, trials: list[Any]) -> float:
     """A new study ``name`` holding ``trials``, written in one transaction
-    (``search._internals.bulk_add_trials``); returns the seconds the insert took."""
-    from search import _internals
+    (``search.store._internals.bulk_add_trials``); returns the seconds the insert took."""
+    from search.store import _internals
 
     study = open_study(url, name, create=True)
     started = time.perf_counter()
@@ -310,10 +312,12 @@ def get_trials_cost(url: str, name: str, calls: int) -> dict[str, Any]:
     (each loaded fresh, then called once to fill Optuna's cache): milliseconds per call."""
     import optuna
 
-    from search import storage as st
+    from search.store import storage as st
+
+    from search.trial import lifecycle
 
     figures: dict[str, Any] = {}
-    for label, storage in (("flexunet", st.open_storage(url)), ("plain_url", url)):
+    for label, storage in (("flexunet", st.open_storage(url, on_stale=lifecycle.stale_trial_callback)), ("plain_url", url)):
         study = optuna.load_study(study_name=name, storage=storage)
         first = time.perf_counter()
         n = len(study.get_trials(deepcopy=False))
@@ -337,9 +341,10 @@ def _growth_worker(url: str, tasks: Any, ready: Any, go: Any, out: Any) -> None:
 
     import optuna
 
-    from search import _internals, algorithms, study_file
+    from search.store import _internals
+    from search.spec import algorithms, study_file
     from search import keys as k
-    from search import space as sp
+    from search.spec import space as sp
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore")
@@ -490,8 +495,8 @@ def window_quality(args: argparse.Namespace) -> dict[str, Any]:
 
     import optuna
 
-    from search import algorithms, study_file
-    from search import space as sp
+    from search.spec import algorithms, study_file
+    from search.spec import space as sp
 
     warnings.simplefilter("ignore")
     space = sample_space()

@@ -2,8 +2,8 @@
 
 The sample study (a copy: image size, steps per epoch, epochs and trial count shrunk; the seed
 baseline first, then TPE over the study's space, the study's pruner) runs in this one process exactly
-as ``search.worker`` runs it (``search.context.create_study``, ``search.storage.load_study`` with the
-study's sampler and pruner, ``search.objective.Objective``, ``study.optimize(objective,
+as ``search.runtime.worker`` runs it (``search.runtime.context.create_study``, ``search.store.storage.load_study`` with the
+study's sampler and pruner, ``search.trial.objective.Objective``, ``study.optimize(objective,
 n_trials=1)`` per trial); the process's resident memory (psutil RSS) is recorded after every
 trial.
 
@@ -13,7 +13,7 @@ trial.
 ``--malloc-trim`` also calls glibc's ``malloc_trim(0)`` after each trial, to tell memory the
 process still holds from memory it has freed but not returned to the system.
 ``--without-registry-cleanup`` turns off the objective's removal of the gradient functions
-TensorFlow registers per trial (``search.objective._forget_custom_gradients``), to measure the
+TensorFlow registers per trial (``search.trial.objective._forget_custom_gradients``), to measure the
 leak it fixes.
 
 Last line: ``rss_growth_mb: X`` (RSS after the last trial minus RSS after the first).
@@ -55,17 +55,18 @@ def main() -> None:
     c.quiet_tf()
     import optuna
 
-    import search.objective
-    from search import algorithms, study_file
-    from search import context as runner
-    from search import storage as st
-    from search.objective import Objective, TrialFailure
-    from search import artifacts as af
+    import search.trial.objective
+    from search.spec import algorithms, study_file
+    from search.runtime import context as runner
+    from search.store import storage as st
+    from search.trial import lifecycle
+    from search.trial.objective import Objective, TrialFailure
+    from search.store import artifacts as af
     from search.paths import RunFolder
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if args.without_registry_cleanup:
-        search.objective._forget_custom_gradients = lambda before: None
+        search.trial.objective._forget_custom_gradients = lambda before: None
     process = psutil.Process()
     trim = ctypes.CDLL("libc.so.6").malloc_trim if args.malloc_trim else None
     tmp = Path(tempfile.mkdtemp(prefix="bench-memory-"))
@@ -78,12 +79,13 @@ def main() -> None:
         out = tmp / "run"
         url = f"sqlite:///{out / 'study.db'}"
         out.mkdir()
-        runner.ensure_dataset(spec, out)
-        runner.create_study(spec, url, out)
-        base, image_size = runner.open_dataset(spec, out)
-        space = runner.study_space(spec, image_size)
+        ctx = runner.RunContext.resolve(spec, out=out, storage=url, artifacts=None)
+        ctx.prepare_dataset()
+        data = ctx.open_dataset()
+        runner.create_study(ctx, data)
+        base, image_size, space = data.base, data.image_size, data.space
         RunFolder(out).artifacts.mkdir(parents=True, exist_ok=True)
-        study = st.load_study(st.open_storage(url), spec.name, algorithms.make_sampler(spec, ""),
+        study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), spec.name, algorithms.make_sampler(spec, ""),
                               algorithms.make_pruner(spec))
         objective = Objective(spec=spec, base=base, image_size=image_size,
                               artifacts=af.open_store(af.resolve(None, spec.artifacts, out), create=True),

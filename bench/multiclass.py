@@ -59,7 +59,8 @@ def measure(run_dir: Path, export: Path) -> dict[str, Any]:
     from flexunet import config as cfg
     from flexunet.data.dataset import load_split
     from flexunet.evaluate import load_model, predict_classes, score
-    from search import artifacts, keys, paths, storage
+    from search.store import artifacts, storage
+    from search import keys, paths
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     db = storage.open_storage(f"sqlite:///{run_dir / paths.STUDY_DB}", heartbeat=False, create=False)

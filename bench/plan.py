@@ -7,7 +7,7 @@ the planned study then does on this machine.
 
 For each budget: the plan's image size, ``max_gflops``, space and timeout; the share of 300
 configurations drawn at random from its space that the study would refuse as infeasible (the
-study's own checks, :func:`search.space.infeasible`); with ``--run``, the wall minutes of ``search
+study's own checks, :func:`search.spec.space.infeasible`); with ``--run``, the wall minutes of ``search
 run`` plus ``search export``, the searched trials decided (complete, or pruned while training)
 and the infeasible share of the trials it ran. Targets (issue 21): within the minutes +10%, at
 least 8 decided, at most 5% infeasible. ``--quick`` plans 5 minutes at 32 px only.
@@ -32,8 +32,8 @@ def _waste(study_file: Path, draws: int = 300) -> float:
     import optuna
 
     from flexunet import config as cfg
-    from search import space
-    from search.study_file import load
+    from search.spec import space
+    from search.spec.study_file import load
 
     spec = load(study_file)
     base = cfg.load(ROOT / "tests" / "data" / "seed_ich.config")
@@ -51,7 +51,8 @@ def _waste(study_file: Path, draws: int = 300) -> float:
 def _run(study_file: Path, out: Path) -> dict[str, Any]:
     import optuna
 
-    from search import keys, storage
+    from search import keys
+    from search.store import storage
 
     started = time.perf_counter()
     for command in (["search", "run", study_file, "--out", out],
@@ -79,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from flexunet.errors import FlexUNetError
-    from search import planner
+    from search.spec import planner
 
     results = []
     throughput = args.throughput

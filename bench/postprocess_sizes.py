@@ -62,11 +62,13 @@ def main() -> None:
     from flexunet.evaluate import load_model
     from flexunet.metrics import to_classes
     from flexunet.postprocess import PostProcessing
-    from search import _internals, paths
+    from search.store import _internals
+    from search import paths
     from search.api import Study
-    from search.export import _development_images, _package, _read_oof, choose_trial, oof_predictions, trial_config
+    from search.results.export import _development_images, _package, _read_oof, choose_trial, oof_predictions
+    from search.spec.space import recorded_config
 
-    study = Study.from_file(args.study_file, out=args.out)
+    study = Study.from_file(args.study_file, out=args.out).open()
     base, store = study.files()
     optuna_study = study.optuna_study
     trial = choose_trial(optuna_study, args.trial)
@@ -74,7 +76,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         package = _package(trial, storage, store, Path(tmp), tta=True)
         oof = _read_oof(store.download(storage, trial, paths.OOF_PREDICTIONS, Path(tmp)))
-        config = trial_config(base, trial, Path(tmp))
+        config = recorded_config(base, trial, Path(tmp))
         flipped = oof_predictions(package.fold_models, oof, _development_images(config, oof.names), True)
     exported = cfg.load(Path(args.export) / paths.CONFIG_FILE)
     test = load_split(exported, "test")

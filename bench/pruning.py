@@ -1,7 +1,7 @@
 """What pruning saves: the sample study with its pruner against the same study without one.
 
 Two arms. ``--arm cv`` (the default): the sample study as it ships, a cross-validated study
-(``[study] folds``; a trial reports at step ``fold * max_epochs + epoch``, search/cv.py).
+(``[study] folds``; a trial reports at step ``fold * max_epochs + epoch``, search/trial/cv.py).
 ``--arm split``: the same study on one train/valid split (``folds`` removed from the copy), the
 arm measured before studies were cross-validated.
 

@@ -24,7 +24,7 @@ Four arms, on the same outer folds, each scored on the outer-test patients with
   space, sampler, pruner and budget (``timeout``, ``n_trials``, ``max_epochs``); its export is the
   best trial's single model.
 - (c) ``seed``: the seed's hand-tuned settings, as the study's trial 0 is built
-  (``search.space.trial_config(..., baseline=True)``): it is trial 0 of study (b), exported with
+  (``search.spec.space.trial_config(..., baseline=True)``): it is trial 0 of study (b), exported with
   ``Study.export(trial=0)``. One model, trained for at most ``max_epochs`` epochs with the study's
   fixed settings (steps per epoch, patience): the epoch budget of each of (a)'s fold models.
 - (d) ``default``: the model that ``prepare`` writes in ``train_eval_infer.config`` (5 levels at
@@ -34,8 +34,8 @@ Four arms, on the same outer folds, each scored on the outer-test patients with
   ``max_epochs``.
 
 - (e) ``refit``: the pipeline as the README's main command ships it: the sample study with its
-  ``[refit]`` (search/refit.py), run with ``Study.run()`` in the same timeout as (a) (the search
-  stops early enough to leave the refit its share, search/budget.py), then ``Study.export()``:
+  ``[refit]`` (search/trial/refit.py), run with ``Study.run()`` in the same timeout as (a) (the search
+  stops early enough to leave the refit its share, search/spec/budget.py), then ``Study.export()``:
   the refit ensemble, chosen by Caruana's selection over the top configurations, with the TTA
   and post-processing chosen on the refit's out-of-fold predictions. Also reported: the spread
   of the single fold x seed models the ensemble holds (their out-of-fold Dice, each alone).
@@ -193,20 +193,23 @@ def study_file(path: Path, data_config: Path, name: str, cross_validated: bool, 
     return path
 
 
-def run_search(path: Path, out: Path, args: argparse.Namespace) -> Any:  # -> search.Study
-    from search import Study
+def run_search(path: Path, out: Path, args: argparse.Namespace) -> Any:  # -> search.OpenedStudy
+    from search import Study, StudyError
 
     study = Study.from_file(path, out=out, n_trials=args.n_trials, timeout=args.timeout,
                             max_epochs=args.max_epochs, image_size=args.size)
     started = time.perf_counter()
     with _stamped_stdout():
-        status = study.run(workers=1)
-    if status != 0:
-        raise SystemExit(f"{path.name}: search run ended with status {status} (logs in {out / 'logs'})")
-    best = study.best_trial
-    c.log(f"  search done in {time.perf_counter() - started:.0f} s: {_states(study.optuna_study)}; best trial "
+        try:
+            study.run(workers=1)
+        except StudyError as exc:
+            raise SystemExit(f"{path.name}: search run ended with status {exc.exit_code}: {exc} "
+                             f"(logs in {out / 'logs'})") from None
+    opened = study.open()
+    best = opened.best_trial
+    c.log(f"  search done in {time.perf_counter() - started:.0f} s: {_states(opened.optuna_study)}; best trial "
           f"{best.number} (inner validation Dice {best.values[0]:.4f})")
-    return study
+    return opened
 
 
 def _states(study: Any) -> dict[str, int]:

@@ -1,11 +1,11 @@
 """Hundreds of no-op workers on one study: directly on PostgreSQL, and through one
 ``flexunet search proxy``.
 
-Each worker is a process running the product's loop (``search.worker.run_trials``: the sweep,
+Each worker is a process running the product's loop (``search.runtime.worker.run_trials``: the sweep,
 the budget check, ``study.optimize`` with its heartbeat and stale-trial check) over the no-op
 trial of ``bench/coordination.py`` (the sample study's parameters, the user attributes and
 per-epoch reports a real trial writes, no training). Storages are opened as a worker opens them
-(``search.storage.open_storage``: one connection per process; through the proxy, its gRPC client
+(``search.store.storage.open_storage``: one connection per process; through the proxy, its gRPC client
 with its heartbeat). For each worker count and mode:
 
 - trials/s: completed trials over the time from the start signal to the last trial's end;
@@ -57,8 +57,8 @@ from typing import Any
 import _common as c
 import coordination as co
 
-PRELOAD = ["optuna", "sqlalchemy", "psycopg", "grpc", "search.storage", "search.proxy", "search.worker",
-           "search.lifecycle", "search.space", "search.study_file", "coordination"]
+PRELOAD = ["optuna", "sqlalchemy", "psycopg", "grpc", "search.store.storage", "search.store.proxy", "search.runtime.worker",
+           "search.trial.lifecycle", "search.spec.space", "search.spec.study_file", "coordination"]
 MIB_PER_WORKER = 64  # unique memory a forked no-op worker needs, with margin (53 MiB measured directly, 14 through the proxy: BENCHMARKS.md 14.3)
 
 
@@ -70,13 +70,15 @@ def _percentile(values: list[float], q: float) -> float:
 def _worker(url: str, name: str, n_trials: int, epochs: int, ready: Any, go: Any, out: Any) -> None:
     import optuna
 
-    from search import storage as st
-    from search.worker import run_trials
+    from search.store import storage as st
+
+    from search.trial import lifecycle
+    from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     space = co.sample_space()
     try:
-        storage = st.open_storage(url)
+        storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     except st.ServerFull:
         ready.put(-os.getpid())  # turned away: counted, and the run goes on without it
         return
@@ -210,7 +212,7 @@ def one_run(database: str, workers: int, mode: str, args: argparse.Namespace, tm
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
     from search import keys as k
-    from search import storage as st
+    from search.store import storage as st
 
     n_trials = max(args.min_trials, args.trials_per_worker * workers)
     name = f"scale-{mode}-{workers}-{uuid.uuid4().hex[:6]}"

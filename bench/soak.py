@@ -2,7 +2,7 @@
 
 Four worker processes (``--workers``) run 60 trials (``--trials``) of a fast objective (five
 "epochs" of 0.2 s, each reported) on one PostgreSQL study, through the project's own storage
-(heartbeats, stale-trial retry, reconnects) and budget accounting (``search.worker``). Every
+(heartbeats, stale-trial retry, reconnects) and budget accounting (``search.runtime.worker``). Every
 few seconds a random worker is SIGKILLed and a new one started. At the end the script counts
 trials completed, retried, lost (a trial whose every attempt failed, or one left RUNNING or
 WAITING; must be 0) and duplicate trial numbers (must be 0).
@@ -34,11 +34,13 @@ def _worker(url: str, name: str, n_trials: int, epochs: int, seconds: float) -> 
     os.environ.update(HEARTBEAT)
     import optuna
 
-    from search import storage as st
-    from search.worker import run_trials
+    from search.store import storage as st
+
+    from search.trial import lifecycle
+    from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = st.load_study(st.open_storage(url), name)
+    study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), name)
 
     def objective(trial: optuna.Trial) -> float:
         x = trial.suggest_float("x", -1.0, 1.0)
@@ -69,13 +71,14 @@ def main() -> int:
     import optuna
     from optuna.trial import TrialState
 
-    from search import lifecycle
-    from search import storage as st
+    from search.trial import lifecycle
+    from search.store import storage as st
+    from search.store import urls
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    url = st.normalize(args.storage)
+    url = urls.normalize(args.storage)
     name = f"soak-{uuid.uuid4().hex[:8]}"
-    storage = st.open_storage(url)
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     study, _ = st.create_once(storage, name, ["minimize"])
     rng = random.Random(args.seed)
     ctx = mp.get_context("spawn")
@@ -122,7 +125,7 @@ def main() -> int:
     dead_ends = sum(1 for t in trials if t.state == TrialState.FAIL and t.number not in retried_from)
     # A trial is lost when its last attempt failed without a retry, or never finished.
     lost = dead_ends + stuck + max(0, n_trials - completed - dead_ends - stuck)
-    print(f"storage {st.mask(url)}, study {name}: {workers} workers, {n_trials} trials of {epochs} x {seconds}s epochs")
+    print(f"storage {urls.mask(url)}, study {name}: {workers} workers, {n_trials} trials of {epochs} x {seconds}s epochs")
     print(f"elapsed {elapsed:.1f}s, workers killed {kills}, trials in storage {len(trials)}")
     print(f"completed {completed}, retried {retries}, failed attempts {sum(1 for t in trials if t.state == TrialState.FAIL)}, "
           f"lost {lost}, duplicate numbers {duplicates}, trials retried twice (extra work, nothing lost) {double_retries}")

@@ -116,13 +116,14 @@ def run_plain(config, train, valid) -> tuple[float, float, list[float]]:
 
 def run_trial(config, train, valid, work: Path, objective, study) -> tuple[tuple[float, float, list[float]],
                                                                           tuple[float, float]]:
-    """What ``search.objective.Objective._train`` runs inside ``study.optimize`` (as the worker
+    """What ``search.trial.objective.Objective._train`` runs inside ``study.optimize`` (as the worker
     calls it: heartbeat thread included), with a timer added to its callbacks: the training
     loop's rate as :meth:`EpochStarts.rate` gives it, and the wall-clock and CPU seconds of the
     trial's wrap-up after ``fit`` returns (``Objective._keep_artifacts``: the best model's file,
     learning curves, overlays, uploads), which is paid once per trial and not counted in the rate."""
     from flexunet.train import MODEL_FILE, TrainOutputs, fit
-    from search.objective import LOG_FILE, PruningReporter
+    from search.paths import LOG_FILE
+    from search.trial.training import PruningReporter
 
     timed: dict[str, Any] = {}
 
@@ -152,7 +153,8 @@ class CallbackClock:
     def __init__(self) -> None:
         from flexunet import callbacks as cb
         from flexunet.data.batches import Batches
-        from search.objective import Objective, PruningReporter
+        from search.trial.objective import Objective
+        from search.trial.training import PruningReporter
         import keras
 
         self.targets = [(cb.BestCheckpoint, "on_epoch_end"), (cb.EpochCheckpoint, "on_epoch_end"),
@@ -190,9 +192,10 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
 
     from flexunet.data.dataset import load_split
     from flexunet.model import count_params
-    from search import storage as st
-    from search import study_file
-    from search.objective import Objective
+    from search.store import storage as st
+    from search.trial import lifecycle
+    from search.spec import study_file
+    from search.trial.objective import Objective
 
     base = prepared(args.train_size, root)
     train, valid = load_split(base, "train"), load_split(base, "valid")
@@ -200,7 +203,7 @@ def training(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     if args.augmented:
         variants["trial+augmentation"] = bench_config(base, args, 0.5)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = st.open_storage(f"sqlite:///{root / 'study.db'}")
+    storage = st.open_storage(f"sqlite:///{root / 'study.db'}", on_stale=lifecycle.stale_trial_callback)
     spec = study_file.load(c.SAMPLE_STUDY)
     # NopPruner: the reporter still reports and asks every epoch, but no timed run is cut short.
     study = optuna.create_study(storage=storage, study_name="throughput", pruner=optuna.pruners.NopPruner())

@@ -21,6 +21,9 @@ from flexunet.data.dataset import SliceSet
 from flexunet.metrics import to_classes
 
 MONITOR = "val_foreground_dice"
+# What EpochCheckpoint keeps beside the best model: the last epoch's model and the loop's state.
+LAST_CHECKPOINT = "last.keras"
+TRAIN_STATE = "state.json"
 
 
 class SaveThrottle:
@@ -131,7 +134,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
     so far, and the early-stopping state and history (``state.json``). ``on_saved`` is called
     with the folder and the epoch, and its time counts as part of the save."""
 
-    LAST, STATE = "last.keras", "state.json"
+    LAST, STATE = LAST_CHECKPOINT, TRAIN_STATE
 
     def __init__(self, folder: Path, best: BestCheckpoint, history: dict[str, list[float]],
                  on_saved: Callable[[Path, int], None] | None = None, save_share: float = 0.0) -> None:

@@ -42,8 +42,10 @@ def _cmd_prepare(args: argparse.Namespace) -> int:
                             hemorrhage_types=args.hemorrhage_types)
     for line in report.lines():
         print(line)
-    config = Path(args.out) / ("fold_0" if args.folds else "") / "train_eval_infer.config"
-    print(f"split by patient: {Path(args.out) / 'split.json'}")
+    from flexunet.config import CONFIG_FILE
+
+    config = Path(args.out) / ("fold_0" if args.folds else "") / CONFIG_FILE
+    print(f"split by patient: {Path(args.out) / ct_ich.SPLIT_FILE}")
     print(f"ready to train: flexunet train {config}")
     return 0
 

@@ -26,6 +26,8 @@ from flexunet.textfiles import read_text
 
 _logger = logging.getLogger(__name__)
 
+CONFIG_FILE = "train_eval_infer.config"  # the seed's file name, kept for what prepare and export write
+
 LOSSES = ("categorical_crossentropy", "dice_loss", "categorical_crossentropy+dice_loss")
 # Seed spellings of the same losses.
 _LOSS_ALIASES = {

@@ -3,11 +3,14 @@ and overlays."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flexunet.config import IMAGE_SUFFIXES, Color, ImageConfig, ModelConfig
+import numpy as np
+
+from flexunet.config import IMAGE_SUFFIXES, Color, Config, ImageConfig, ModelConfig
 from flexunet.data import io as imio
 from flexunet.data.dataset import load_images
 from flexunet.evaluate import predict_classes
@@ -54,3 +57,14 @@ def infer_folder(network: Any, images_dir: Path, out_dir: Path, model: ModelConf
             imio.write_png(stage / "overlays" / f"{name}.png", imio.overlay(original, labels, overlay_palette))
     return InferResult(len(data), out_dir, foreground)
 
+
+def latency_ms(network: Any, config: Config, repeats: int = 10) -> float:
+    """Median CPU milliseconds to segment one image."""
+    image = np.zeros((1, *config.model.input_shape), np.float32)
+    network.predict_on_batch(image)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        network.predict_on_batch(image)
+        times.append((time.perf_counter() - started) * 1000)
+    return round(float(np.median(times)), 3)

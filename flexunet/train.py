@@ -21,6 +21,8 @@ from flexunet.model import build
 
 _logger = logging.getLogger(__name__)
 MODEL_FILE = "best_model.keras"
+LOG_FILE = "train_log.csv"
+CURVES_FILE = "learning_curves.png"
 
 
 @dataclass(frozen=True)
@@ -182,8 +184,8 @@ def train(config: Config, *, data: tuple[SliceSet, SliceSet] | None = None,
     for folder in (t.model_dir, t.eval_dir) + ((t.epoch_change_infer_dir,) if t.epoch_change_infer else ()):
         folder.mkdir(parents=True, exist_ok=True)
     outputs = TrainOutputs(
-        model_path=t.model_dir / MODEL_FILE, log_csv=t.eval_dir / "train_log.csv",
-        curves_png=t.eval_dir / "learning_curves.png",
+        model_path=t.model_dir / MODEL_FILE, log_csv=t.eval_dir / LOG_FILE,
+        curves_png=t.eval_dir / CURVES_FILE,
         infer_dir=t.epoch_change_infer_dir if t.epoch_change_infer else None,
         num_infer_images=t.num_infer_images)
     result = fit(config.model, t, train_data, valid_data, outputs=outputs,

@@ -1,12 +1,12 @@
 """The AutoML layer: an Optuna study over FlexUNet's architecture and training parameters.
 
-From Python (see :class:`search.Study`)::
+From Python (see :mod:`search.api`; it raises :mod:`search.errors` when a run does not end)::
 
     from search import Study
 
     study = Study.from_file("studies/ct_ich_sample.toml", n_trials=4, max_epochs=2, image_size=32)
-    study.run(workers=2)
-    print(study.best_trial.params)
+    result = study.run(workers=2)      # raises StudyInterrupted, TrialsFailed or BadInput
+    print(result.best_value, study.open().best_trial.params)
 """
 
 import warnings
@@ -17,8 +17,10 @@ from optuna.exceptions import ExperimentalWarning
 # Optuna 5; the project depends on them knowingly, so their warnings are noise for users.
 warnings.filterwarnings("ignore", category=ExperimentalWarning)
 
-from search.api import Study  # noqa: E402  (after the filter: importing Optuna's pieces warns)
-from search.planner import plan  # noqa: E402
-from search.study_file import StudySpec, load as load_spec  # noqa: E402
+from search.api import OpenedStudy, RunResult, Study, load_study  # noqa: E402  (after the filter: Optuna's pieces warn)
+from search.errors import BadInput, StudyError, StudyInterrupted, TrialsFailed  # noqa: E402
+from search.spec.planner import plan  # noqa: E402
+from search.spec.study_file import StudySpec, for_dataset, load as load_spec  # noqa: E402
 
-__all__ = ["Study", "StudySpec", "load_spec", "plan"]
+__all__ = ["BadInput", "OpenedStudy", "RunResult", "Study", "StudyError", "StudyInterrupted", "StudySpec",
+           "TrialsFailed", "for_dataset", "load_spec", "load_study", "plan"]

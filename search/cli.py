@@ -5,24 +5,40 @@ from __future__ import annotations
 
 import argparse
 import os
+from typing import Any
 
 from flexunet.errors import FlexUNetError
 
 # Everything else is imported where used: the command starts without loading TensorFlow.
 
 
-def _study(args: argparse.Namespace):  # -> search.Study
+def _study(args: argparse.Namespace):  # -> search.OpenedStudy
     """The study a command names: a study file (with --study, --storage, --run-dir), or
     --study NAME with --storage URL."""
-    from search.api import Study
+    from search.api import Study, load_study
 
     if args.study_file:
         study = Study.from_file(args.study_file, storage=args.storage, out=args.run_dir or None)
         study.name = args.study
-        return study
+        return study.open()
     if not args.study:
         raise FlexUNetError("name the study: give STUDY.toml or --study NAME")
-    return Study.load(args.study, args.storage)
+    return load_study(args.study, args.storage)
+
+
+def _exit_status(run: Any) -> int:
+    """0 when ``run()`` spent the study's budget; the exit status of the StudyError it raised
+    otherwise (the launcher has said why on the terminal). Bad input goes on to the one-line
+    error of every flexunet command (status 2)."""
+    from search.errors import BadInput, StudyError
+
+    try:
+        run()
+    except BadInput:
+        raise
+    except StudyError as exc:
+        return exc.exit_code
+    return 0
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -32,7 +48,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                             n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs,
                             image_size=args.image_size)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
-    return study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
+    return _exit_status(lambda: study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu))
 
 
 def _cmd_refit(args: argparse.Namespace) -> int:
@@ -40,16 +56,16 @@ def _cmd_refit(args: argparse.Namespace) -> int:
 
     study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
-    return study.refit(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu)
+    return _exit_status(lambda: study.refit(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu))
 
 
 def _cmd_create(args: argparse.Namespace) -> int:
     from search.api import Study
-    from search.status import summary_lines
+    from search.results.status import summary_lines
 
     study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts,
                             image_size=args.image_size)
-    for line in summary_lines(study.create()):
+    for line in summary_lines(study.create().optuna_study):
         print(line)
     print("workers join with: flexunet search run " + str(args.study_file) + " --storage URL")
     return 0
@@ -92,13 +108,13 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
     import logging
     import sys
 
-    from search import dashboard as db
-    from search import proxy
-    from search import storage as st
+    from search.results import dashboard as db
+    from search.store import proxy_server
+    from search.store import urls
 
-    url = args.storage or os.environ.get(st.ENV_VAR)
+    url = args.storage or os.environ.get(urls.ENV_VAR)
     if not url:
-        raise FlexUNetError(f"the proxy needs --storage URL (or ${st.ENV_VAR}): the study's database")
+        raise FlexUNetError(f"the proxy needs --storage URL (or ${urls.ENV_VAR}): the study's database")
     if not db.is_loopback(args.host):
         print(f"warning: the proxy listens on {args.host}, not only on this machine; it has no authentication, "
               "and anyone who reaches it can read and write every study in the database (keep it on a "
@@ -109,17 +125,17 @@ def _cmd_proxy(args: argparse.Namespace) -> int:
         if value < (0 if name == "port" else 1) or value > 65535:
             raise FlexUNetError(f"--{name} {value}: out of range")
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s proxy %(levelname)s %(message)s")
-    url = st.normalize(url)
-    proxy.serve(url, host=args.host, **given,
-                ready=lambda client: print(f"proxy of {st.mask(url)} listening; workers join with --storage {client} "
+    url = urls.normalize(url)
+    proxy_server.serve(url, host=args.host, **given,
+                ready=lambda client: print(f"proxy of {urls.mask(url)} listening; workers join with --storage {client} "
                                            "(Ctrl-C stops it)", flush=True))
     return 0
 
 
 def _dashboard_needs_a_database(url: str) -> None:
-    from search import storage as st
+    from search.store import urls
 
-    if st.kind(url) == "grpc":  # optuna-dashboard reads Optuna's tables, not the proxy's protocol
+    if urls.kind(url) == "grpc":  # optuna-dashboard reads Optuna's tables, not the proxy's protocol
         raise FlexUNetError(f"--storage {url}: the dashboard needs the database itself, not the proxy: pass the "
                             "database URL that `flexunet search proxy` serves (postgresql://..., mysql://...)")
 
@@ -129,11 +145,12 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
     import optuna
 
-    from search import _internals
-    from search import artifacts as af
-    from search import dashboard as db
+    from search.store import _internals
+    from search.store import artifacts as af
+    from search.results import dashboard as db
     from search.keys import STUDY_DATASET
-    from search import storage as st
+    from search.store import storage as st
+    from search.store import urls
 
     warning = db.exposure_warning(args.host)
     if warning:
@@ -144,28 +161,27 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
         study = target.optuna_study
         storage, url, studies, first = _internals.study_storage(study), target.url, [study], study
     else:
-        url = args.storage or os.environ.get(st.ENV_VAR)
+        url = args.storage or os.environ.get(urls.ENV_VAR)
         if not url:
             raise FlexUNetError("name the study: give STUDY.toml, --study NAME or --storage URL")
-        url = st.normalize(url)
+        url = urls.normalize(url)
         _dashboard_needs_a_database(url)
         storage = st.open_storage(url, heartbeat=False, create=False)
         studies = [st.load_study(storage, name) for name in optuna.study.get_all_study_names(storage)]
         target, first = None, (studies[0] if len(studies) == 1 else None)
     if args.artifacts:
         stores, missing = [af.open_store(af.parse(args.artifacts, where="--artifacts"))], []
-    elif target is not None and target.run_dir is not None:
-        stores, missing = db.artifact_stores(studies, [af.resolve(None, getattr(target.spec, "artifacts", None),
-                                                                  target.run_dir)])
+    elif target is not None and target.store is not None:  # the study file's store, or <out>/artifacts
+        stores, missing = db.artifact_stores(studies, [target.store])
     else:
         stores, missing = db.artifact_stores(studies)
     for line in missing:
         print(f"{line}: its artifacts are not shown ({af.HINT})", file=sys.stderr)
     for study in studies:
         if STUDY_DATASET in study.user_attrs:  # a flexunet study: refresh its note
-            db.write_study_note(study, st.mask(url))
+            db.write_study_note(study, urls.mask(url))
     page = f"/dashboard/studies/{storage.get_study_id_from_name(first.study_name)}" if first else "/dashboard"
-    print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {st.mask(url)}, "
+    print(f"optuna-dashboard: {len(studies)} {'study' if len(studies) == 1 else 'studies'} on {urls.mask(url)}, "
           f"artifacts from {', '.join(str(s.location) for s in stores) or 'nowhere'}")
     db.serve(storage, stores, host=args.host, port=args.port,
              ready=lambda base: print(f"open {base}{page} (Ctrl-C stops it)", flush=True))
@@ -173,18 +189,18 @@ def _cmd_dashboard(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from search.report import REPORT_FILE
+    from search.results.report import REPORT_FILE
 
     study = _study(args)
     result = study.report(args.out, slices=args.slices, force=args.force, data=args.data, artifacts=args.artifacts)
-    print(f"report of study {study.study_name!r}: best trial {result.best.number}"
+    print(f"report of study {study.name!r}: best trial {result.best.number}"
           + (f" against the baseline (trial {result.baseline.number})" if result.baseline else ""))
     print(f"open {result.out / REPORT_FILE}")
     print("files: " + ", ".join(result.files))
     if result.missing:
         import sys
 
-        from search.artifacts import HINT
+        from search.store.artifacts import HINT
 
         print(f"warning: the page lacks {len(result.missing)} trial file(s) the "
               f"{result.missing[0].location.describe()} does not give: "
@@ -196,7 +212,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from search.planner import plan
+    from search.spec.planner import plan
 
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
     print(f"planning a study of {args.data} for {args.minutes:g} minutes"

@@ -47,6 +47,7 @@ INFEASIBLE_REASON = "infeasible_reason"  # why a configuration was PRUNED before
 # --- trial user attrs: resuming -----------------------------------------------------------------
 RESUME_ARTIFACT = "resume_artifact"  # artifact id of the trial's last epoch checkpoint
 RESUME_EPOCH = "resume_epoch"  # epochs that checkpoint holds
+RESUME_FOLD = "resume_fold"  # a cross-validated trial: the fold that checkpoint is of
 RESUMED_FROM_EPOCH = "resumed_from_epoch"  # set on a retry that started from a checkpoint
 
 # --- trial system attrs (Optuna's, from RetryHeartbeatStaleTrialCallback) -----------------------
@@ -62,7 +63,7 @@ STOP_OVER_BUDGET = "over budget"
 STOP_DUPLICATE = "duplicate retry"  # a second copy of a trial that another process queued again too
 FAIL_INTERRUPTED = "interrupted"
 
-# --- trial user attrs: cross-validated trials (search/cv.py), read by the export and the report ---
+# --- trial user attrs: cross-validated trials (search/trial/cv.py), read by the export and the report ---
 FOLDS = "folds"  # K, the number of folds the trial was cross-validated on
 FOLD_DICE = "fold_val_foreground_dice"  # list: best validation foreground Dice of each finished fold
 POOLED_DICE = "val_foreground_dice_pooled"  # the trial's value: one Dice over every out-of-fold slice
@@ -71,9 +72,11 @@ POOLED_DICE = "val_foreground_dice_pooled"  # the trial's value: one Dice over e
 # class is absent there (no reference, no prediction: it left the mean)
 CLASS_DICE = "val_class_dice"
 FOLD = "fold"  # 0-based fold in progress
+FOLD_EPOCHS_RUN = "fold_epochs_run"  # list: epochs each finished fold trained
+FOLD_BEST_EPOCH = "fold_best_epoch"  # list: each finished fold's best epoch
 RESUMED_FROM_FOLD = "resumed_from_fold"  # a retry: the fold it resumed in (earlier ones were kept)
 
-# --- the refit (search/refit.py) ----------------------------------------------------------------
+# --- the refit (search/trial/refit.py) ----------------------------------------------------------------
 STUDY_REFIT = "flexunet_refit"  # on the search study: the refit study's name, configurations and spec
 STUDY_REFIT_OF = "flexunet_refit_of"  # on the refit study: the search study it refits
 STUDY_REFIT_MODELS = "flexunet_refit_models"  # on the refit study: how many fold x seed models it trains

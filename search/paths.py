@@ -36,11 +36,16 @@ CURVES_FILE = "learning_curves.png"
 OVERLAYS_FILE = "validation_overlays.png"
 TRIAL_FILES = (MODEL_FILE, LOG_FILE, CURVES_FILE, OVERLAYS_FILE)
 
+# flexunet.callbacks' resume files beside a fit's checkpoint (the last epoch's model, the loop's
+# state), spelled here for the same reason as MODEL_FILE (tests/test_internals.py checks them).
+LAST_CHECKPOINT = "last.keras"
+TRAIN_STATE = "state.json"
+
 # Beside a dataset's train_eval_infer.config: which fold validates each slice (columns
 # name,fold). Without it, folds are made by patient from the train and valid slices.
 FOLDS_FILE = "folds.csv"
 
-# Artifacts of a cross-validated trial (search/cv.py); k is the 0-based fold.
+# Artifacts of a cross-validated trial (search/trial/cv.py); k is the 0-based fold.
 OOF_PREDICTIONS = "oof_predictions.npz"
 
 
@@ -54,8 +59,14 @@ def fold_log(k: int) -> str:
     return f"train_log_fold{k}.csv"
 
 
+def fold_predictions(k: int) -> str:
+    """Fold k's out-of-fold probabilities (NumPy), kept in a cross-validated trial's resume archive."""
+    return f"oof_fold{k}.npy"
+
+
 __all__ = ["ARTIFACTS_DIR", "CONFIG_FILE", "CURVES_FILE", "DATASET_CONFIG", "DATA_DIR", "LOGS_DIR", "LOG_FILE", "MODEL_FILE",
-           "OVERLAYS_FILE", "FOLDS_FILE", "OOF_PREDICTIONS", "fold_model", "fold_log", "SPLIT_FILE", "STUDY_DB", "TRIAL_FILES", "RunFolder"]
+           "OVERLAYS_FILE", "FOLDS_FILE", "OOF_PREDICTIONS", "fold_model", "fold_log", "fold_predictions",
+           "LAST_CHECKPOINT", "TRAIN_STATE", "SPLIT_FILE", "STUDY_DB", "TRIAL_FILES", "RunFolder"]
 
 
 @dataclass(frozen=True)

@@ -179,7 +179,7 @@ def shared_storage(url: str):  # type: ignore[no-untyped-def]
     (PostgreSQL's "too many clients", seen by Optuna as a failed commit). The database fixtures
     close these before they drop their database.
     """
-    from search import storage as st
+    from search.store import storage as st
 
     if url not in _SHARED_STORAGES:
         _SHARED_STORAGES[url] = st.open_storage(url, heartbeat=False)

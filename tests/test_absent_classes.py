@@ -12,7 +12,7 @@ import pytest
 from flexunet import metrics as m
 from flexunet.data.augment import one_hot
 from flexunet.evaluate import score
-from search.cv import class_dice, pooled_foreground_dice
+from search.trial.cv import class_dice, pooled_foreground_dice
 
 
 def _fold() -> np.ndarray:
@@ -97,7 +97,7 @@ def test_status_shows_each_class_of_a_multiclass_trial_and_absent_ones_as_such()
     import optuna
 
     from search import keys
-    from search.status import class_text
+    from search.results.status import class_text
 
     trial = optuna.trial.create_trial(value=0.25, user_attrs={keys.CLASS_DICE: [0.5, None, 0.0]})
     assert class_text(trial) == "per class: 1 0.5000, 2 absent, 3 0.0000"

@@ -1,4 +1,4 @@
-"""Trial files in an artifact store named by URL (search.artifacts): a folder, or a bucket on a
+"""Trial files in an artifact store named by URL (search.store.artifacts): a folder, or a bucket on a
 real S3-compatible server process (moto's). Two launchers with separate ``--out`` folders and one
 PostgreSQL study: with one bucket, export, report, the dashboard and a killed trial's resume all
 work from it. (With local folders only, report marks what it cannot find and export says where it
@@ -18,9 +18,10 @@ from optuna.trial import FrozenTrial, TrialState
 from conftest import assert_user_error, run_cli, run_cli_here, shared_storage, start_cli, tiny_study
 from flexunet.errors import ConfigError
 from flexunet.train import MODEL_FILE
-from search import artifacts as af
-from search import study_file
-from search.objective import LOG_FILE, OVERLAYS_FILE, RESUME_ATTR
+from search.store import artifacts as af
+from search.spec import study_file
+from search.keys import RESUME_ARTIFACT as RESUME_ATTR
+from search.paths import LOG_FILE, OVERLAYS_FILE
 from servers import Dashboard
 
 BUCKET = "flexunet-test"

@@ -10,8 +10,8 @@ import optuna
 import pytest
 
 from flexunet import config as cfg
-from search import space as sp
-from search import study_file
+from search.spec import space as sp
+from search.spec import study_file
 
 STUDY = Path(__file__).resolve().parents[1] / "studies" / "ct_ich_sample.toml"
 

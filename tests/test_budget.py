@@ -1,11 +1,11 @@
-"""search/budget.py: the time model that sizes the refit and the search's deadline."""
+"""search/spec/budget.py: the time model that sizes the refit and the search's deadline."""
 
 from __future__ import annotations
 
 import pytest
 
-from search import budget
-from search.study_file import RefitSpec
+from search.spec import budget
+from search.spec.study_file import RefitSpec
 
 
 def test_an_epoch_scales_with_batches_and_pixels() -> None:

@@ -21,8 +21,9 @@ from flexunet.callbacks import MONITOR, SaveThrottle
 from flexunet.data.dataset import load_split
 from flexunet.train import TrainOutputs, fit
 from search import keys as k
-from search import study_file
-from search.objective import Objective, PruningReporter
+from search.spec import study_file
+from search.trial.objective import Objective
+from search.trial.training import PruningReporter
 from search.paths import CURVES_FILE, LOG_FILE, MODEL_FILE, OVERLAYS_FILE
 
 pytestmark = pytest.mark.slow

@@ -17,7 +17,9 @@ from optuna.trial import TrialState
 
 from conftest import run_cli, tiny_study
 from search import keys as k
-from search import storage as st
+from search.trial import lifecycle
+from search.store import storage as st
+from search.store import urls
 
 pytestmark = pytest.mark.db
 
@@ -37,13 +39,13 @@ def test_a_worker_holds_one_connection_with_its_heartbeat_beating(postgres_url: 
     both go through the process's one connection (SQLAlchemy's default pool opened two)."""
     import sqlalchemy as sa
 
-    from search import _internals
+    from search.store import _internals
 
     monkeypatch.setenv("FLEXUNET_HEARTBEAT_INTERVAL", "1")
-    url = st.normalize(postgres_url)
+    url = urls.normalize(postgres_url)
     database = sa.engine.make_url(url).database
     admin = sa.engine.make_url(url).set(database="postgres").render_as_string(hide_password=False)
-    storage = st.open_storage(url)
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     study, _ = st.create_once(storage, "budget", ["maximize"])
     seen: list[int] = []
 
@@ -77,9 +79,9 @@ def _held(url: str, count: int) -> Iterator[list]:
 
 
 def _no_op_worker(url: str, name: str, n_trials: int, log: str, joined, go) -> None:  # type: ignore[no-untyped-def]
-    """A worker's start-up (``search.worker.open_worker_storage``), then no-op trials."""
-    os.environ[st.ENV_VAR] = url
-    from search import worker
+    """A worker's start-up (``search.runtime.worker.open_worker_storage``), then no-op trials."""
+    os.environ[urls.ENV_VAR] = url
+    from search.runtime import worker
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
@@ -98,7 +100,7 @@ def test_a_full_server_turns_workers_away_with_one_line_and_the_others_finish(sm
     """max_connections = 20, taken by other clients but for two: of four workers two join
     and spend the budget exactly, two stop at start-up with one line and lose nothing."""
     url = small_postgres_server.url
-    storage = st.open_storage(url)  # this process: one connection, as a launcher's
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)  # this process: one connection, as a launcher's
     study, _ = st.create_once(storage, "full", ["minimize"])
     in_use = st.connection_figures(storage)
     assert in_use is not None and in_use[0] == 20

@@ -1,4 +1,4 @@
-"""Cross-validated trials (search/cv.py) on the bundled sample at 32 px: per-fold attributes and
+"""Cross-validated trials (search/trial/cv.py) on the bundled sample at 32 px: per-fold attributes and
 artifacts, the value recomputed from the stored out-of-fold predictions, pruning inside the
 first fold, folds given by a file, and a killed worker's trial resumed with its finished folds."""
 
@@ -56,18 +56,17 @@ def cv_study(path: Path, name: str, *, folds: int = 3, max_epochs: int = 2, step
 
 def _objective(study_path: Path, out: Path) -> tuple[optuna.Study, object]:
     """The study and the objective a worker builds for it (in this process)."""
-    from search import study_file
-    from search.objective import Objective
-    from search.context import dataset_config_path, open_dataset, study_space
-    from search.run import RunOptions, setup
+    from search.spec import study_file
+    from search.trial.objective import Objective
+    from search.runtime.run import RunOptions, setup
 
     spec = study_file.load(study_path)
-    study, _, out = setup(spec, RunOptions(out=out))
-    base, size = open_dataset(spec, out)
+    study, ctx = setup(spec, RunOptions(out=out))
+    data, out = ctx.open_dataset(), ctx.out
     artifacts = optuna.artifacts.FileSystemArtifactStore(str(out / "artifacts"))
     (out / "artifacts").mkdir(exist_ok=True)
-    objective = Objective(spec=spec, base=base, image_size=size, artifacts=artifacts,
-                          space=study_space(spec, size), dataset_dir=dataset_config_path(spec, out).parent)
+    objective = Objective(spec=spec, base=data.base, image_size=data.image_size, artifacts=artifacts,
+                          space=data.space, dataset_dir=ctx.dataset_dir)
     return study, objective
 
 
@@ -130,7 +129,7 @@ def test_a_cv_trial_is_scored_on_pooled_out_of_fold_predictions_and_a_weak_one_s
 
 
 def test_folds_come_from_folds_csv_beside_the_dataset_config(tmp_path: Path) -> None:
-    from search import cv
+    from search.trial import cv
     from flexunet import config as cfg
     from flexunet.data import ct_ich
     from flexunet.data.dataset import load_split
@@ -205,7 +204,7 @@ def test_the_baseline_trains_at_the_study_fidelity(tmp_path: Path) -> None:
     """The seed's settings, but as many steps, as much patience and the same seed as every trial."""
     from flexunet import config as cfg
     from flexunet.data import ct_ich
-    from search import space as sp, study_file
+    from search.spec import space as sp, study_file
 
     ct_ich.prepare(SAMPLE, tmp_path / "data", size=32, seed=0)
     base = cfg.load(tmp_path / "data" / "train_eval_infer.config")

@@ -18,8 +18,8 @@ from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from browser import dump_dom, screenshot
 from conftest import assert_user_error, run_cli
-from search import artifacts as af
-from search import dashboard as db
+from search.store import artifacts as af
+from search.results import dashboard as db
 from servers import Dashboard
 
 STUDY = "dash-check"

@@ -9,9 +9,9 @@ import pytest
 
 from flexunet import config as cfg
 from flexunet import devices
-from search import run as runner
-from search import space as sp
-from search.study_file import Budget
+from search.runtime import run as runner
+from search.spec import space as sp
+from search.spec.study_file import Budget
 from tests.conftest import assert_user_error, run_cli
 
 H200_MIB = 143771.0  # nvidia-smi's memory.total of the H200 in BENCHMARKS.md section 6

@@ -15,8 +15,9 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import POSTGRES_URL, _fresh_database, assert_user_error, run_cli_here, shared_storage, start_cli, tiny_study
-from search import artifacts as af
-# search.paths, not flexunet.train or search.objective: the eight spawned no-op workers import
+from search.store import artifacts as af
+from search.trial import lifecycle
+# search.paths, not flexunet.train or search.trial.objective: the eight spawned no-op workers import
 # this module, and those two load TensorFlow (~4 CPU seconds each).
 from search.paths import LOG_FILE, MODEL_FILE
 
@@ -30,9 +31,10 @@ def _two_launchers(tmp_path: Path, url: str, baseline: bool = False, workers: in
                  for i in range(2)]
     for i, launcher in enumerate(launchers):
         assert launcher.wait(timeout=900) == 0, (tmp_path / f"launcher-{i}.log").read_text()
-    from search import storage as st
+    from search.store import storage as st
+    from search.store import urls
 
-    study = optuna.load_study(study_name="distributed", storage=st.open_storage(st.normalize(url), heartbeat=False))
+    study = optuna.load_study(study_name="distributed", storage=st.open_storage(urls.normalize(url), heartbeat=False))
     trials = study.get_trials()
     assert not [t.number for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
     assert sorted(t.number for t in trials) == list(range(len(trials)))  # unique, no gaps
@@ -62,11 +64,11 @@ def postgres_machines(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tupl
 
 
 def _no_op_worker(url: str, name: str, n_trials: int, barrier) -> None:  # type: ignore[no-untyped-def]
-    from search import storage as st
-    from search.worker import run_trials
+    from search.store import storage as st
+    from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = st.load_study(st.open_storage(url), name)
+    study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), name)
     barrier.wait()  # every worker asks for its first trial at the same moment
     run_trials(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials)
 
@@ -77,10 +79,11 @@ def test_n_trials_is_met_exactly_by_eight_workers(postgres_url: str) -> None:
     import multiprocessing as mp
 
     from search import keys as k
-    from search import storage as st
+    from search.store import storage as st
+    from search.store import urls
 
-    url = st.normalize(postgres_url)
-    study, _ = st.create_once(st.open_storage(url), "exact", ["minimize"])
+    url = urls.normalize(postgres_url)
+    study, _ = st.create_once(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), "exact", ["minimize"])
     study.enqueue_trial({"x": 0.5})  # an enqueued trial (the baseline) takes the first slot
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(8)
@@ -137,7 +140,7 @@ def test_slurm_array_script_runs_as_written(tmp_path: Path, postgres_url: str) -
                               stderr=subprocess.STDOUT, text=True) for i in range(2)]
     outputs = [task.communicate(timeout=900)[0] for task in tasks]
     assert [task.returncode for task in tasks] == [0, 0], outputs
-    from search import storage as st
+    from search.store import storage as st
 
     study = optuna.load_study(study_name="slurm", storage=st.open_storage(postgres_url, heartbeat=False))
     finished = [t for t in study.trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from flexunet import config as cfg
 from flexunet.errors import ConfigError
-from search import study_file
+from search.spec import study_file
 
 FUZZ = settings(max_examples=300, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

@@ -27,7 +27,7 @@ import pytest
 
 from conftest import ROOT, Run, assert_user_error, run_cli, run_cli_here
 from flexunet.errors import ConfigError
-from search import study_file
+from search.spec import study_file
 
 SIDE = 16  # synthetic CT slices: tiny, so that a prepare run takes a second
 GARBAGE = bytes(range(7, 37))  # 30 bytes that are no known file format

@@ -1,4 +1,4 @@
-"""search._internals against the installed Optuna and TensorFlow: each private thing flexunet
+"""search.store._internals against the installed Optuna and TensorFlow: each private thing flexunet
 relies on is still there and still means what flexunet takes it to mean. A failure here names
 what a new release changed."""
 
@@ -16,7 +16,7 @@ import pytest
 from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
-from search import _internals
+from search.store import _internals
 
 
 @pytest.fixture
@@ -71,7 +71,7 @@ def test_the_calls_optunas_cache_makes_on_its_backend() -> None:
     called = set(re.findall(r"self\._backend\.(_\w+)\(", inspect.getsource(_internals.CachedStorage)))
     assert called == _internals.CACHED_BACKEND_CALLS, (
         "Optuna's _CachedStorage now calls other private methods of its backend: update "
-        "CACHED_BACKEND_CALLS and search.storage.RETRIED_METHODS")
+        "CACHED_BACKEND_CALLS and search.store.storage.RETRIED_METHODS")
 
 
 def test_stale_trial_ids_and_heartbeat_rows(study: optuna.Study) -> None:
@@ -96,6 +96,71 @@ def test_stale_trial_ids_without_heartbeats_is_empty(tmp_path: Path) -> None:
     study.ask()
     assert not _internals.is_heartbeat_enabled(storage)
     assert _internals.stale_trial_ids(storage, _internals.study_id(study)) == []
+
+
+def test_rdb_stale_trials_adds_its_hook_to_the_query_optuna_asks(tmp_path: Path) -> None:
+    """RDBStaleTrials overrides RDBStorage._get_stale_trial_ids: what its public hook names is
+    failed by Optuna's own fail_stale_trials, as the trials whose heartbeat stopped are."""
+    class Extra(_internals.RDBStaleTrials):
+        named: list[int] = []
+
+        def extra_stale_trial_ids(self, study_id: int) -> list[int]:
+            return self.named
+
+    storage = Extra(f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=60, grace_period=120)
+    study = optuna.create_study(storage=storage)
+    with pytest.warns(UserWarning):
+        study.ask()  # stays RUNNING: its heartbeat is young
+        named = study.ask()
+    Extra.named = [_internals.trial_id(named)]
+    assert "_get_stale_trial_ids" in _internals.HEARTBEAT_PRIVATE_CALLS
+    optuna.storages.fail_stale_trials(study)
+    assert [t.state for t in study.trials] == [TrialState.RUNNING, TrialState.FAIL]
+
+
+def test_heartbeat_proxy_answers_optunas_stale_query_through_its_hook() -> None:
+    """HeartbeatProxy is a GrpcStorageProxy and a BaseHeartbeat whose private stale-trial query
+    is its public stale_trial_ids_of (no proxy needs to run for that)."""
+    class Proxy(_internals.HeartbeatProxy):
+        def __init__(self) -> None:  # no connection
+            pass
+
+        def stale_trial_ids_of(self, study_id: int) -> list[int]:
+            return [study_id * 10]
+
+        # BaseHeartbeat's abstract methods (search.store.proxy.ProxyStorage implements them)
+        def record_heartbeat(self, trial_id: int) -> None:
+            pass
+
+        def get_heartbeat_interval(self) -> int | None:
+            return 20
+
+        def get_heartbeat_stale_trial_callback(self) -> None:
+            return None
+
+    proxy = Proxy()
+    assert isinstance(proxy, optuna.storages.GrpcStorageProxy) and isinstance(proxy, _internals.BaseHeartbeat)
+    assert proxy._get_stale_trial_ids(4) == [40]
+
+
+# --- Keras (flexunet/_keras_internals.py: flexunet never imports search) -----------------------
+
+
+def test_keras_symbolic_build_builds_the_compiled_state() -> None:
+    import doctest
+
+    import keras
+    import numpy as np
+
+    from flexunet import _keras_internals
+
+    network = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Conv2D(3, 1, activation="softmax")])
+    network.compile(loss="categorical_crossentropy", metrics=["accuracy"])
+    assert not network.metrics[1].built
+    _keras_internals.build_compiled_state(network, (np.zeros((1, 8, 8, 1), np.float32),
+                                                    np.zeros((1, 8, 8, 3), np.float32)))
+    assert network.metrics[1].built
+    assert doctest.testmod(_keras_internals).failed == 0
 
 
 # --- TensorFlow --------------------------------------------------------------------------------

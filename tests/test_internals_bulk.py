@@ -1,4 +1,4 @@
-"""search._internals.bulk_add_trials against the installed Optuna: it writes Optuna's RDB trial
+"""search.store._internals.bulk_add_trials against the installed Optuna: it writes Optuna's RDB trial
 tables directly, so a study it fills must read back exactly as one filled by ``study.add_trials``.
 A failure here names what a new Optuna release changed in its schema."""
 
@@ -11,10 +11,10 @@ import optuna
 import pytest
 from optuna.trial import FrozenTrial, TrialState
 
-from search import _internals
+from search.store import _internals
 from search import keys as k
-from search import space as sp
-from search import study_file
+from search.spec import space as sp
+from search.spec import study_file
 
 ROOT = Path(__file__).resolve().parents[1]
 SAMPLE_STUDY = ROOT / "studies" / "ct_ich_sample.toml"

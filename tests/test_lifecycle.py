@@ -1,4 +1,4 @@
-"""Each transition of a trial's life (search.lifecycle), in-process, on Optuna's in-memory storage
+"""Each transition of a trial's life (search.trial.lifecycle), in-process, on Optuna's in-memory storage
 or on flexunet's own SQLite storage: start, budget, infeasible, fail, retry, interrupt, stale."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from search import keys as k
-from search import lifecycle
+from search.trial import lifecycle
 
 X = {"x": FloatDistribution(0.0, 1.0)}
 
@@ -24,11 +24,11 @@ def _study() -> optuna.Study:
 
 
 def _heartbeat_study(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> optuna.Study:
-    from search import storage as st
+    from search.store import storage as st
 
     monkeypatch.setenv("FLEXUNET_HEARTBEAT_INTERVAL", "1")
     monkeypatch.setenv("FLEXUNET_GRACE_PERIOD", "1")
-    study, _ = st.create_once(st.open_storage(f"sqlite:///{tmp_path / 'study.db'}"), "life", ["minimize"])
+    study, _ = st.create_once(st.open_storage(f"sqlite:///{tmp_path / 'study.db'}", on_stale=lifecycle.stale_trial_callback), "life", ["minimize"])
     return study
 
 
@@ -175,7 +175,7 @@ def test_an_interrupt_anywhere_in_a_guarded_trial_queues_it_to_resume() -> None:
 
 def test_a_silent_trial_gets_its_copy_queued_then_is_failed(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from search import _internals
+    from search.store import _internals
 
     study = _heartbeat_study(tmp_path, monkeypatch)
     trial = study.ask(X)
@@ -206,7 +206,7 @@ def test_a_failure_whose_copy_was_lost_is_queued_by_the_sweep(tmp_path: Path,
 
 
 def test_fail_loses_the_race_to_a_process_that_finishes_the_trial_meanwhile(monkeypatch: pytest.MonkeyPatch) -> None:
-    from search import _internals
+    from search.store import _internals
 
     study = _study()
     study.ask(X)
@@ -230,7 +230,7 @@ def test_a_trial_queued_again_twice_runs_once_and_counts_once() -> None:
     first copy by number runs, the second ends untrained and never counts."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
 
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     study = _study()
     trial = study.ask(X)
@@ -251,7 +251,7 @@ def test_a_trial_queued_again_twice_runs_once_and_counts_once() -> None:
 def test_a_copy_whose_original_completed_after_all_ends_uncounted() -> None:
     """The copy is queued before its original is failed; an original judged stale while its
     worker was only slow may complete in between. It counts; its copy never does."""
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     study = _study()
     trial = study.ask(X)
@@ -266,7 +266,7 @@ def test_a_copy_whose_original_completed_after_all_ends_uncounted() -> None:
 
 
 def test_a_copy_whose_original_completes_while_it_trains_is_not_counted() -> None:
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     study = _study()
     trial = study.ask(X)
@@ -287,7 +287,7 @@ def test_a_live_worker_whose_trial_another_worker_failed_goes_on() -> None:
     worker fails its trial (copy queued first). Its own tell then meets a FAIL trial; the worker
     drops that result and goes on, and the copy makes the count exact (3 workers died of "Cannot
     tell a FAIL trial" with 128 workers, BENCHMARKS.md 14.3)."""
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     study = _study()
     calls: list[int] = []
@@ -308,7 +308,7 @@ def test_a_live_worker_whose_trial_another_worker_failed_goes_on() -> None:
 
 
 def test_a_worker_still_stops_on_its_own_objectives_error() -> None:
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     study = _study()
 
@@ -322,7 +322,7 @@ def test_a_worker_still_stops_on_its_own_objectives_error() -> None:
 def test_a_worker_whose_trial_optunas_own_check_failed_goes_on() -> None:
     """Optuna's check at the start of another worker's ``optimize`` fails a trial without a
     reason and queues its copy only after: the slow worker goes on even before the copy exists."""
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     study = _study()
 
@@ -336,7 +336,7 @@ def test_a_worker_whose_trial_optunas_own_check_failed_goes_on() -> None:
 
 
 def test_a_worker_still_stops_when_its_objective_fails_its_own_trial_and_raises() -> None:
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     study = _study()
 

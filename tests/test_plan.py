@@ -15,8 +15,8 @@ import pytest
 from conftest import assert_user_error, run_cli_here
 from flexunet import config as cfg
 from flexunet.errors import ConfigError, DataError
-from search import fingerprint, planner as plan, space
-from search.study_file import load as load_spec
+from search.spec import fingerprint, planner as plan, space
+from search.spec.study_file import load as load_spec
 
 # A CPU of this project's kind, measured at 128 px (seconds per training image at two model sizes).
 THROUGHPUT = plan.Throughput(device="cpu", image_size=128, seconds_per_image=(0.012, 0.035),

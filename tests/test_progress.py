@@ -8,10 +8,10 @@ import os
 import optuna
 from optuna.trial import TrialState
 
-from search import run as runner
+from search.runtime import run as runner
 import time
 
-from search.progress import Estimate, Watcher, estimate_left
+from search.runtime.progress import Estimate, Watcher, estimate_left
 
 
 def test_workers_get_a_gpu_each_or_a_share_of_the_cpu() -> None:
@@ -100,7 +100,7 @@ def test_study_line_counts_only_trials_finished_in_this_run_and_respects_the_tim
 
 
 def test_study_line_counts_a_retry_series_once_and_not_the_trials_over_budget() -> None:
-    from search import _internals
+    from search.store import _internals
     from search import keys as k
 
     study = optuna.create_study(direction="maximize")

@@ -20,8 +20,11 @@ from optuna.trial import TrialState
 
 from conftest import assert_user_error, run_cli, run_cli_here, shared_storage, start_cli, tiny_study
 from search import keys as k
-from search import proxy as px
-from search import storage as st
+from search.trial import lifecycle
+from search.store import proxy as px
+from search.store import proxy_server
+from search.store import urls
+from search.store import storage as st
 
 pytestmark = pytest.mark.db
 FAST_HEARTBEAT = {"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "3"}
@@ -63,10 +66,10 @@ def test_the_dashboard_says_it_needs_the_database(proxy) -> None:  # type: ignor
 
 
 def _no_op_worker(url: str, name: str, n_trials: int, barrier) -> None:  # type: ignore[no-untyped-def]
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    study = st.load_study(st.open_storage(url), name)
+    study = st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), name)
     barrier.wait()
     run_trials(study, lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials)
 
@@ -88,11 +91,11 @@ def _peak_connections(url: str, database: str, stop, out) -> None:  # type: igno
 def test_eight_workers_through_one_proxy_meet_n_trials_on_a_few_connections(proxy, postgres_url: str) -> None:  # type: ignore[no-untyped-def]
     import sqlalchemy as sa
 
-    study, _ = st.create_once(st.open_storage(proxy.url), "proxied", ["minimize"])
+    study, _ = st.create_once(st.open_storage(proxy.url, on_stale=lifecycle.stale_trial_callback), "proxied", ["minimize"])
     study.enqueue_trial({"x": 0.5})
     ctx = mp.get_context("spawn")
     barrier, stop, peak = ctx.Barrier(8), ctx.Event(), ctx.Queue()
-    server = sa.engine.make_url(st.normalize(postgres_url))
+    server = sa.engine.make_url(urls.normalize(postgres_url))
     watcher = ctx.Process(target=_peak_connections, args=(
         server.set(database="postgres").render_as_string(hide_password=False), server.database, stop, peak))
     watcher.start()
@@ -110,13 +113,13 @@ def test_eight_workers_through_one_proxy_meet_n_trials_on_a_few_connections(prox
     assert len(complete) == 40 and len(complete) + len(surplus) == len(trials), (len(complete), len(surplus))
     assert trials[0].params == {"x": 0.5}
     assert len({t.user_attrs[k.PID] for t in complete}) > 1
-    assert peak.get(timeout=10) <= px.CONNECTIONS  # the proxy's, whatever the number of workers
+    assert peak.get(timeout=10) <= proxy_server.CONNECTIONS  # the proxy's, whatever the number of workers
 
 
 def _victim(url: str, name: str, started) -> None:  # type: ignore[no-untyped-def]
     """A worker whose trial writes its resume checkpoint's attributes, then hangs until killed."""
     os.environ.update(FAST_HEARTBEAT)
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     def objective(trial: optuna.Trial) -> float:
         trial.suggest_float("x", 0.0, 1.0)
@@ -126,26 +129,26 @@ def _victim(url: str, name: str, started) -> None:  # type: ignore[no-untyped-de
         time.sleep(600)
         return 0.0
 
-    run_trials(st.load_study(st.open_storage(url), name), objective, 3)
+    run_trials(st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), name), objective, 3)
 
 
 def _survivor(url: str, name: str) -> None:  # type: ignore[no-untyped-def]
     """A worker elsewhere: each trial records the checkpoint it would resume from."""
     os.environ.update(FAST_HEARTBEAT)
-    from search.worker import run_trials
+    from search.runtime.worker import run_trials
 
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("resumes_from", trial.user_attrs.get(k.RESUME_EPOCH))
         return trial.suggest_float("x", 0.0, 1.0)
 
-    run_trials(st.load_study(st.open_storage(url), name), objective, 3)
+    run_trials(st.load_study(st.open_storage(url, on_stale=lifecycle.stale_trial_callback), name), objective, 3)
 
 
 def test_a_dead_worker_is_found_through_the_proxy_and_its_trial_resumes(proxy) -> None:  # type: ignore[no-untyped-def]
     """A worker on another machine is SIGKILLed mid-trial and the proxy then too; once the
     proxy is back, a worker elsewhere finds the trial's heartbeat stopped, and runs its copy
     from the checkpoint. Three trials count, no more."""
-    study, _ = st.create_once(st.open_storage(proxy.url), "dead", ["minimize"])
+    study, _ = st.create_once(st.open_storage(proxy.url, on_stale=lifecycle.stale_trial_callback), "dead", ["minimize"])
     ctx = mp.get_context("spawn")
     started = ctx.Event()
     victim = ctx.Process(target=_victim, args=(proxy.url, "dead", started))
@@ -207,7 +210,7 @@ def test_a_study_runs_through_the_proxy_while_a_worker_and_the_proxy_are_killed(
     import json
 
     from search.paths import MODEL_FILE
-    from search.report import REPORT_FILE
+    from search.results.report import REPORT_FILE
 
     export = run_cli("search", "export", study_file, "--storage", proxy.url, "--run-dir", tmp_path / "run",
                      "--out", tmp_path / "best")

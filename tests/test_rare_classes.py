@@ -17,7 +17,7 @@ from flexunet import losses
 from flexunet.data.batches import Batches, resolve_class_sampling
 from flexunet.data.dataset import SliceSet, load_split
 from flexunet.data.split import PatientInfo, cv_folds, missing_classes
-from search import folds
+from search.spec import folds
 
 
 def _info(classes: dict[str, set[int]]) -> dict[str, PatientInfo]:

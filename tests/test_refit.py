@@ -1,4 +1,4 @@
-"""The refit (search/refit.py): the best configurations trained again as fold x seed models in a
+"""The refit (search/trial/refit.py): the best configurations trained again as fold x seed models in a
 study of their own, run by real worker processes, resumed after a SIGKILL, and exported as one
 ensemble chosen on out-of-fold predictions.
 
@@ -68,7 +68,7 @@ def refitted(tmp_path_factory: pytest.TempPathFactory) -> Refitted:
     out = root / "run"
     search = Study.from_file(study_file, out=out)
     search.spec = dataclasses.replace(search.spec, refit=None)  # the search alone; the refit below
-    assert search.run(workers=2) == 0
+    assert search.run(workers=2).states.get("COMPLETE") == 2  # raises unless the budget was spent
     url = f"sqlite:///{out / 'study.db'}"
     log = root / "refit.log"
     launcher = start_cli("search", "refit", study_file, "--out", out, "--workers", "1", log=log)
@@ -104,9 +104,9 @@ def test_a_killed_refit_worker_is_replaced_and_nothing_is_trained_twice_from_scr
     # A model that ran its epochs in two processes still counts them once.
     assert retry.user_attrs["epochs_run"] <= REFIT_EPOCHS
     # `status` shows the refit.
-    from search import Study
+    from search import load_study
 
-    lines = "\n".join(Study.load("refit-test", refitted.url).status())
+    lines = "\n".join(load_study("refit-test", refitted.url).status())
     assert "4 of 4 models trained, 0 running" in lines and "refit ('refit-test:refit')" in lines
 
 
@@ -137,7 +137,7 @@ def exports(refitted: Refitted, tmp_path_factory: pytest.TempPathFactory) -> tup
     from search import Study
 
     root = tmp_path_factory.mktemp("exports")
-    study = Study.from_file(refitted.study_file, out=refitted.out)
+    study = Study.from_file(refitted.study_file, out=refitted.out).open()
     # As an install without the export extra: converting an ensemble to ONNX takes most of a
     # minute, and tests/test_search_export_ensemble.py checks the ONNX file of an ensemble.
     with pytest.MonkeyPatch.context() as patch:
@@ -153,8 +153,8 @@ def test_export_delivers_the_refit_ensemble_and_no_refit_the_search_trial(refitt
 
     from flexunet.data.dataset import load_split
     from flexunet import config as cfg
-    from search import artifacts as af
-    from search import storage as st
+    from search.store import artifacts as af
+    from search.store import storage as st
 
     refit_dir, search_dir = exports
     metrics = json.loads((refit_dir / "metrics.json").read_text())
@@ -219,7 +219,7 @@ def test_averaged_weights_are_what_validation_sees_and_they_resume(tmp_path: Pat
     from flexunet.data.dataset import load_split
     from flexunet.model import build
     from flexunet.train import TrainOutputs, compile_model, fit
-    from search import _internals
+    from search.store import _internals
 
     ct_ich.prepare(SAMPLE, tmp_path / "data", size=32, seed=0)
     config = cfg.load(tmp_path / "data" / "train_eval_infer.config")

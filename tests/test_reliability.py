@@ -88,7 +88,7 @@ def test_a_killed_worker_is_caught_by_the_heartbeat_and_its_trial_resumes(tmp_pa
     plan = _wait_for(lambda: next(iter((tmp_path / "here" / "logs").glob("plan-*.json")), None), 60,
                      "the launcher's worker plan", launcher, log)
     elsewhere = subprocess.Popen(
-        [sys.executable, "-m", "search.worker", str(plan)],
+        [sys.executable, "-m", "search.runtime.worker", str(plan)],
         env={**os.environ, **FAST_HEARTBEAT, "FLEXUNET_STORAGE": postgres_url, "FLEXUNET_THREADS": "1"},
         stdout=(tmp_path / "elsewhere.log").open("w"), stderr=subprocess.STDOUT)
     victim = _wait_for(lambda: (lambda t: t if t and t.user_attrs.get("pid") == elsewhere.pid else None)(check()),
@@ -182,12 +182,14 @@ def test_out_of_memory_fails_the_trial_and_the_worker_slot_goes_on(tmp_path: Pat
                                           'base_filters = { type = "categorical", choices = [512, 4] }\n')
     study_file.write_text(text.replace("[budget]", "[budget]\nmax_memory_gb = 1000"))
     # The huge trial first, then a small one: queued trials run in order, whatever the sampler.
-    from search import context as runner
-    from search import study_file as sf
+    from search.runtime import context as runner
+    from search.spec import study_file as sf
 
     spec = sf.load(study_file)
-    runner.ensure_dataset(spec, tmp_path / "run")
-    study = runner.create_study(spec, f"sqlite:///{tmp_path / 'run' / 'study.db'}", tmp_path / "run")
+    ctx = runner.RunContext.resolve(spec, out=tmp_path / "run", storage=f"sqlite:///{tmp_path / 'run' / 'study.db'}",
+                                    artifacts=None)
+    ctx.prepare_dataset()
+    study = runner.create_study(ctx, ctx.open_dataset())
     study.enqueue_trial({"base_filters": 512, "batch_size": 4096, "num_layers": 3})
     study.enqueue_trial({"base_filters": 4, "batch_size": 2, "num_layers": 2})
     log = tmp_path / "run.log"
@@ -219,7 +221,7 @@ def test_device_out_of_memory_is_recognised_on_both_backends() -> None:
     an out-of-memory reason; any other error is left to propagate."""
     import tensorflow as tf
 
-    from search.objective import _out_of_device_memory
+    from search.trial.objective import _out_of_device_memory
 
     assert _out_of_device_memory(tf.errors.ResourceExhaustedError(None, None, "OOM when allocating tensor"))
     assert _out_of_device_memory(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 4.0GiB"))
@@ -230,7 +232,7 @@ def test_device_out_of_memory_is_recognised_on_both_backends() -> None:
 def test_a_baseline_outside_the_searched_ranges_can_be_retried() -> None:
     """The seed baseline's values may lie outside the study's ranges (base 16 filters in a space
     of 4..8): its retry after a dead worker is queued, and runs with the same values."""
-    from search import lifecycle
+    from search.trial import lifecycle
 
     study = optuna.create_study()
     study.enqueue_trial({"base_filters": 16}, user_attrs={"baseline": True})

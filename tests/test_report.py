@@ -14,7 +14,7 @@ import pytest
 
 from browser import screenshot
 from conftest import assert_user_error, run_cli, run_cli_here
-from search import report
+from search.results import report
 
 pytestmark = pytest.mark.slow
 FIGURES = ("history.png", "importances.png", "parallel_coordinate.png", "learning_curves.png", "test_overlays.png")

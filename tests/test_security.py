@@ -91,7 +91,7 @@ def test_database_passwords_never_show(tmp_path: Path, postgres_url: str) -> Non
         assert run.returncode == 0, run.stdout + run.stderr
     assert "***" in status.stdout
 
-    from search import storage as st
+    from search.store import storage as st
 
     study = optuna.load_study(study_name="secret", storage=st.open_storage(url, heartbeat=False))
     system = study._storage.get_study_system_attrs(study._study_id)  # where the dashboard keeps its note

@@ -1,4 +1,4 @@
-"""search.storage: calls that wait out a lost database, and studies created by many processes at once."""
+"""search.store.storage: calls that wait out a lost database, and studies created by many processes at once."""
 
 from __future__ import annotations
 
@@ -13,8 +13,10 @@ import pytest
 from optuna.trial import TrialState
 
 from conftest import ThrowawayPostgres
-from search import _internals
-from search import storage as st
+from search.store import _internals
+from search.trial import lifecycle
+from search.store import storage as st
+from search.store import retry
 
 
 def _opens_a_session(function: object) -> bool:
@@ -28,7 +30,7 @@ def test_every_rdb_method_that_reaches_the_database_is_retried() -> None:
     reaching = {name for name, function in vars(optuna.storages.RDBStorage).items()
                 if inspect.isfunction(function) and _opens_a_session(function)
                 and not name.endswith("_without_commit")}  # helpers called inside another call's session
-    assert reaching, "RDBStorage no longer opens sessions with _create_scoped_session: check search/storage.py"
+    assert reaching, "RDBStorage no longer opens sessions with _create_scoped_session: check search/store/storage.py"
     assert reaching <= set(st.RETRIED_METHODS), sorted(reaching - set(st.RETRIED_METHODS))
     assert _internals.CACHED_BACKEND_CALLS <= set(st.RETRIED_METHODS)
     assert all(callable(getattr(optuna.storages.RDBStorage, name)) for name in st.RETRIED_METHODS)
@@ -42,7 +44,7 @@ def test_a_call_made_while_the_database_is_down_waits_for_it(postgres_server: Th
     postgres_server.stop()
     restarter = threading.Timer(2.0, postgres_server.start)  # the call below is made before it fires
     restarter.start()
-    with caplog.at_level(logging.WARNING, logger="search.storage"):
+    with caplog.at_level(logging.WARNING, logger="search.store.retry"):
         study.tell(trial, 0.5)  # a write, through Optuna's cache, on a connection that was closed
     restarter.join()
     assert "unreachable" in caplog.text and "retrying" in caplog.text
@@ -55,7 +57,7 @@ def test_a_database_that_stays_down_fails_the_call_after_max_wait(postgres_serve
                                                                   caplog: pytest.LogCaptureFixture) -> None:
     storage = st.RetryingStorage(postgres_server.url, max_wait=1.0)
     postgres_server.stop()
-    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+    with caplog.at_level(logging.WARNING, logger="search.store.retry"), \
             pytest.raises(optuna.exceptions.StorageInternalError):
         storage.get_all_studies()
     assert caplog.text.count("unreachable") >= 2  # waited 0.5 s, then 1 s, then gave up
@@ -64,7 +66,7 @@ def test_a_database_that_stays_down_fails_the_call_after_max_wait(postgres_serve
 @pytest.mark.db
 def test_a_bad_write_is_not_retried(postgres_url: str, caplog: pytest.LogCaptureFixture) -> None:
     storage = st.open_storage(postgres_url, heartbeat=False)
-    with caplog.at_level(logging.WARNING, logger="search.storage"), \
+    with caplog.at_level(logging.WARNING, logger="search.store.retry"), \
             pytest.raises(optuna.exceptions.StorageInternalError):
         storage.create_new_study([optuna.study.StudyDirection.MINIMIZE], study_name="x" * 1000)  # over 512
     assert "unreachable" not in caplog.text
@@ -82,7 +84,7 @@ def test_processes_starting_together_on_a_new_database_create_one_study(postgres
     def start() -> None:
         try:
             barrier.wait()
-            study, created = st.create_once(st.open_storage(postgres_url), "together", ["maximize"])
+            study, created = st.create_once(st.open_storage(postgres_url, on_stale=lifecycle.stale_trial_callback), "together", ["maximize"])
             results.append((study.study_name, created))
         except Exception as exc:  # noqa: BLE001 -- the assertion below names it
             errors.append(exc)
@@ -151,7 +153,7 @@ def _lose_the_first_write(monkeypatch: pytest.MonkeyPatch, meanwhile) -> list[st
             _lost_connection("UPDATE trials", "database is locked")
         return real(self, trial_id, state, values)
 
-    monkeypatch.setattr(st.RetryingStorage, "set_trial_state_values", st.retried(set_trial_state_values))
+    monkeypatch.setattr(st.RetryingStorage, "set_trial_state_values", retry.retried(set_trial_state_values))
     return calls
 
 
@@ -168,7 +170,7 @@ def test_a_waiting_trial_another_worker_finished_during_a_retried_pop_is_not_run
     def the_other_worker_runs_it() -> None:
         with monkeypatch.context() as unpatched:
             unpatched.setattr(st.RetryingStorage, "set_trial_state_values",
-                              st.retried(optuna.storages.RDBStorage.set_trial_state_values))
+                              retry.retried(optuna.storages.RDBStorage.set_trial_state_values))
             other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=1)
 
     calls = _lose_the_first_write(monkeypatch, the_other_worker_runs_it)
@@ -216,10 +218,10 @@ def test_an_interrupt_during_a_storage_call_is_raised_when_the_call_has_returned
 
     def set_trial_intermediate_value(self, trial_id, step, value):  # type: ignore[no-untyped-def]
         if step == 1:
-            st.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))  # the signal arrives mid-call
+            retry.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))  # the signal arrives mid-call
         return real(self, trial_id, step, value)
 
-    monkeypatch.setattr(st.RetryingStorage, "set_trial_intermediate_value", st.retried(set_trial_intermediate_value))
+    monkeypatch.setattr(st.RetryingStorage, "set_trial_intermediate_value", retry.retried(set_trial_intermediate_value))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         trial.report(0.25, step=1)
     assert study.trials[0].intermediate_values == {1: 0.25}  # the call finished, then the interrupt came
@@ -230,7 +232,7 @@ def test_an_interrupt_during_a_storage_call_is_raised_when_the_call_has_returned
     trial.report(0.5, step=2)  # nothing pending any more
     assert study.trials[0].intermediate_values == {1: 0.25, 2: 0.5}
     with pytest.raises(KeyboardInterrupt, match="now"):
-        st.interrupt_outside_calls(KeyboardInterrupt("now"))
+        retry.interrupt_outside_calls(KeyboardInterrupt("now"))
 
 
 def test_an_interrupt_while_a_call_waits_for_the_database_ends_the_wait(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
@@ -240,10 +242,10 @@ def test_an_interrupt_while_a_call_waits_for_the_database_ends_the_wait(tmp_path
 
     def get_all_studies(self):  # type: ignore[no-untyped-def]
         attempts.append(1)
-        st.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))
+        retry.interrupt_outside_calls(KeyboardInterrupt("SIGTERM"))
         _lost_connection("SELECT", "database is locked")
 
-    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st.retried(get_all_studies))
+    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", retry.retried(get_all_studies))
     with pytest.raises(KeyboardInterrupt, match="SIGTERM"):
         storage.get_all_studies()
     assert attempts == [1]  # no second attempt: the interrupt ended the wait
@@ -262,7 +264,7 @@ def _locked_then_open(monkeypatch: pytest.MonkeyPatch, failures: int) -> tuple[l
             _lost_connection("SELECT", "database is locked")
         return real(self)
 
-    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", st.retried(get_all_studies))
+    monkeypatch.setattr(st.RetryingStorage, "get_all_studies", retry.retried(get_all_studies))
     monkeypatch.setattr(st.time, "sleep", pauses.append)
     return attempts, pauses
 
@@ -302,7 +304,7 @@ def test_a_retried_param_write_whose_first_attempt_committed_keeps_one_value(
         if len(calls) == 1:
             _lost_connection("INSERT INTO trial_params", "server closed the connection unexpectedly")
 
-    monkeypatch.setattr(st.RetryingStorage, "_set_trial_param", st.retried(set_trial_param))
+    monkeypatch.setattr(st.RetryingStorage, "_set_trial_param", retry.retried(set_trial_param))
     trial = study.ask()
     x = trial.suggest_float("x", 0, 1)
     assert calls == ["x", "x"]

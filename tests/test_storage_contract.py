@@ -1,7 +1,7 @@
 """Optuna's own storage test cases, run against the storage flexunet uses, on SQLite and PostgreSQL.
 
 ``StorageTestCase`` (shipped by the installed Optuna, ``optuna.testing.pytest_storages``) is
-parametrized here with what ``search.storage.open_storage`` returns, both as opened and as a
+parametrized here with what ``search.store.storage.open_storage`` returns, both as opened and as a
 study sees it (wrapped in Optuna's read cache). The cases that Optuna keeps in its repository
 (``tests/storages_tests/test_storages.py`` and ``test_heartbeat.py``) are restated below in our
 own words for the same contracts. Each database (one SQLite file, one new PostgreSQL database)
@@ -25,8 +25,9 @@ from optuna.testing.pytest_storages import StorageTestCase
 from optuna.trial import FrozenTrial, TrialState
 
 from conftest import POSTGRES_URL, _fresh_database
-from search import _internals
-from search import storage as st
+from search.store import _internals
+from search.trial import lifecycle
+from search.store import storage as st
 
 HEARTBEAT = {"FLEXUNET_HEARTBEAT_INTERVAL": "1", "FLEXUNET_GRACE_PERIOD": "1"}
 BEAT_GONE = 2.5  # seconds after its last heartbeat a trial is surely stale (grace period 1 s)
@@ -73,7 +74,7 @@ def url(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture(params=["as opened", "as a study sees it"])
 def storage(request: pytest.FixtureRequest, url: str) -> Iterator[BaseStorage]:
-    opened = st.open_storage(url)
+    opened = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     if request.param == "as opened":
         yield opened
     else:
@@ -114,14 +115,14 @@ class TestOptunaStorageCases(StorageTestCase):
 
 
 def test_a_study_on_it_gets_optunas_read_cache(url: str) -> None:
-    study = optuna.create_study(storage=st.open_storage(url))
+    study = optuna.create_study(storage=st.open_storage(url, on_stale=lifecycle.stale_trial_callback))
     assert isinstance(_internals.study_storage(study), _internals.CachedStorage)
-    study = optuna.load_study(study_name=study.study_name, storage=st.open_storage(url))
+    study = optuna.load_study(study_name=study.study_name, storage=st.open_storage(url, on_stale=lifecycle.stale_trial_callback))
     assert isinstance(_internals.study_storage(study), _internals.CachedStorage)
 
 
 def test_the_cache_reads_only_trials_it_does_not_hold(url: str) -> None:
-    storage = st.open_storage(url)
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     study = storage.create_new_study([StudyDirection.MINIMIZE])
     first = storage.create_new_trial(study)
     second = storage.create_new_trial(study)
@@ -143,7 +144,7 @@ def beating(url: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[st.RetryingSt
     """The storage a worker opens, with a heartbeat every second and a grace period of one."""
     for key, value in HEARTBEAT.items():
         monkeypatch.setenv(key, value)
-    storage = st.open_storage(url)
+    storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
     assert isinstance(storage, st.RetryingStorage)
     yield storage
     storage.engine.dispose()
@@ -207,7 +208,7 @@ def test_stale_trial_callbacks_see_the_failed_trial_and_queue_copies(url: str,
                  "optuna's retry": RetryHeartbeatStaleTrialCallback(max_retry=1), "flexunet's": None}
     studies = {}
     for name, callback in callbacks.items():
-        storage = st.open_storage(url)
+        storage = st.open_storage(url, on_stale=lifecycle.stale_trial_callback)
         if callback is not None:
             storage.heartbeat_stale_trial_callback = callback
         studies[name] = study = optuna.create_study(storage=storage, study_name=name)
@@ -240,7 +241,7 @@ def test_two_workers_failing_the_same_stale_trial_both_go_on(beating: st.Retryin
     trial = _asked(study)
     beating.record_heartbeat(_internals.trial_id(trial))
     time.sleep(BEAT_GONE)
-    storages = [st.open_storage(url) for _ in range(2)]
+    storages = [st.open_storage(url, on_stale=lifecycle.stale_trial_callback) for _ in range(2)]
     barrier, errors = threading.Barrier(2), []
 
     def check(storage: st.RetryingStorage) -> None:

@@ -10,9 +10,10 @@ import pytest
 from conftest import ROOT
 from flexunet import config as cfg
 from flexunet.errors import ConfigError
-from search import space as sp
-from search import storage as st
-from search import study_file
+from search.spec import space as sp
+from search.store import storage as st
+from search.store import urls
+from search.spec import study_file
 
 MINIMAL = """
 [study]
@@ -35,7 +36,7 @@ def test_shipped_study_files_load(name: str) -> None:
     spec = study_file.load(ROOT / "studies" / name)
     assert spec.directions[0] == "maximize" and spec.space and spec.baseline
     assert spec.prepare is not None and spec.prepare.dataset == "ct-ich"
-    from search.algorithms import make_pruner, make_sampler
+    from search.spec.algorithms import make_pruner, make_sampler
 
     assert make_sampler(spec) is not None and make_pruner(spec) is not None
 
@@ -77,7 +78,7 @@ def test_not_toml(tmp_path: Path) -> None:
 
 
 def test_bad_sampler_arguments_name_the_table(tmp_path: Path) -> None:
-    from search.algorithms import make_sampler
+    from search.spec.algorithms import make_sampler
 
     spec = _load(tmp_path, MINIMAL + "\n[sampler]\nname = \"TPESampler\"\nn_startup = 3\n")
     with pytest.raises(ConfigError, match=r"\[sampler\] TPESampler"):
@@ -143,16 +144,16 @@ def test_infeasible_configs_are_named_and_the_baseline_is_exempt_from_size_caps(
 
 
 def test_storage_urls_are_resolved_and_masked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(st.ENV_VAR, raising=False)
-    assert st.resolve_url(None, None, tmp_path) == f"sqlite:///{tmp_path / 'study.db'}"
-    assert st.resolve_url(None, "mysql://root@h/db", tmp_path) == "mysql+pymysql://root@h/db"
-    monkeypatch.setenv(st.ENV_VAR, "postgresql://u:secret@h:5432/db")
-    assert st.resolve_url(None, None, tmp_path) == "postgresql+psycopg://u:secret@h:5432/db"
-    assert st.resolve_url("journal:x.log", None, tmp_path) == "journal:x.log"
-    assert st.mask("postgresql+psycopg://u:secret@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
-    assert st.mask("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
-    assert st.public(f"sqlite:///{tmp_path}/study.db") == "sqlite:///study.db"
-    assert [st.kind(u) for u in ("sqlite:///a", "journal:a", "redis://h", "mysql+pymysql://h")] == [
+    monkeypatch.delenv(urls.ENV_VAR, raising=False)
+    assert urls.resolve_url(None, None, tmp_path) == f"sqlite:///{tmp_path / 'study.db'}"
+    assert urls.resolve_url(None, "mysql://root@h/db", tmp_path) == "mysql+pymysql://root@h/db"
+    monkeypatch.setenv(urls.ENV_VAR, "postgresql://u:secret@h:5432/db")
+    assert urls.resolve_url(None, None, tmp_path) == "postgresql+psycopg://u:secret@h:5432/db"
+    assert urls.resolve_url("journal:x.log", None, tmp_path) == "journal:x.log"
+    assert urls.mask("postgresql+psycopg://u:secret@h:5432/db") == "postgresql+psycopg://u:***@h:5432/db"
+    assert urls.mask("redis://:pw@h:6379/0") == "redis://:***@h:6379/0"
+    assert urls.public(f"sqlite:///{tmp_path}/study.db") == "sqlite:///study.db"
+    assert [urls.kind(u) for u in ("sqlite:///a", "journal:a", "redis://h", "mysql+pymysql://h")] == [
         "sqlite", "journal-file", "journal-redis", "mysql"]
 
 
@@ -165,7 +166,7 @@ def test_unreachable_storage_is_a_clear_error() -> None:
 def test_the_spec_a_launcher_hands_its_workers_reads_back_unchanged(tmp_path: Path) -> None:
     import dataclasses
 
-    from search.context import WorkerPlan
+    from search.runtime.context import WorkerPlan
 
     for path in sorted((ROOT / "studies").glob("*.toml")):
         spec = study_file.load(path).with_overrides(n_trials=3, image_size=32)
@@ -180,7 +181,7 @@ def test_the_spec_a_launcher_hands_its_workers_reads_back_unchanged(tmp_path: Pa
 
 
 def test_a_damaged_worker_plan_is_a_config_error(tmp_path: Path) -> None:
-    from search.context import WorkerPlan
+    from search.runtime.context import WorkerPlan
 
     (tmp_path / "plan.json").write_text('{"spec": {"name": "x"}}')
     with pytest.raises(ConfigError, match="plan.json: not a worker plan"):

@@ -1,5 +1,5 @@
-"""search.window.WindowedSampler: TPE shown only a window of the study's trials, from a study
-file's [sampler] section. The behaviour tests also guard search._internals.TrialsView: if a new
+"""search.spec.window.WindowedSampler: TPE shown only a window of the study's trials, from a study
+file's [sampler] section. The behaviour tests also guard search.store._internals.TrialsView: if a new
 Optuna's TPE stopped reading trials through ``Study._get_trials`` / ``get_trials``, the window
 would silently stop applying, and the first test here would fail."""
 
@@ -12,9 +12,9 @@ import pytest
 from optuna.trial import TrialState
 
 from flexunet.errors import ConfigError
-from search import study_file
-from search.algorithms import make_sampler
-from search.window import WindowedSampler
+from search.spec import study_file
+from search.spec.algorithms import make_sampler
+from search.spec.window import WindowedSampler
 from test_study_file import MINIMAL as STUDY_FILE
 
 X = optuna.distributions.FloatDistribution(0.0, 1.0)

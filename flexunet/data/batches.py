@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from flexunet import _keras_internals
 from flexunet.data import augment
 from flexunet.data.dataset import SliceSet
 
@@ -144,4 +145,4 @@ def _build_compiled_state(network: Any, num_classes: int) -> None:
     h, w, c = network.input_shape[1:]
     x = np.zeros((1, h, w, c), np.float32)
     y = np.zeros((1, h, w, max(1, num_classes)), np.float32)
-    network._symbolic_build(data_batch=(x, y))
+    _keras_internals.build_compiled_state(network, (x, y))

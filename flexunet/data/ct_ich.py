@@ -38,6 +38,7 @@ _logger = logging.getLogger(__name__)
 
 BRAIN_WINDOW = (40.0, 80.0)  # level, width in HU
 DIAGNOSIS_CSV = "hemorrhage_diagnosis.csv"
+SPLIT_FILE = "split.json"  # the patient split prepare records beside the config
 # ``--hemorrhage-types``: one class per type, in the CSV's column order (class 1..5), each with
 # its mask colour. The same class number means the same type on any copy of the dataset.
 HEMORRHAGE_TYPES = ("Intraventricular", "Intraparenchymal", "Subarachnoid", "Epidural", "Subdural")
@@ -494,7 +495,7 @@ def prepare(src: Path, out: Path, *, size: int | None = None, fractions: tuple[f
             rows.append((ref, int(mask.sum())))
         for prefix, parts in layouts.items():
             root = stage / prefix
-            cfg.dump(_training_config(root, side, hemorrhage_types), root / "train_eval_infer.config")
+            cfg.dump(_training_config(root, side, hemorrhage_types), root / cfg.CONFIG_FILE)
         _write_split(stage, layouts, rows, part_of, seed, fractions, folds, size, test_patients,
                      label if hemorrhage_types else None)
         first = next(iter(layouts))
@@ -561,7 +562,7 @@ def _write_split(stage: Path, layouts: dict[str, dict[str, list[str]]], rows: It
             for k in layouts
         },
     }
-    (stage / "split.json").write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
+    (stage / SPLIT_FILE).write_text(json.dumps(split, indent=2) + "\n", encoding="utf-8")
     lines = ["name,patient,slice,source,foreground_pixels,class," + ",".join(k or "part" for k in layouts)]
     for ref, pixels in rows:
         c = label[ref.name] if label is not None else int(pixels > 0)

@@ -1,0 +1,1 @@
+"""Reading a study: status, export, report and the dashboard."""

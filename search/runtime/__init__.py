@@ -1,0 +1,1 @@
+"""The runtime: the launcher, its workers, what they share, and the progress they print."""

@@ -1,0 +1,1 @@
+"""Running one trial: its training, cross-validation, life cycle, and the refit's trials."""
