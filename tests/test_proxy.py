@@ -205,6 +205,11 @@ def test_a_study_runs_through_the_proxy_while_a_worker_and_the_proxy_are_killed(
     assert retry.state == TrialState.COMPLETE and retry.user_attrs[k.RESUMED_FROM_EPOCH] >= 1
     status = run_cli("search", "status", "--study", "through", "--storage", proxy.url)
     assert status.returncode == 0 and "through" in status.stdout, status.stdout + status.stderr
+    from search import load_study
+
+    opened = load_study("through", proxy.url)  # the Python API through the proxy
+    assert opened.best_trial.number in {t.number for t in finished}
+    assert opened.status()[0].startswith("study 'through' on grpc://")
     # Export and report read the study through the proxy too (no refit in this study: the best
     # search trial, as --no-refit exports it).
     import json
