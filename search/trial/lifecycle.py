@@ -128,22 +128,23 @@ def frozen(study: optuna.Study, number: int) -> FrozenTrial:
     return storage.get_trial(trial_id)
 
 
-def start(trial: optuna.Trial, n_trials: int | None = None) -> None:
-    """Record who runs the trial; end it if it came after the budget was full.
+def start(trial: optuna.Trial, n_trials: int | None = None) -> bool:
+    """Record who runs the trial; end it if it came after the budget was full. Returns whether
+    it is a copy that goes on (what :func:`settle` must check before its value is told).
 
     Raises :class:`OverBudget` (the worker catches it: the trial is FAIL with ``stop_reason``
     ``over budget`` and a system attr that says it never counted); so does a second copy of a
     trial already queued again (``stop_reason`` ``duplicate retry``)."""
     attrs = trial.user_attrs
     if attrs.get(k.PID) == os.getpid() and attrs.get(k.HOST) == socket.gethostname() and n_trials is None:
-        return  # started already (the worker's guard, then the objective)
+        return False  # started already (the worker's guard, then the objective)
     if attrs.get(k.FAIL_REASON):  # a retry carries the attributes of the trial it repeats
         trial.set_user_attr(k.PREVIOUS_FAIL_REASON, attrs[k.FAIL_REASON])
         trial.set_user_attr(k.FAIL_REASON, None)
     trial.set_user_attr(k.HOST, socket.gethostname())
     trial.set_user_attr(k.PID, os.getpid())
     if n_trials is None:
-        return
+        return False
     trials = trial.study.get_trials(deepcopy=False)
     me = next((t for t in trials if t.number == trial.number), None)
     if me is not None and is_retry(me):
@@ -152,9 +153,10 @@ def start(trial: optuna.Trial, n_trials: int | None = None) -> None:
             _never_counted(trial, k.STOP_DUPLICATE, f"duplicate: trial {twin} already repeats trial "
                                                     f"{RetryHeartbeatStaleTrialCallback.retry_history(me)[-1]}")
         _unless_original_finished(trials, me, trial)
-        return
+        return True
     if over_budget(trials, trial.number, n_trials):
         _never_counted(trial, k.STOP_OVER_BUDGET, f"over budget: {n_trials} trials had started before it")
+    return False
 
 
 def _earlier_copy(trials: Sequence[FrozenTrial], copy_: FrozenTrial) -> int | None:
@@ -187,7 +189,8 @@ def settle(trial: optuna.Trial) -> None:
     """Before a copy's value is told: end it uncounted if its original finished meanwhile.
 
     The check of :func:`start` leaves a window: the original may still be RUNNING when its copy
-    starts, and complete while the copy trains. Two reads of one trial each, for copies only."""
+    starts, and complete while the copy trains. Two reads of one trial each; :class:`Guarded`
+    calls it for copies only."""
     me = frozen(trial.study, trial.number)
     if is_retry(me):
         original = frozen(trial.study, RetryHeartbeatStaleTrialCallback.retry_history(me)[-1])
@@ -254,9 +257,10 @@ class Guarded:
     def __call__(self, trial: optuna.Trial) -> Any:
         self.number, self.raised = trial.number, None
         try:
-            start(trial, self.n_trials)
+            copy_ = start(trial, self.n_trials)
             value = self.objective(trial)
-            settle(trial)
+            if copy_:  # an original's own read would be wasted on every trial
+                settle(trial)
             return value
         except Interrupted as exc:
             self.raised = exc
