@@ -3,7 +3,7 @@ the planned study then does on this machine.
 
     python bench/plan.py --minutes 10 20 40                       # plan only: sizes and waste
     python bench/plan.py --minutes 10 20 40 --run                 # and run each as a user would
-    python bench/plan.py --minutes 20 --throughput runs/plans/throughput.json
+    python bench/plan.py --minutes 20 --throughput runs/plans/study.throughput.json
 
 For each budget: the plan's image size, ``max_gflops``, space and timeout; the share of 300
 configurations drawn at random from its space that the study would refuse as infeasible (the
@@ -55,9 +55,11 @@ def _run(study_file: Path, out: Path) -> dict[str, Any]:
     from search.store import storage
 
     started = time.perf_counter()
+    seconds = []
     for command in (["search", "run", study_file, "--out", out],
                     ["search", "export", study_file, "--run-dir", out, "--out", out / "best"]):
         subprocess.run([sys.executable, "-m", "flexunet.cli", *map(str, command)], check=True, cwd=ROOT)
+        seconds.append(round(time.perf_counter() - started - sum(seconds), 1))
     minutes = (time.perf_counter() - started) / 60
     db = storage.open_storage(f"sqlite:///{out / 'study.db'}", heartbeat=False, create=False)
     name = optuna.get_all_study_names(db)[0]
@@ -66,7 +68,8 @@ def _run(study_file: Path, out: Path) -> dict[str, Any]:
     infeasible = sum(1 for t in searched if t.user_attrs.get(keys.STOP_REASON) == keys.STOP_INFEASIBLE)
     decided = sum(1 for t in searched if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
                   and t.user_attrs.get(keys.STOP_REASON) != keys.STOP_INFEASIBLE)
-    return {"minutes": round(minutes, 2), "trials": len(trials), "decided": decided,
+    return {"minutes": round(minutes, 2), "run_seconds": seconds[0], "export_seconds": seconds[1],
+            "trials": len(trials), "decided": decided,
             "infeasible_share": infeasible / max(len(searched), 1)}
 
 
@@ -77,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", type=Path, help="a throughput.json instead of measuring this device")
     parser.add_argument("--run", action="store_true", help="run each planned study and its export")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--keep", type=Path, help="write the plans and runs here (default: a temporary folder)")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
     from flexunet.errors import FlexUNetError
@@ -84,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = []
     throughput = args.throughput
-    with tempfile.TemporaryDirectory(prefix="plan-bench-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="plan-bench-") as scratch:
+        tmp = args.keep or Path(scratch)
         for minutes in ([5.0] if args.quick else args.minutes):
             out = Path(tmp) / f"plan-{minutes:g}" / "study.toml"
             started = time.perf_counter()
@@ -95,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
                 results.append({"minutes_asked": minutes, "refused": str(exc)})
                 continue
             seconds = time.perf_counter() - started
-            throughput = throughput or out.parent / "throughput.json"  # measured once, reused
+            throughput = throughput or out.parent / "study.throughput.json"  # measured once, reused
             row: dict[str, Any] = {"minutes_asked": minutes, "plan_seconds": round(seconds, 1),
                                    "image_size": plan.size.side, "max_gflops": plan.max_gflops,
                                    "base_filters": plan.base_filters, "num_layers": plan.num_layers,

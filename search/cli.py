@@ -212,6 +212,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from search import paths
     from search.spec.planner import plan
 
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
@@ -222,8 +223,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
                   hemorrhage_types=args.hemorrhage_types)
     for line in result.lines():
         print(line)
-    print(f"wrote {args.out} (and fingerprint.json, throughput.json beside it); run it with: "
-          f"flexunet search run {args.out}")
+    out = Path(args.out)
+    print(f"wrote {out} (and {paths.plan_fingerprint(out).name}, {paths.plan_throughput(out).name} beside it); "
+          f"run it with: flexunet search run {out}")
     return 0
 
 

@@ -49,6 +49,17 @@ FOLDS_FILE = "folds.csv"
 OOF_PREDICTIONS = "oof_predictions.npz"
 
 
+def plan_fingerprint(study_file: Path) -> Path:
+    """Where ``flexunet search plan`` writes the dataset's fingerprint: beside the study file it
+    planned, named after it (so that several plans share a folder, as in ``studies/``)."""
+    return study_file.with_name(f"{study_file.stem}.fingerprint.json")
+
+
+def plan_throughput(study_file: Path) -> Path:
+    """Where ``flexunet search plan`` writes the device measurement a study was sized from."""
+    return study_file.with_name(f"{study_file.stem}.throughput.json")
+
+
 def fold_model(k: int) -> str:
     """Fold k's best checkpoint."""
     return f"best_model_fold{k}.keras"

@@ -4,7 +4,9 @@ honest limits, and the study file it writes."""
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
+import math
 from pathlib import Path
 
 import cv2
@@ -102,6 +104,47 @@ def test_a_plan_fits_8_trials_and_its_space_wastes_at_most_5_percent(sample: Pat
     assert sized.num_layers[0] <= 4 <= sized.num_layers[1] and 3 in sized.kernels
 
 
+def test_a_short_budget_gives_up_the_baseline_then_a_fold_before_the_lesions(sample: Path, tmp_path: Path) -> None:
+    fp = fingerprint.of_ct_ich(sample)
+    slow = plan.Throughput("cpu", 128, (0.1, 0.17), (0.289, 1.151), 7.0)   # this kind of VM, measured
+    sized = {m: plan.size_study(fp, slow, m, name="p") for m in (10, 20, 40)}
+    assert sized[40].baseline and sized[40].folds == 3 and sized[20].baseline
+    short = sized[10]
+    # At 10 minutes the baseline (seed settings trained in full) would leave only 48 px, where
+    # 49 of the 70 lesions are under 9 px; without it the search keeps 64 px.
+    assert not short.baseline and short.baseline_seconds == 0 and short.folds == 3
+    assert short.size.side == 64 and short.size.lesions_under / short.size.lesions <= plan.MAX_LESIONS_LOST
+    assert any("the baseline left out to keep 64 px" in note for note in short.notes)
+    out = tmp_path / "s.toml"
+    out.write_text(plan.study_text(short, fp, plan.Source(sample, prepare=True), out))
+    spec = load_spec(out)
+    assert spec.baseline is False and spec.image_size == 64
+    # Slower still, a fold goes too before the lesions do.
+    slower = plan.size_study(fp, dataclasses.replace(slow, seconds_per_image=(0.14, 0.24)), 10, name="p")
+    assert (slower.folds, slower.baseline) == (2, False), slower.lines()
+
+
+def test_a_budget_with_room_to_spare_trains_longer_rather_than_only_bigger(sample: Path, tmp_path: Path) -> None:
+    fp = fingerprint.of_ct_ich(sample)
+    cpu = plan.size_study(fp, THROUGHPUT, 20, name="p")
+    assert (cpu.max_epochs, cpu.steps_per_epoch) == (8, 8)   # the sample on a CPU: the shortest fidelity
+    # A GPU's throughput and a data set of 2,500 slices over 12 hours: models first get room up
+    # to 4x the reference's cost, then trials train longer while 30 of them still fit.
+    gpu = plan.Throughput("gpu", 256, (0.002, 0.004), (4.6, 18.4), 20.0)
+    full = dataclasses.replace(fp, images=2500, patients=82)
+    long = plan.size_study(full, gpu, 720, name="p", gpus=("0",))
+    assert long.max_epochs > 8 and long.steps_per_epoch > 8, long.lines()
+    assert long.steps_per_epoch <= math.ceil(2500 * 0.85 * 2 / 3 / 4)   # at most one pass over a fold's slices
+    assert long.expected_trials >= plan.TARGET_TRIALS
+    assert long.max_gflops >= plan.MODEL_ROOM * plan.reference_gflops(long.size.side, full)
+    assert long.refit is not None and long.refit.epochs >= 2 * long.max_epochs
+    out = tmp_path / "gpu.toml"
+    out.write_text(plan.study_text(long, full, plan.Source(sample, prepare=True), out))
+    spec = load_spec(out)
+    assert spec.budget.max_epochs == long.max_epochs and spec.fixed["steps_per_epoch"] == long.steps_per_epoch
+    assert spec.fixed["patience"] == long.max_epochs // 4 and spec.pruner.kwargs["min_resource"] == long.max_epochs // 4
+
+
 def test_a_budget_too_small_says_how_many_minutes_it_needs(sample: Path) -> None:
     fp = fingerprint.of_ct_ich(sample)
     slow = plan.Throughput("cpu", 128, (1.0, 2.0), (0.3, 1.2), 60.0)
@@ -153,5 +196,5 @@ def test_the_plan_command_writes_a_study_that_loads(tmp_path: Path, sample: Path
     assert spec.folds == 3 and spec.budget.timeout < 20 * 60
     # The refit's estimate fits the third of the timeout the launcher may keep for it.
     assert spec.refit is not None and "refit" in run.stdout
-    assert json.loads((out.parent / "fingerprint.json").read_text())["images"] == 46
-    assert plan.Throughput.read(out.parent / "throughput.json") == THROUGHPUT.at(THROUGHPUT.image_size)
+    assert json.loads((out.parent / "sample.fingerprint.json").read_text())["images"] == 46
+    assert plan.Throughput.read(out.parent / "sample.throughput.json") == THROUGHPUT.at(THROUGHPUT.image_size)

@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from flexunet.errors import ConfigError, DataError
+from search import paths
 from search.spec import budget
 from search.spec.fingerprint import Fingerprint
 from search.spec.study_file import RefitSpec
@@ -130,7 +131,8 @@ class Plan:
     expected_trials: float  # decided trials the search's time holds at that cost
     throughput: Throughput
     timeout: float = 0.0  # [budget] timeout: search and refit
-    baseline_seconds: float = 0.0  # trial 0, the seed's settings, trained in full
+    baseline: bool = True  # trial 0 is the seed's settings
+    baseline_seconds: float = 0.0  # trial 0, trained in full
     refit: RefitSpec | None = None
     refit_seconds: float = 0.0  # the refit's estimate (search/spec/budget.py), inside the timeout
     notes: list[str] = field(default_factory=list)
@@ -143,7 +145,9 @@ class Plan:
             f"{self.folds}-fold trials of at most {self.max_epochs} epochs x {self.steps_per_epoch} batches; "
             f"max_gflops {self.max_gflops:g}, base_filters {self.base_filters[0]}-{self.base_filters[1]}, "
             f"levels {self.num_layers[0]}-{self.num_layers[1]}, kernels {', '.join(map(str, self.kernels))}",
-            f"time: {self.minutes:g} min = baseline {self.baseline_seconds:.0f} s + searched trials {self.search_seconds:.0f} s + "
+            f"time: {self.minutes:g} min = "
+            + (f"baseline {self.baseline_seconds:.0f} s + " if self.baseline else "no baseline + ")
+            + f"searched trials {self.search_seconds:.0f} s + "
             + (f"refit {self.refit_seconds:.0f} s ({self.refit.top_k} configuration(s) x {self.folds} folds x "
                f"{self.refit.seeds} seed(s), {self.refit.epochs} epochs of {self.refit.steps_per_epoch} batches) + "
                if self.refit else "")
@@ -222,6 +226,14 @@ def _has_gpu() -> bool:
 
 
 MIN_RESOURCE, REDUCTION_FACTOR = 2, 3  # the planned study's SuccessiveHalvingPruner
+
+
+def pruner_min_resource(max_epochs: int) -> int:
+    """The planned pruner's first rung: step 2 of fold 1 at 8 epochs, a quarter of a fold's
+    epochs for longer training."""
+    return max(MIN_RESOURCE, max_epochs // 4)
+
+
 MARGIN = 1.5  # on the expected cost: the first trials of a rung are promoted, not pruned
 
 
@@ -244,7 +256,8 @@ def expected_trial_seconds(throughput: Throughput, gflops: float, *, folds: int,
     """A trial's expected seconds under the planned pruner: building once, and the share of
     its full training that :func:`surviving_share` gives."""
     full = trial_seconds(throughput, gflops, folds=folds, epochs=epochs, steps=steps, batch=batch)
-    return throughput.build_seconds + surviving_share(folds, epochs) * (full - throughput.build_seconds)
+    share = surviving_share(folds, epochs, pruner_min_resource(epochs))
+    return throughput.build_seconds + share * (full - throughput.build_seconds)
 
 
 def trial_seconds(throughput: Throughput, gflops: float, *, folds: int, epochs: int, steps: int, batch: int) -> float:
@@ -330,13 +343,13 @@ MIN_REFIT_EPOCHS = 10
 
 
 def _refit_for(t: Throughput, gflops: float, folds: int, side: int, timeout: float,
-               refit: RefitSpec) -> tuple[RefitSpec, float]:
+               refit: RefitSpec, fid: Fidelity) -> tuple[RefitSpec, float]:
     """``refit`` cut (epochs down to :data:`MIN_REFIT_EPOCHS`, then one configuration) until
     its estimate (:func:`search.spec.budget.refit_seconds`, from a search epoch at ``gflops``) fits
     the share of the timeout a refit may take."""
-    epoch = STEPS_PER_EPOCH * 4 * t.seconds(gflops) * (1 + VALIDATION_SHARE)
+    epoch = fid.steps_per_epoch * 4 * t.seconds(gflops) * (1 + VALIDATION_SHARE)
     while True:
-        estimate = budget.refit_seconds([epoch] * refit.top_k, search_steps=STEPS_PER_EPOCH, search_size=side,
+        estimate = budget.refit_seconds([epoch] * refit.top_k, search_steps=fid.steps_per_epoch, search_size=side,
                                         refit=refit, folds=folds)
         if estimate <= budget.MAX_REFIT_SHARE * timeout:
             return refit, estimate
@@ -348,6 +361,31 @@ def _refit_for(t: Throughput, gflops: float, folds: int, side: int, timeout: flo
             return refit, estimate
 
 
+@dataclass(frozen=True)
+class Shape:
+    """What a study trains besides its searched trials: the folds of each trial, and whether
+    trial 0 is the seed's baseline (trained in full before it is judged)."""
+
+    folds: int
+    baseline: bool
+
+
+def shapes(patients: int) -> list[Shape]:
+    """The shapes a plan tries, best first: 3 folds (2 for fewer than 6 patients to fold) with
+    the baseline; without it; with 2 folds. A plan gives up the baseline, then a fold, before it
+    gives up the lesions (see :func:`size_study`).
+
+    >>> [(s.folds, s.baseline) for s in shapes(17)]
+    [(3, True), (3, False), (2, False)]
+    """
+    folds = 3 if max(1, round(patients * 0.85)) >= 6 else 2
+    ladder = [Shape(folds, True), Shape(folds, False)]
+    return ladder + ([Shape(2, False)] if folds > 2 else [])
+
+
+MAX_LESIONS_LOST = 0.5  # a plan that leaves more lesions than this under MIN_LESION_PIXELS is refused
+
+
 def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name: str, workers: int = 1,
                gpus: Sequence[str] = (), refit: RefitSpec | None = DEFAULT_REFIT) -> Plan:
     """The study for ``fp`` in ``minutes`` on the measured device (see the module's rules).
@@ -355,68 +393,158 @@ def size_study(fp: Fingerprint, throughput: Throughput, minutes: float, *, name:
     With ``refit`` (the default: the main command refits), the study's timeout covers the search
     and the refit, whose estimate (:mod:`search.spec.budget`, the model the launcher moves the
     search's deadline by) is kept within a third of it by cutting its epochs, then its
-    configurations; the search gets the rest."""
+    configurations; the search gets the rest.
+
+    Each :func:`shapes` in turn gets the largest side that fits; the first whose side leaves at
+    most :data:`MAX_LESIONS_LOST` of the lesions under :data:`MIN_LESION_PIXELS` is the plan. A
+    short budget so trades the baseline and a fold for resolution: the lesions are what the
+    study is about, the baseline is a reference and a third fold a steadier estimate."""
     if minutes <= 0:
         raise ConfigError(f"--minutes {minutes}: expected a positive number")
     if workers < 1:
         raise ConfigError(f"--workers {workers}: need at least 1")
     parallel = max(1, len(gpus)) if gpus else 1  # CPU workers share the cores: one device's throughput
-    dev_patients = max(1, round(fp.patients * 0.85))
-    folds = 3 if dev_patients >= 6 else 2
-    total = minutes * 60.0
     size = choose_size(fp)
-    notes: list[str] = []
-    for side in [s for s in SIDES if s <= size.side][::-1]:
-        t = throughput.at(side)
-        # The baseline (the seed's settings, trial 0) trains in full before it is judged.
-        baseline = trial_seconds(t, seed_gflops(side, fp), folds=folds, epochs=MAX_EPOCHS, steps=STEPS_PER_EPOCH,
-                                 batch=2)
-        grid = [g / 100 for g in range(5, 2001, 5)]
-        fitting = []
-        for g in grid:
-            overrun = expected_trial_seconds(t, g / 2, folds=folds, epochs=MAX_EPOCHS, steps=STEPS_PER_EPOCH,
-                                             batch=4) / parallel
-            timeout = total - EXPORT_SECONDS - overrun
-            refit_spec, refit_estimate = _refit_for(t, g / 2, folds, side, timeout, refit) if refit else (None, 0.0)
-            search = timeout - refit_estimate - baseline / parallel
-            if search > 0 and _fits(t, g, folds, search * parallel):
-                fitting.append((g, timeout, refit_spec, refit_estimate, search))
-            else:
-                break
-        # The side must afford a space that holds what did well on the bundled sample (base
-        # 16, 4 levels, 3x3: BENCHMARKS.md sections 4 and 9), with room above it.
-        if fitting and fitting[-1][0] >= REFERENCE_ROOM * reference_gflops(side, fp):
-            max_gflops, timeout, refit_spec, refit_estimate, search = fitting[-1]
-            chosen = dataclasses.replace(size, side=side, lesions_under=sum(
-                c.lesions_under(MIN_LESION_PIXELS, side) for c in fp.classes.values()))
-            if side < size.side:
-                notes.append(f"the lesion rule asked for {size.side} px, but {MIN_TRIALS} trials fit only at {side} px "
-                             f"in {minutes:g} minutes")
-            filters, layers, kernels, max_params = space_bounds(side, fp.channels, fp.num_classes, max_gflops)
-            mid = expected_trial_seconds(t, max_gflops / 2, folds=folds, epochs=MAX_EPOCHS, steps=STEPS_PER_EPOCH,
-                                         batch=4)
-            plan = Plan(name=name, minutes=minutes, workers=workers, gpus=tuple(gpus), size=chosen, folds=folds,
-                        max_epochs=MAX_EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, max_gflops=max_gflops,
-                        max_params=max_params, base_filters=filters, num_layers=layers, kernels=kernels,
-                        trial_seconds=mid, search_seconds=search, expected_trials=search * parallel / mid,
-                        throughput=t, timeout=timeout, baseline_seconds=baseline / parallel, refit=refit_spec,
-                        refit_seconds=refit_estimate, notes=notes)
-            lost = chosen.lesions_under / max(chosen.lesions, 1)
-            if lost > 0.5:
-                raise DataError(f"{fp.source or 'the dataset'}: {chosen.lesions_under} of {chosen.lesions} lesions are under "
-                                f"{MIN_LESION_PIXELS:g} px at {side} px, the largest size {minutes:g} minutes allow; "
-                                f"the lesions need {size.wanted} px ({needed_minutes(fp, throughput, size.wanted, folds, parallel, refit):.0f} minutes)")
-            return plan
-    need = needed_minutes(fp, throughput, min(SIDES), folds, parallel, refit)
+    ladder = shapes(fp.patients)
+    lossy: Plan | None = None
+    for shape in ladder:
+        sized = _largest(fp, throughput, minutes, size, shape, name=name, workers=workers, gpus=gpus,
+                         parallel=parallel, refit=refit)
+        if sized is None:
+            continue
+        if sized.size.lesions_under / max(sized.size.lesions, 1) <= MAX_LESIONS_LOST:
+            given_up = [what for what, lost in (("the baseline", ladder[0].baseline and not shape.baseline),
+                                                (f"fold {ladder[0].folds}", shape.folds < ladder[0].folds)) if lost]
+            if given_up:
+                sized.notes.append(f"{' and '.join(given_up)} left out to keep {sized.size.side} px in {minutes:g} minutes")
+            return sized
+        if lossy is None or sized.size.side > lossy.size.side:
+            lossy = sized
+    cheapest = ladder[-1]
+    if lossy is not None:
+        need = needed_minutes(fp, throughput, size.side, cheapest.folds, parallel, refit, baseline=False)
+        raise DataError(f"{fp.source or 'the dataset'}: {lossy.size.lesions_under} of {lossy.size.lesions} lesions are "
+                        f"under {MIN_LESION_PIXELS:g} px at {lossy.size.side} px, the largest size {minutes:g} minutes "
+                        f"allow; the lesions need {size.wanted} px ({math.ceil(need)} minutes)")
+    need = needed_minutes(fp, throughput, min(SIDES), cheapest.folds, parallel, refit, baseline=False)
     raise ConfigError(f"--minutes {minutes:g}: too little time for {MIN_TRIALS} decided trials even at {min(SIDES)} px "
                       f"on this device; it needs at least {math.ceil(need)} minutes")
 
 
-def _fits(t: Throughput, max_gflops: float, folds: int, seconds: float) -> bool:
+@dataclass(frozen=True)
+class Fidelity:
+    """How long a searched trial trains: epochs per fold and batches per epoch."""
+
+    max_epochs: int
+    steps_per_epoch: int
+
+    @property
+    def patience(self) -> int:
+        return max(4, self.max_epochs // 4)
+
+    @property
+    def min_resource(self) -> int:
+        return pruner_min_resource(self.max_epochs)
+
+
+EPOCHS_LADDER = (MAX_EPOCHS, 12, 16, 24, 32, 48, 64, 80)
+MODEL_ROOM = 4.0  # max_gflops at this many times the reference's cost before training grows longer
+TARGET_TRIALS = 30  # decided trials a longer training must still leave room for
+
+
+def fidelities(fp: Fingerprint, folds: int) -> list[Fidelity]:
+    """The fidelities a plan may grow through, shortest first: the epochs of
+    :data:`EPOCHS_LADDER`, and batches per epoch doubling from :data:`STEPS_PER_EPOCH` up to one
+    pass over a fold's training slices at batch 4 (never fewer than 8).
+
+    >>> fp = Fingerprint(images=46, patients=17, native_sizes={"512x512": 46}, channels=1, num_classes=2)
+    >>> [(f.max_epochs, f.steps_per_epoch) for f in fidelities(fp, 3)][:3]
+    [(8, 8), (12, 8), (16, 8)]
+    """
+    train_images = fp.images * 0.85 * (folds - 1) / max(folds, 2)
+    one_pass = max(STEPS_PER_EPOCH, math.ceil(train_images / 4))
+    return [Fidelity(epochs, min(one_pass, STEPS_PER_EPOCH * 2**i)) for i, epochs in enumerate(EPOCHS_LADDER)]
+
+
+@dataclass(frozen=True)
+class _Fit:
+    max_gflops: float
+    timeout: float
+    refit: RefitSpec | None
+    refit_seconds: float
+    search: float
+    baseline: float
+    expected_trials: float
+
+
+def _fit_at(t: Throughput, side: int, fp: Fingerprint, shape: Shape, fid: Fidelity, total: float, parallel: int,
+            refit: RefitSpec | None) -> _Fit | None:
+    """The largest ``max_gflops`` of the grid at which the study fits ``total`` seconds."""
+    kw = {"folds": shape.folds, "epochs": fid.max_epochs, "steps": fid.steps_per_epoch}
+    baseline = trial_seconds(t, seed_gflops(side, fp), batch=2, **kw) if shape.baseline else 0.0
+    if refit is not None:  # the refit trains at least twice the search's fidelity
+        refit = dataclasses.replace(refit, epochs=max(refit.epochs, 2 * fid.max_epochs),
+                                    steps_per_epoch=max(refit.steps_per_epoch, fid.steps_per_epoch),
+                                    patience=max(refit.patience, 2 * fid.patience))
+    found = None
+    for g in [g / 100 for g in range(5, 2001, 5)]:
+        overrun = expected_trial_seconds(t, g / 2, batch=4, **kw) / parallel
+        timeout = total - EXPORT_SECONDS - overrun
+        refit_spec, refit_estimate = _refit_for(t, g / 2, shape.folds, side, timeout, refit, fid) if refit else (None, 0.0)
+        search = timeout - refit_estimate - baseline / parallel
+        if not (search > 0 and _fits(t, g, fid, shape.folds, search * parallel)):
+            break
+        mid = expected_trial_seconds(t, g / 2, batch=4, **kw)
+        found = _Fit(g, timeout, refit_spec, refit_estimate, search, baseline / parallel, search * parallel / mid)
+    return found
+
+
+def _largest(fp: Fingerprint, throughput: Throughput, minutes: float, size: SizeChoice, shape: Shape, *, name: str,
+             workers: int, gpus: Sequence[str], parallel: int, refit: RefitSpec | None) -> Plan | None:
+    """The plan of ``shape`` at the largest side (at most the lesion rule's) that fits, or None.
+    At that side a budget with room to spare buys models up to :data:`MODEL_ROOM` times the
+    reference's cost first, then longer training (:func:`fidelities`) for as long as the
+    models keep that room and :data:`TARGET_TRIALS` trials still fit, then bigger models."""
+    total = minutes * 60.0
+    ladder = fidelities(fp, shape.folds)
+    for side in [s for s in SIDES if s <= size.side][::-1]:
+        t = throughput.at(side)
+        reference = reference_gflops(side, fp)
+        fid, fit = ladder[0], _fit_at(t, side, fp, shape, ladder[0], total, parallel, refit)
+        # The side must afford a space that holds what did well on the bundled sample (base
+        # 16, 4 levels, 3x3: BENCHMARKS.md sections 4 and 9), with room above it.
+        if fit is None or fit.max_gflops < REFERENCE_ROOM * reference:
+            continue
+        for longer in ladder[1:]:
+            if fit.max_gflops < MODEL_ROOM * reference:
+                break
+            grown = _fit_at(t, side, fp, shape, longer, total, parallel, refit)
+            if grown is None or grown.max_gflops < MODEL_ROOM * reference or grown.expected_trials < TARGET_TRIALS:
+                break
+            fid, fit = longer, grown
+        chosen = dataclasses.replace(size, side=side, lesions_under=sum(
+            c.lesions_under(MIN_LESION_PIXELS, side) for c in fp.classes.values()))
+        notes = []
+        if side < size.side:
+            notes.append(f"the lesion rule asked for {size.side} px, but {MIN_TRIALS} trials fit only at {side} px "
+                         f"in {minutes:g} minutes")
+        filters, layers, kernels, max_params = space_bounds(side, fp.channels, fp.num_classes, fit.max_gflops)
+        mid = expected_trial_seconds(t, fit.max_gflops / 2, folds=shape.folds, epochs=fid.max_epochs,
+                                     steps=fid.steps_per_epoch, batch=4)
+        return Plan(name=name, minutes=minutes, workers=workers, gpus=tuple(gpus), size=chosen, folds=shape.folds,
+                    max_epochs=fid.max_epochs, steps_per_epoch=fid.steps_per_epoch, max_gflops=fit.max_gflops,
+                    max_params=max_params, base_filters=filters, num_layers=layers, kernels=kernels,
+                    trial_seconds=mid, search_seconds=fit.search, expected_trials=fit.expected_trials,
+                    throughput=t, timeout=fit.timeout, baseline=shape.baseline, baseline_seconds=fit.baseline,
+                    refit=fit.refit, refit_seconds=fit.refit_seconds, notes=notes)
+    return None
+
+
+def _fits(t: Throughput, max_gflops: float, fid: Fidelity, folds: int, seconds: float) -> bool:
     """Whether :data:`MIN_TRIALS` trials at the space's middle cost (half ``max_gflops``, batch
     4), at their expected cost under the pruner with :data:`MARGIN`, fit in ``seconds``, and
     one full trial of the space's most expensive corner (batch 8) in a third of them."""
-    kw = {"folds": folds, "epochs": MAX_EPOCHS, "steps": STEPS_PER_EPOCH}
+    kw = {"folds": folds, "epochs": fid.max_epochs, "steps": fid.steps_per_epoch}
     return (MIN_TRIALS * MARGIN * expected_trial_seconds(t, max_gflops / 2, batch=4, **kw) <= seconds
             and trial_seconds(t, max_gflops, batch=8, **kw) <= seconds / 3)
 
@@ -446,7 +574,7 @@ def reference_gflops(side: int, fp: Fingerprint) -> float:
 
 
 def needed_minutes(fp: Fingerprint, throughput: Throughput, side: int, folds: int, parallel: int,
-                   refit: RefitSpec | None) -> float:
+                   refit: RefitSpec | None, *, baseline: bool = True) -> float:
     """The minutes a plan at ``side`` needs: a space with room above :data:`REFERENCE` under
     the sizing rule of :func:`size_study`."""
     t = throughput.at(side)
@@ -454,7 +582,7 @@ def needed_minutes(fp: Fingerprint, throughput: Throughput, side: int, folds: in
     kw = {"folds": folds, "epochs": MAX_EPOCHS, "steps": STEPS_PER_EPOCH}
     search = max(MIN_TRIALS * MARGIN * expected_trial_seconds(t, g / 2, batch=4, **kw),
                  3 * trial_seconds(t, g, batch=8, **kw))
-    baseline = trial_seconds(t, seed_gflops(side, fp), batch=2, **kw)
+    baseline = trial_seconds(t, seed_gflops(side, fp), batch=2, **kw) if baseline else 0.0
     overrun = expected_trial_seconds(t, g / 2, batch=4, **kw)
     work = (search + baseline + overrun) / parallel
     # With a refit of at most a third of the timeout, the search keeps at least two thirds.
@@ -493,7 +621,8 @@ def source_of(data: Path, hemorrhage_types: bool = False) -> Source:
 def plan(data: Path, minutes: float, *, out: Path, name: str | None = None, workers: int = 1,
          gpus: Sequence[str] = (), throughput: Path | None = None, hemorrhage_types: bool = False) -> Plan:
     """Fingerprint ``data``, measure this device (or read ``throughput``), size the study and
-    write it to ``out`` with ``fingerprint.json`` and ``throughput.json`` beside it.
+    write it to ``out`` with ``<stem>.fingerprint.json`` and ``<stem>.throughput.json`` beside it
+    (:func:`search.paths.plan_fingerprint`, :func:`search.paths.plan_throughput`).
 
     Nothing is written when a step fails (a bad dataset, a budget too small).
     """
@@ -509,8 +638,8 @@ def plan(data: Path, minutes: float, *, out: Path, name: str | None = None, work
     out.parent.mkdir(parents=True, exist_ok=True)
     from flexunet.outputs import write_text_atomic
 
-    write_text_atomic(out.parent / "fingerprint.json", fp.to_json())
-    write_text_atomic(out.parent / "throughput.json", measured.to_json())
+    write_text_atomic(paths.plan_fingerprint(out), fp.to_json())
+    write_text_atomic(paths.plan_throughput(out), measured.to_json())
     write_text_atomic(out, text)
     return sized
 
@@ -529,7 +658,7 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         f"# Planned by `flexunet search plan` for {p.minutes:g} minutes on {t.device}"
         + (f" ({len(p.gpus)} GPU(s))" if p.gpus else f" ({p.workers} worker(s))") + ".",
         "# Re-plan rather than edit the sizes: `flexunet search plan DATA --minutes M --out FILE`",
-        "# (--throughput throughput.json reuses this measurement).",
+        f"# (--throughput {paths.plan_throughput(out).name} reuses this measurement).",
         "#",
         *[f"# {line}" for line in fp.lines()],
         *[f"# {line}" for line in p.lines()],
@@ -542,7 +671,7 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         "[study]",
         f'name = "{p.name}"',
         f"image_size = {p.size.side}",
-        "baseline = true",
+        f"baseline = {'true' if p.baseline else 'false'}",
         f"folds = {p.folds}",
         "",
         "[dataset]",
@@ -558,9 +687,9 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         "[fixed]",
         "normalization = true",
         f"steps_per_epoch = {p.steps_per_epoch}",
-        "patience = 4",
+        f"patience = {max(4, p.max_epochs // 4)}",
         "augmentation = true",
-        "reducer_patience = 3",
+        f"reducer_patience = {max(3, p.max_epochs // 6)}",
         "seed = 137",
         "",
         "[budget]",
@@ -577,7 +706,7 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         "",
         "[pruner]",
         'name = "SuccessiveHalvingPruner"',
-        "min_resource = 2",
+        f"min_resource = {pruner_min_resource(p.max_epochs)}",
         "reduction_factor = 3",
         "",
         "[space]",
