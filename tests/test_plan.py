@@ -198,3 +198,21 @@ def test_the_plan_command_writes_a_study_that_loads(tmp_path: Path, sample: Path
     assert spec.refit is not None and "refit" in run.stdout
     assert json.loads((out.parent / "sample.fingerprint.json").read_text())["images"] == 46
     assert plan.Throughput.read(out.parent / "sample.throughput.json") == THROUGHPUT.at(THROUGHPUT.image_size)
+
+
+def test_the_shipped_sample_study_is_what_plan_writes_for_it(sample: Path) -> None:
+    """studies/ct_ich_sample.toml is `flexunet search plan studies/data/ct-ich --minutes 20
+    --throughput studies/ct_ich_sample.throughput.json --out studies/ct_ich_sample.toml`, byte for
+    byte, with the measurement and the fingerprint it was planned from beside it."""
+    from conftest import ROOT
+    from search import paths
+
+    study = ROOT / "studies" / "ct_ich_sample.toml"
+    throughput = plan.Throughput.read(paths.plan_throughput(study))
+    fp = fingerprint.of_ct_ich(sample)
+    shipped, counted = json.loads(paths.plan_fingerprint(study).read_text()), json.loads(fp.to_json())
+    assert shipped.pop("source") == "studies/data/ct-ich" and {**counted, "source": None} == {**shipped, "source": None}
+    sized = plan.size_study(fp, throughput, 20, name="ct-ich-sample")
+    assert plan.study_text(sized, fp, plan.Source(sample, prepare=True), study) == study.read_text(), (
+        "re-plan it: flexunet search plan studies/data/ct-ich --minutes 20 --throughput "
+        "studies/ct_ich_sample.throughput.json --out studies/ct_ich_sample.toml")
