@@ -128,7 +128,7 @@ class Plan:
     kernels: tuple[int, ...]
     trial_seconds: float  # a trial at the middle of the space's cost, expected under the pruner
     search_seconds: float
-    expected_trials: float  # decided trials the search's time holds at that cost
+    expected_trials: float  # decided trials the search's time holds at that cost (expected_decided)
     throughput: Throughput
     timeout: float = 0.0  # [budget] timeout: search and refit
     baseline: bool = True  # trial 0 is the seed's settings
@@ -151,9 +151,10 @@ class Plan:
             + (f"refit {self.refit_seconds:.0f} s ({self.refit.top_k} configuration(s) x {self.folds} folds x "
                f"{self.refit.seeds} seed(s), {self.refit.epochs} epochs of {self.refit.steps_per_epoch} batches) + "
                if self.refit else "")
-            + f"export {EXPORT_SECONDS:.0f} s + one trial's overrun; a trial at the space's middle ~{self.trial_seconds:.0f} s expected under the pruner, so ~"
-            f"{self.expected_trials:.0f} decided with {self.parallel} in parallel (at least {MIN_TRIALS} "
-            f"with a {MARGIN:g}x margin)",
+            + f"export {EXPORT_SECONDS:.0f} s + one trial's overrun; sized so that {MIN_TRIALS} trials at the space's "
+            f"middle cost fit at {MARGIN:g}x their long-run cost under the pruner (~{self.trial_seconds:.0f} s each); "
+            f"~{self.expected_trials:.0f} expected to reach a decision with {self.parallel} in parallel, the first "
+            "ones pruned less",
             *self.notes,
         ]
 
@@ -249,6 +250,45 @@ def surviving_share(folds: int, epochs: int, min_resource: int = MIN_RESOURCE,
     rungs = [min_resource * reduction_factor**i for i in range(64) if min_resource * reduction_factor**i < total]
     bounds = [0, *[r + 1 for r in rungs], total]
     return sum((b - a) / reduction_factor**i for i, (a, b) in enumerate(zip(bounds, bounds[1:]))) / total
+
+
+def trial_share(i: int, folds: int, epochs: int, min_resource: int = MIN_RESOURCE,
+                reduction_factor: int = REDUCTION_FACTOR) -> float:
+    """The expected share of a full trial's epochs that the ``i``-th trial (from 1) of a study
+    trains under successive halving. At each rung, of the ``n`` trials that have reached it, the
+    best ``ceil(n / rf)`` go on: the first trial always does, the second half the time, and only
+    after many trials does the share fall to :func:`surviving_share`'s. (The 20-minute plan of
+    the bundled sample trained 46% of its searched trials' epochs, early stopping included; this
+    gives 41% for its first 10 trials, :func:`surviving_share` 24%: BENCHMARKS.md section 12.2.)
+
+    >>> [round(trial_share(i, 3, 8), 3) for i in (1, 2, 3, 10)]
+    [1.0, 0.562, 0.417, 0.312]
+    """
+    total = folds * epochs
+    rungs = [min_resource * reduction_factor**k for k in range(64) if min_resource * reduction_factor**k < total]
+    bounds = [0, *[r + 1 for r in rungs], total]
+    segments = [b - a for a, b in zip(bounds, bounds[1:])]
+    reached, alive, trained = i, 1.0, float(segments[0])
+    for segment in segments[1:]:
+        alive *= math.ceil(reached / reduction_factor) / reached
+        trained += alive * segment
+        reached = max(1, math.ceil(reached / reduction_factor))
+    return trained / total
+
+
+def expected_decided(throughput: Throughput, gflops: float, seconds: float, *, folds: int, epochs: int, steps: int,
+                     batch: int, limit: int = 100_000) -> int:
+    """How many trials of ``gflops`` reach a decision in ``seconds`` of one device's time, each
+    at its :func:`trial_share` of a full trial (the first ones cost the most)."""
+    full = trial_seconds(throughput, gflops, folds=folds, epochs=epochs, steps=steps, batch=batch)
+    spent, n = 0.0, 0
+    min_resource = pruner_min_resource(epochs)
+    while n < limit:
+        cost = throughput.build_seconds + trial_share(n + 1, folds, epochs, min_resource) * (full - throughput.build_seconds)
+        if spent + cost > seconds:
+            break
+        spent, n = spent + cost, n + 1
+    return n
 
 
 def expected_trial_seconds(throughput: Throughput, gflops: float, *, folds: int, epochs: int, steps: int,
@@ -494,9 +534,11 @@ def _fit_at(t: Throughput, side: int, fp: Fingerprint, shape: Shape, fid: Fideli
         search = timeout - refit_estimate - baseline / parallel
         if not (search > 0 and _fits(t, g, fid, shape.folds, search * parallel)):
             break
-        mid = expected_trial_seconds(t, g / 2, batch=4, **kw)
-        found = _Fit(g, timeout, refit_spec, refit_estimate, search, baseline / parallel, search * parallel / mid)
-    return found
+        found = _Fit(g, timeout, refit_spec, refit_estimate, search, baseline / parallel, 0.0)
+    if found is None:
+        return None
+    decided = expected_decided(t, found.max_gflops / 2, found.search * parallel, batch=4, **kw)
+    return dataclasses.replace(found, expected_trials=float(decided))
 
 
 def _largest(fp: Fingerprint, throughput: Throughput, minutes: float, size: SizeChoice, shape: Shape, *, name: str,
