@@ -22,18 +22,15 @@ Example::
 from __future__ import annotations
 
 import json
-import os
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
 
 import numpy as np
 
 from flexunet.errors import DataError
 
-T = TypeVar("T")
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
 _EIGHT = np.ones((3, 3), bool)
 
@@ -158,12 +155,13 @@ def of_ct_ich(src: Path, *, hemorrhage_types: bool = False) -> Fingerprint:
     labels = ct_ich.slice_classes(src, refs, report, hemorrhage_types)
     kept = [r for r in refs if r.name in labels]
 
-    def mask(ref: Any) -> np.ndarray:  # a slice reference of ct_ich.find_slices
-        return (ref.load()[1] > 0).astype(np.uint8) * labels[ref.name]
+    def masks() -> Iterable[np.ndarray]:
+        for ref in kept:
+            mask = ref.load()[1]
+            yield (mask > 0).astype(np.uint8) * labels[ref.name]
 
-    return from_masks(_in_threads(mask, kept), [r.name for r in kept], [r.patient for r in kept], channels=1,
+    return from_masks(masks(), [r.name for r in kept], [r.patient for r in kept], channels=1,
                       num_classes=len(ct_ich.HEMORRHAGE_TYPES) + 1 if hemorrhage_types else 2, source=str(src))
-
 
 
 def of_config(path: Path) -> Fingerprint:
@@ -183,29 +181,16 @@ def of_config(path: Path) -> Fingerprint:
     names = [stem for stem, _, _ in pairs]
     patients = [patient_of(stem, config.dataset.patient_pattern)[0] or stem for stem in names]
 
-    def mask(pair: tuple[str, Path, Path]) -> np.ndarray:
-        _, image_path, mask_path = pair
-        labels = imio.decode_mask(mask_path, config.mask.rgb_map, config.model.num_classes,
-                                  config.mask.colour_tolerance).labels
-        shape = imio.image_shape(image_path)
-        if shape != labels.shape:
-            raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
-                            f"{image_path.name} is {shape[1]}x{shape[0]}")
-        return labels
+    def masks() -> Iterable[np.ndarray]:
+        for _, image_path, mask_path in pairs:
+            labels = imio.decode_mask(mask_path, config.mask.rgb_map, config.model.num_classes,
+                                      config.mask.colour_tolerance).labels
+            shape = imio.image_shape(image_path)
+            if shape != labels.shape:
+                raise DataError(f"{mask_path}: mask is {labels.shape[1]}x{labels.shape[0]} but its image "
+                                f"{image_path.name} is {shape[1]}x{shape[0]}")
+            yield labels
 
     channels = imio.read_image(pairs[0][1], config.model.image_channels, config.image.color_order).shape[-1]
-    return from_masks(_in_threads(mask, pairs), names, patients, channels=channels, num_classes=max(2, config.model.num_classes),
+    return from_masks(masks(), names, patients, channels=channels, num_classes=max(2, config.model.num_classes),
                       source=str(path))
-
-
-_CHUNK = 64  # slices decoded ahead of the counting: bounds the memory to a few dozen masks
-
-
-def _in_threads(load: Callable[[T], np.ndarray], items: Sequence[T]) -> Iterator[np.ndarray]:
-    """``load`` of each item, in order, decoded by one thread per core (OpenCV's decoders
-    release the GIL, so reading thousands of slices scales with the cores)."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=max(1, os.cpu_count() or 1)) as pool:
-        for start in range(0, len(items), _CHUNK):
-            yield from pool.map(load, items[start:start + _CHUNK])
