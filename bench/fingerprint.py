@@ -34,6 +34,8 @@ def build(root: Path, slices: int) -> Path:
         shutil.copyfile(mask, masks / name)
     config = root / "train_eval_infer.config"
     config.write_text(f"""[model]
+image_width = 512
+image_height = 512
 num_classes = 2
 image_channels = 1
 [dataset]
