@@ -220,7 +220,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
           + (" (measuring this device: under a minute)" if not args.throughput else ""), flush=True)
     result = plan(Path(args.data), args.minutes, out=Path(args.out), name=args.name, workers=args.workers,
                   gpus=gpus, throughput=Path(args.throughput) if args.throughput else None,
-                  hemorrhage_types=args.hemorrhage_types)
+                  hemorrhage_types=args.hemorrhage_types, fingerprint=Path(args.fingerprint) if args.fingerprint else None)
     for line in result.lines():
         print(line)
     out = Path(args.out)
@@ -341,6 +341,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     plan.add_argument("--gpus", help="comma-separated GPU ids it will run on, one worker each")
     plan.add_argument("--throughput", metavar="FILE", help="a throughput.json written by an earlier plan, instead "
                                                            "of measuring this device")
+    plan.add_argument("--fingerprint", metavar="FILE", help="a STUDY.fingerprint.json written by an earlier plan, "
+                                                            "instead of reading DATA (which then need not be here)")
     plan.add_argument("--hemorrhage-types", action="store_true",
                       help="CT-ICH: plan the multi-class dataset (prepare --hemorrhage-types)")
     plan.set_defaults(func=_cmd_plan)

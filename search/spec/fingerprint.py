@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexunet.errors import DataError
+from flexunet.errors import ConfigError, DataError
 
 PERCENTILES = (5, 10, 25, 50, 75, 90, 95)
 _EIGHT = np.ones((3, 3), bool)
@@ -74,6 +74,21 @@ class Fingerprint:
         h, w = (int(v) for v in common.split("x"))
         return max(h, w)
 
+
+    @classmethod
+    def read(cls, path: Path) -> Fingerprint:
+        """A fingerprint written by :meth:`to_json` (``flexunet search plan``'s
+        ``STUDY.fingerprint.json``)."""
+
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            classes = {int(k): ClassFingerprint(**{**v, "lesion_shares": tuple(v.get("lesion_shares", ()))})
+                       for k, v in data.pop("classes").items()}
+            return cls(**{**data, "classes": classes})
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: fingerprint file not found") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise ConfigError(f"{path}: not a fingerprint written by `flexunet search plan` ({exc})") from None
 
     def to_json(self) -> str:
         data = asdict(self)

@@ -68,6 +68,7 @@ class Throughput:
     seconds_per_image: tuple[float, ...]
     gflops: tuple[float, ...]
     build_seconds: float  # building and tracing a new model: once per trial
+    note: str = ""  # where a stated (not measured) table comes from: written into the study file
 
     def seconds(self, gflops: float) -> float:
         """Seconds per training image of a model of ``gflops`` per image (least squares)."""
@@ -88,7 +89,8 @@ class Throughput:
             data = json.loads(path.read_text(encoding="utf-8"))
             return cls(device=str(data["device"]), image_size=int(data["image_size"]),
                        seconds_per_image=tuple(float(v) for v in data["seconds_per_image"]),
-                       gflops=tuple(float(v) for v in data["gflops"]), build_seconds=float(data["build_seconds"]))
+                       gflops=tuple(float(v) for v in data["gflops"]), build_seconds=float(data["build_seconds"]),
+                       note=str(data.get("note", "")))
         except FileNotFoundError:
             raise ConfigError(f"{path}: throughput file not found") from None
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -649,8 +651,14 @@ def fingerprint_of(source: Source) -> Fingerprint:
     return fingerprint.of_config(source.path)
 
 
-def source_of(data: Path, hemorrhage_types: bool = False) -> Source:
-    """A folder is a CT-ICH download (``prepare``'s source); a file a seed-format config."""
+def source_of(data: Path, hemorrhage_types: bool = False, *, must_exist: bool = True) -> Source:
+    """A folder is a CT-ICH download (``prepare``'s source); a file a seed-format config. With
+    ``must_exist`` False (a fingerprint given instead of the data), a path that is not here is
+    a folder unless it names a ``.config`` file."""
+    if not must_exist and not data.exists():
+        if data.suffix == ".config":
+            return Source(data, prepare=False)
+        return Source(data, prepare=True, hemorrhage_types=hemorrhage_types)
     if data.is_dir():
         return Source(data, prepare=True, hemorrhage_types=hemorrhage_types)
     if data.is_file():
@@ -661,15 +669,18 @@ def source_of(data: Path, hemorrhage_types: bool = False) -> Source:
 
 
 def plan(data: Path, minutes: float, *, out: Path, name: str | None = None, workers: int = 1,
-         gpus: Sequence[str] = (), throughput: Path | None = None, hemorrhage_types: bool = False) -> Plan:
-    """Fingerprint ``data``, measure this device (or read ``throughput``), size the study and
-    write it to ``out`` with ``<stem>.fingerprint.json`` and ``<stem>.throughput.json`` beside it
-    (:func:`search.paths.plan_fingerprint`, :func:`search.paths.plan_throughput`).
+         gpus: Sequence[str] = (), throughput: Path | None = None, hemorrhage_types: bool = False,
+         fingerprint: Path | None = None) -> Plan:
+    """Fingerprint ``data`` (or read ``fingerprint``, written by an earlier plan where the data
+    is: then ``data`` need not be on this machine), measure this device (or read
+    ``throughput``), size the study and write it to ``out`` with ``<stem>.fingerprint.json`` and
+    ``<stem>.throughput.json`` beside it (:func:`search.paths.plan_fingerprint`,
+    :func:`search.paths.plan_throughput`).
 
     Nothing is written when a step fails (a bad dataset, a budget too small).
     """
-    source = source_of(data, hemorrhage_types)
-    fp = fingerprint_of(source)
+    source = source_of(data, hemorrhage_types, must_exist=fingerprint is None)
+    fp = Fingerprint.read(fingerprint) if fingerprint else fingerprint_of(source)
     size = choose_size(fp)
     if gpus and throughput is None and not _has_gpu():
         raise ConfigError(f"--gpus {','.join(gpus)}: this machine has no GPU to measure; plan on the GPU machine, "
@@ -704,7 +715,8 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         "#",
         *[f"# {line}" for line in fp.lines()],
         *[f"# {line}" for line in p.lines()],
-        f"# Throughput measured at {t.image_size} px: "
+        *([f"# Throughput: {t.note}"] if t.note else []),
+        f"# Throughput {'stated' if t.note else 'measured'} at {t.image_size} px: "
         + ", ".join(f"{g:.3g} GFLOPs {s * 1000:.1f} ms/image" for g, s in zip(t.gflops, t.seconds_per_image))
         + f"; building and tracing a model {t.build_seconds:.0f} s.",
         "# The timeout ends the search (n_trials is a ceiling); the last trial may run past it, so",
