@@ -62,7 +62,7 @@ def _run(study_file: Path, out: Path) -> dict[str, Any]:
         seconds.append(round(time.perf_counter() - started - sum(seconds), 1))
     minutes = (time.perf_counter() - started) / 60
     db = storage.open_storage(f"sqlite:///{out / 'study.db'}", heartbeat=False, create=False)
-    name = optuna.get_all_study_names(db)[0]
+    name = next(n for n in optuna.get_all_study_names(db) if not n.endswith(":refit"))
     trials = optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)
     searched = [t for t in trials if not t.user_attrs.get(keys.BASELINE)]
     infeasible = sum(1 for t in searched if t.user_attrs.get(keys.STOP_REASON) == keys.STOP_INFEASIBLE)
