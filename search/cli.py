@@ -46,7 +46,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     study = Study.from_file(args.study_file, storage=args.storage, out=args.out, artifacts=args.artifacts,
                             n_trials=args.n_trials, timeout=args.timeout, max_epochs=args.max_epochs,
-                            image_size=args.image_size)
+                            image_size=args.image_size, refit=args.refit)
     gpus = tuple(g.strip() for g in args.gpus.split(",") if g.strip()) if args.gpus else ()
     return _exit_status(lambda: study.run(workers=args.workers, gpus=gpus, workers_per_gpu=args.workers_per_gpu))
 
@@ -264,6 +264,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     run.add_argument("--timeout", type=float, help="override [budget] timeout (seconds)")
     run.add_argument("--max-epochs", type=int, help="override [budget] max_epochs")
     run.add_argument("--image-size", type=int, help="override the image size (square, pixels)")
+    run.add_argument("--no-refit", dest="refit", action="store_false",
+                     help="search only, with the whole timeout; the study file's [refit] is left for "
+                          "`flexunet search refit`")
     run.add_argument("--out", help="output folder (default: runs/<study name>)")
     run.add_argument("--artifacts", help=_ARTIFACTS_HELP_RUN)
     run.set_defaults(func=_cmd_run)

@@ -217,13 +217,16 @@ def test_the_baseline_trains_at_the_study_fidelity(tmp_path: Path) -> None:
 
 def test_the_shipped_sample_study_cross_validates_every_trial(tmp_path: Path) -> None:
     """The README's main command, shrunk by its overrides: the baseline and the searched trials
-    are all 3-fold cross-validated, and the study records its folds."""
+    are all 3-fold cross-validated, and the study records its folds. Its refit is left out
+    (`--no-refit`; tests/test_refit.py runs one, killed worker included)."""
     from conftest import ROOT
 
     out = tmp_path / "run"
     run = run_cli("search", "run", ROOT / "studies" / "ct_ich_sample.toml", "--n-trials", "2", "--max-epochs", "2",
-                  "--image-size", "32", "--out", out, timeout=900)
+                  "--image-size", "32", "--no-refit", "--out", out, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr
+    assert optuna.get_all_study_names(f"sqlite:///{out / 'study.db'}") == ["ct-ich-sample"]  # no refit study
+    assert "refit" not in run.stdout
     study = optuna.load_study(study_name="ct-ich-sample", storage=f"sqlite:///{out / 'study.db'}")
     assert study.user_attrs["flexunet_folds"] == 3 and study.user_attrs["flexunet_pruner"] == "SuccessiveHalvingPruner"
     trials = [t for t in study.trials if t.user_attrs.get("stop_reason") != "infeasible"]

@@ -139,11 +139,14 @@ class StudySpec:
         return ["maximize"] + (["minimize"] if self.second_objective else [])
 
     def with_overrides(self, *, n_trials: int | None = None, timeout: float | None = None,
-                       max_epochs: int | None = None, image_size: int | None = None) -> StudySpec:
+                       max_epochs: int | None = None, image_size: int | None = None,
+                       refit: bool = True) -> StudySpec:
         """The spec with command-line overrides applied (smoke runs). ``max_epochs`` caps the
-        refit's epochs (and patience) too: a smoke run stays one."""
+        refit's epochs (and patience) too: a smoke run stays one. ``refit=False`` searches only
+        (``search run --no-refit``): the search keeps the whole timeout, and the file's
+        ``[refit]`` is left for ``flexunet search refit``."""
         budget = self.budget
-        refit = self.refit
+        refit = self.refit if refit else None
         if n_trials is not None:
             budget = dataclasses.replace(budget, n_trials=_positive_int(n_trials, "--n-trials"))
         if timeout is not None:
