@@ -140,3 +140,22 @@ def study_copy(path: Path, changes: dict[str, dict[str, Any]], drop: dict[str, l
     text = toml_dumps(data)
     path.write_text(text, encoding="utf-8")
     return text
+
+
+def search_outcome(run_dir: Path) -> dict[str, Any]:
+    """What a finished `flexunet search run` in ``run_dir`` (SQLite) did: its search study's
+    trials, the searched ones decided (complete, or pruned while training) and the infeasible
+    share of the searched ones (issue 21's checks)."""
+    import optuna
+
+    from search import keys
+    from search.store import storage
+
+    db = storage.open_storage(f"sqlite:///{run_dir / 'study.db'}", heartbeat=False, create=False)
+    name = next(n for n in optuna.get_all_study_names(db) if not n.endswith(":refit"))
+    trials = optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)
+    searched = [t for t in trials if not t.user_attrs.get(keys.BASELINE)]
+    infeasible = sum(1 for t in searched if t.user_attrs.get(keys.STOP_REASON) == keys.STOP_INFEASIBLE)
+    decided = sum(1 for t in searched if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+                  and t.user_attrs.get(keys.STOP_REASON) != keys.STOP_INFEASIBLE)
+    return {"trials": len(trials), "decided": decided, "infeasible_share": infeasible / max(len(searched), 1)}

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import ROOT, SAMPLE, headline, log, machine, write_json
+from _common import ROOT, SAMPLE, headline, log, machine, search_outcome, write_json
 
 
 def _waste(study_file: Path, draws: int = 300) -> float:
@@ -49,11 +49,6 @@ def _waste(study_file: Path, draws: int = 300) -> float:
 
 
 def _run(study_file: Path, out: Path) -> dict[str, Any]:
-    import optuna
-
-    from search import keys
-    from search.store import storage
-
     started = time.perf_counter()
     seconds = []
     for command in (["search", "run", study_file, "--out", out],
@@ -61,16 +56,8 @@ def _run(study_file: Path, out: Path) -> dict[str, Any]:
         subprocess.run([sys.executable, "-m", "flexunet.cli", *map(str, command)], check=True, cwd=ROOT)
         seconds.append(round(time.perf_counter() - started - sum(seconds), 1))
     minutes = (time.perf_counter() - started) / 60
-    db = storage.open_storage(f"sqlite:///{out / 'study.db'}", heartbeat=False, create=False)
-    name = next(n for n in optuna.get_all_study_names(db) if not n.endswith(":refit"))
-    trials = optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)
-    searched = [t for t in trials if not t.user_attrs.get(keys.BASELINE)]
-    infeasible = sum(1 for t in searched if t.user_attrs.get(keys.STOP_REASON) == keys.STOP_INFEASIBLE)
-    decided = sum(1 for t in searched if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                  and t.user_attrs.get(keys.STOP_REASON) != keys.STOP_INFEASIBLE)
     return {"minutes": round(minutes, 2), "run_seconds": seconds[0], "export_seconds": seconds[1],
-            "trials": len(trials), "decided": decided,
-            "infeasible_share": infeasible / max(len(searched), 1)}
+            **search_outcome(out)}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from _common import ROOT, headline, log, machine, write_json
+from _common import ROOT, headline, log, machine, search_outcome, write_json
 
 HEIGHT, WIDTH = 240, 320
 COLOURS = {1: (255, 0, 0), 2: (0, 255, 0), 3: (0, 0, 255)}
@@ -130,11 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--throughput", type=Path, help="a throughput.json instead of measuring this device")
     parser.add_argument("--json")
     args = parser.parse_args(argv)
-    import optuna
-
-    from search import keys
-    from search.store import storage
-
     config = generate(args.out / "data")
     study = args.out / "study.toml"
     plan_args = ["search", "plan", config, "--minutes", args.minutes, "--out", study]
@@ -142,24 +137,18 @@ def main(argv: list[str] | None = None) -> int:
     fingerprint = json.loads((args.out / "study.fingerprint.json").read_text(encoding="utf-8"))
     run_s = _cli("search", "run", study, "--out", args.out / "run")
     export_s = _cli("search", "export", study, "--run-dir", args.out / "run", "--out", args.out / "best")
-    db = storage.open_storage(f"sqlite:///{args.out / 'run' / 'study.db'}", heartbeat=False, create=False)
-    name = next(n for n in optuna.get_all_study_names(db) if not n.endswith(":refit"))
-    trials = optuna.load_study(study_name=name, storage=db).get_trials(deepcopy=False)
-    searched = [t for t in trials if not t.user_attrs.get(keys.BASELINE)]
-    infeasible = sum(1 for t in searched if t.user_attrs.get(keys.STOP_REASON) == keys.STOP_INFEASIBLE)
-    decided = sum(1 for t in searched if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-                  and t.user_attrs.get(keys.STOP_REASON) != keys.STOP_INFEASIBLE)
+    outcome = search_outcome(args.out / "run")
     evaluation = next((args.out / "best").rglob("evaluation.json"), None)
     result = {"minutes_asked": args.minutes, "plan_seconds": round(plan_s, 1), "run_seconds": round(run_s, 1),
               "export_seconds": round(export_s, 1), "minutes": round((run_s + export_s) / 60, 2),
-              "trials": len(trials), "decided": decided, "infeasible_share": infeasible / max(len(searched), 1),
+              **outcome,
               "fingerprint": {k: fingerprint[k] for k in ("images", "patients", "native_sizes", "channels",
                                                           "num_classes")},
               "study_file": study.read_text(encoding="utf-8"),
               "evaluation": json.loads(evaluation.read_text(encoding="utf-8")) if evaluation else None}
     log("unseen:", {k: v for k, v in result.items() if k not in ("study_file", "evaluation")})
     write_json(args.json, {"machine": machine(), "result": result})
-    headline("unseen_decided", decided, "d")
+    headline("unseen_decided", outcome["decided"], "d")
     return 0
 
 
