@@ -248,10 +248,16 @@ def surviving_share(folds: int, epochs: int, min_resource: int = MIN_RESOURCE,
     >>> round(surviving_share(3, 8), 3)   # rungs at steps 2, 6, 18 of 24
     0.244
     """
-    total = folds * epochs
+    segments = _rung_segments(folds * epochs, min_resource, reduction_factor)
+    return sum(length / reduction_factor**i for i, length in enumerate(segments)) / (folds * epochs)
+
+
+def _rung_segments(total: int, min_resource: int, reduction_factor: int) -> list[int]:
+    """The steps a trial trains before the first rung, between rungs, and after the last (rung i
+    at step ``min_resource * rf**i``)."""
     rungs = [min_resource * reduction_factor**i for i in range(64) if min_resource * reduction_factor**i < total]
     bounds = [0, *[r + 1 for r in rungs], total]
-    return sum((b - a) / reduction_factor**i for i, (a, b) in enumerate(zip(bounds, bounds[1:]))) / total
+    return [b - a for a, b in zip(bounds, bounds[1:])]
 
 
 def trial_share(i: int, folds: int, epochs: int, min_resource: int = MIN_RESOURCE,
@@ -267,9 +273,7 @@ def trial_share(i: int, folds: int, epochs: int, min_resource: int = MIN_RESOURC
     [1.0, 0.562, 0.417, 0.312]
     """
     total = folds * epochs
-    rungs = [min_resource * reduction_factor**k for k in range(64) if min_resource * reduction_factor**k < total]
-    bounds = [0, *[r + 1 for r in rungs], total]
-    segments = [b - a for a, b in zip(bounds, bounds[1:])]
+    segments = _rung_segments(total, min_resource, reduction_factor)
     reached, alive, trained = i, 1.0, float(segments[0])
     for segment in segments[1:]:
         alive *= math.ceil(reached / reduction_factor) / reached
@@ -482,11 +486,8 @@ class Fidelity:
 
     @property
     def patience(self) -> int:
+        """Early stopping's patience within a fold: a quarter of its epochs, at least 4."""
         return max(4, self.max_epochs // 4)
-
-    @property
-    def min_resource(self) -> int:
-        return pruner_min_resource(self.max_epochs)
 
 
 EPOCHS_LADDER = (MAX_EPOCHS, 12, 16, 24, 32, 48, 64, 80)
@@ -741,7 +742,7 @@ def study_text(p: Plan, fp: Fingerprint, source: Source, out: Path) -> str:
         "[fixed]",
         "normalization = true",
         f"steps_per_epoch = {p.steps_per_epoch}",
-        f"patience = {max(4, p.max_epochs // 4)}",
+        f"patience = {Fidelity(p.max_epochs, p.steps_per_epoch).patience}",
         "augmentation = true",
         f"reducer_patience = {max(3, p.max_epochs // 6)}",
         "seed = 137",
